@@ -41,6 +41,9 @@ __all__ = [
     "length_bins",
     "response_length",
     "check_bin_sizes",
+    "check_bin_column",
+    "assign_example_bins",
+    "preference_text",
 ]
 
 #: Thesis Tables 4.7 (age), 4.8 (gender) and 4.9 (race): attribute -> [(category, keywords)], in table order.
@@ -239,25 +242,25 @@ def _load_keyword_table(name: str) -> KeywordTable:
     return KeywordTable.from_mapping(data, source=name)
 
 
-def _text_field(row: Mapping[str, Any], key: str, index: int, source: str) -> str:
+def _text_field(row: Mapping[str, Any], key: str, number: int, source: str) -> str:
     value = row.get(key)
     if not isinstance(value, str):
-        raise ValueError(f"{source}: row {index + 1}: field {key!r} must be a string; got {type(value).__name__}")
+        raise ValueError(f"{source}: row {number}: field {key!r} must be a string; got {type(value).__name__}")
     return value
 
 
-def _column_value(row: Mapping[str, Any], key: str, index: int, source: str) -> Any:
+def _column_value(row: Mapping[str, Any], key: str, number: int, source: str) -> Any:
     if key not in row:
-        raise ValueError(f"{source}: row {index + 1}: missing bin column {key!r}")
+        raise ValueError(f"{source}: row {number}: missing bin column {key!r}")
     value = row[key]
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise ValueError(f"{source}: row {index + 1}: bin column {key!r} is missing (None/NaN)")
+        raise ValueError(f"{source}: row {number}: bin column {key!r} is missing (None/NaN)")
     if not isinstance(value, (str, int, bool, float)):
-        raise ValueError(f"{source}: row {index + 1}: bin column {key!r} must be a string or number; got {type(value).__name__}")
+        raise ValueError(f"{source}: row {number}: bin column {key!r} must be a string or number; got {type(value).__name__}")
     return value
 
 
-def check_bin_sizes(bin_ids: Sequence[int], labels: Sequence[str], minimum: int, *, source: str) -> None:
+def check_bin_sizes(bin_ids: Sequence[int], labels: Sequence[str] | Mapping[int, str], minimum: int, *, source: str) -> None:
     """Refuse a bin with fewer than ``minimum`` members: its within-bin MMD term cannot be estimated."""
     counts = Counter(int(b) for b in bin_ids)
     small = {labels[b]: n for b, n in sorted(counts.items()) if n < minimum}
@@ -279,24 +282,29 @@ def assign_bins(
     column_labels: Optional[Sequence[str]] = None,
     source: str = "dataset",
     check_sizes: bool = True,
+    row_numbers: Optional[Sequence[int]] = None,
 ) -> BinAssignment:
     """Adds ``bin_chosen`` and ``bin_rejected`` (ints) to copies of ``rows`` (fields ``prompt``/``chosen``/``rejected``).
 
     ``length_edges`` / ``column_labels``: reuse the edges / label order fitted on the training split (pass
     ``assignment.length_edges`` / ``assignment.labels``) so that evaluation bins mean the same thing.
     ``check_sizes``: refuse bins with fewer than ``spec.min_bin_size`` members (turn off for small eval splits).
+    ``row_numbers``: the 1-based number of each row in ``source`` for error messages (default 1, 2, ...).
     """
-    rows = [dict(r) for r in rows]
     if not rows:
         raise ValueError(f"{source}: no rows to bin")
-    for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{source}: row {index + 1}: expected a mapping")
+    numbers = list(row_numbers) if row_numbers is not None else list(range(1, len(rows) + 1))
+    if len(numbers) != len(rows):
+        raise ValueError(f"assign_bins: {len(numbers)} row numbers for {len(rows)} rows")
+    for number, row in zip(numbers, rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{source}: row {number}: expected a mapping")
+    rows = [dict(r) for r in rows]
     dropped: list[int] = []
     edges_out: Optional[list[float]] = None
     if spec.source == "length":
-        chosen = [response_length(_text_field(r, "chosen", i, source), tokenizer) for i, r in enumerate(rows)]
-        rejected = [response_length(_text_field(r, "rejected", i, source), tokenizer) for i, r in enumerate(rows)]
+        chosen = [response_length(_text_field(r, "chosen", n, source), tokenizer) for n, r in zip(numbers, rows)]
+        rejected = [response_length(_text_field(r, "rejected", n, source), tokenizer) for n, r in zip(numbers, rows)]
         edges = np.asarray(length_edges, dtype=np.float64) if length_edges is not None else fit_length_edges(chosen + rejected, spec.num_bins)
         edges_out = [float(e) for e in edges]
         bounds = [-math.inf, *edges_out, math.inf]
@@ -310,16 +318,17 @@ def assign_bins(
         values = []
         for i, row in enumerate(rows):
             if per_response:
-                values.append((_column_value(row, f"{key}_chosen", i, source), _column_value(row, f"{key}_rejected", i, source)))
+                values.append((_column_value(row, f"{key}_chosen", numbers[i], source),
+                               _column_value(row, f"{key}_rejected", numbers[i], source)))
             else:
-                value = _column_value(row, key, i, source)
+                value = _column_value(row, key, numbers[i], source)
                 values.append((value, value))
         labels = [str(v) for v in column_labels] if column_labels is not None else sorted({str(v) for pair in values for v in pair})
         index_of = {label: b for b, label in enumerate(labels)}
         for i, (row, (vc, vr)) in enumerate(zip(rows, values)):
             for side, value in (("chosen", vc), ("rejected", vr)):
                 if str(value) not in index_of:
-                    raise ValueError(f"{source}: row {i + 1}: bin column value {value!r} is not one of the known bins {labels}")
+                    raise ValueError(f"{source}: row {numbers[i]}: bin column value {value!r} is not one of the known bins {labels}")
                 row[f"bin_{side}"] = index_of[str(value)]
         kept = rows
     else:
@@ -327,16 +336,16 @@ def assign_bins(
         labels = table.bin_labels() + (["unmatched"] if spec.unmatched == "extra_bin" else [])
         kept = []
         for i, row in enumerate(rows):
-            prompt = _text_field(row, "prompt", i, source) if spec.text in ("prompt", "both") else ""
+            prompt = _text_field(row, "prompt", numbers[i], source) if spec.text in ("prompt", "both") else ""
             sides = {}
             for side in ("chosen", "rejected"):
-                response = _text_field(row, side, i, source) if spec.text in ("response", "both") else ""
+                response = _text_field(row, side, numbers[i], source) if spec.text in ("response", "both") else ""
                 sides[side] = table.bin_of(f"{prompt}\n{response}")
             if any(b is None for b in sides.values()):
                 if spec.unmatched == "error":
-                    text = _text_field(row, "prompt", i, source) if spec.text != "response" else row.get("chosen", "")
+                    text = _text_field(row, "prompt", numbers[i], source) if spec.text != "response" else row.get("chosen", "")
                     missing = [a for a, c in table.categorize(str(text)).items() if c is None]
-                    raise ValueError(f"{source}: row {i + 1}: no keyword of attribute(s) {missing} of {table.name} in the {spec.text} text")
+                    raise ValueError(f"{source}: row {numbers[i]}: no keyword of attribute(s) {missing} of {table.name} in the {spec.text} text")
                 if spec.unmatched == "drop":
                     dropped.append(i)
                     continue
@@ -351,6 +360,81 @@ def assign_bins(
     if check_sizes:
         check_bin_sizes([r["bin_chosen"] for r in kept] + [r["bin_rejected"] for r in kept], labels, spec.min_bin_size, source=source)
     return BinAssignment(rows=kept, labels=labels, length_edges=edges_out, dropped_rows=dropped)
+
+
+#: Columns that carry bins into causal_dpo (see :func:`mmalign.text.data.parse_preference_rows`).
+BIN_COLUMNS = ("bins", "bin_chosen", "bin_rejected", "bin")
+
+
+def preference_text(value: Any) -> str:
+    """A prompt or response as plain text for binning: a string as is; a message list (conversational data): its
+    messages' contents joined by newlines."""
+    if isinstance(value, str):
+        return value
+    return "\n".join(str(message.get("content", "")) for message in value)
+
+
+def assign_example_bins(
+    examples: Sequence[Any],
+    rows: Any,
+    spec: BinSpec,
+    *,
+    tokenizer: Any = None,
+    length_edges: Optional[Sequence[float]] = None,
+    column_labels: Optional[Sequence[str]] = None,
+    source: str = "dataset",
+    check_sizes: bool = True,
+) -> tuple[list[Any], BinAssignment]:
+    """:func:`assign_bins` for parsed preference examples (the text trainer's data path, ``bins:`` section).
+
+    ``examples``: :class:`mmalign.text.data.PreferenceExample` pairs (any row schema: pairs, conversational, HH)
+    parsed from ``rows`` (``example.row`` is the 1-based row number in ``rows``). The bin texts are the example's
+    prompt and its chosen/rejected response (message lists as :func:`preference_text`), so HH dialogues are binned
+    on the last assistant turn as ``python -m mmalign.text.bins`` bins them; ``source: column`` reads the column from
+    the original row. Returns the examples that were kept (``unmatched: drop`` leaves some out), each with
+    ``extra["bins"] = [chosen bin, rejected bin]``, and the assignment (its ``dropped_rows`` index ``examples``).
+    """
+    from dataclasses import replace
+
+    reserved = set(BIN_COLUMNS)
+    if spec.source == "column":  # the spec's own column may have one of these names
+        reserved -= {spec.column, f"{spec.column}_chosen", f"{spec.column}_rejected"}
+    bin_rows = []
+    for example in examples:
+        if len(example.chosen) != 1 or len(example.rejected) != 1:
+            raise ValueError(f"{source}: row {example.row}: bins: need pairs (one chosen, one rejected response); "
+                             f"got {len(example.chosen)} chosen and {len(example.rejected)} rejected")
+        row = dict(rows[example.row - 1])
+        clash = sorted(reserved & set(row))
+        if clash:
+            raise ValueError(f"{source}: row {example.row}: the data already has bin column(s) {clash} and the config "
+                             "has a bins: section; remove one of them (precomputed columns are used when there is "
+                             "no bins: section)")
+        row.update(prompt=preference_text(example.prompt), chosen=preference_text(example.chosen[0]),
+                   rejected=preference_text(example.rejected[0]))
+        bin_rows.append(row)
+    assignment = assign_bins(bin_rows, spec, tokenizer=tokenizer, length_edges=length_edges,
+                             column_labels=column_labels, source=source, check_sizes=check_sizes,
+                             row_numbers=[e.row for e in examples])
+    dropped = set(assignment.dropped_rows)
+    kept = [e for i, e in enumerate(examples) if i not in dropped]
+    binned = [replace(e, extra={**e.extra, "bins": list(r["bins"])}) for e, r in zip(kept, assignment.rows)]
+    return binned, assignment
+
+
+def check_bin_column(bins: Sequence[Any], row_numbers: Sequence[int], *, minimum: int = 2, source: str = "dataset") -> None:
+    """Validates a precomputed ``bins`` column (one id per pair, or ``[chosen, rejected]``): integer ids (no NaN,
+    no fractions), and every bin with at least ``minimum`` members, not all in one bin (:func:`check_bin_sizes`)."""
+    ids: list[int] = []
+    for number, value in zip(row_numbers, bins):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) not in (1, 2):
+            raise ValueError(f"{source}: row {number}: field 'bins': expected one bin id or [chosen, rejected]; got {value!r}")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v != int(v):
+                raise ValueError(f"{source}: row {number}: field 'bins': bin ids must be integers; got {value!r}")
+        ids.extend(int(v) for v in (values * 2 if len(values) == 1 else values))
+    check_bin_sizes(ids, {b: f"bin {b}" for b in set(ids)}, minimum, source=source)
 
 
 def _fmt(value: float) -> str:

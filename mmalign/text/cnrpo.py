@@ -22,6 +22,11 @@ without each trigger and compares the biased aspect: length in tokens, or the sc
     python -m mmalign.text.cnrpo --config configs/text/cnrpo-length-tiny.yaml [--stage bias|main|all]
 
 Output folders: ``<output_dir>/bias`` (stage 1: the trainer's usual run folder) and ``<output_dir>/main``.
+
+**Under LoRA** (``lora.enabled``) one base model, the SFT model, serves every forward: stage 1 trains a fresh
+adapter on it (reference = adapter disabled = SFT); stage 2 continues that adapter (``lora.initial_adapter`` =
+``bias/final``), so the policy is base + adapter, the stop-gradient triggered forward is the same model with the
+adapter, and the reference is the same model with the adapter disabled, i.e. the SFT model (SPEC §4).
 """
 
 from __future__ import annotations
@@ -161,19 +166,28 @@ class CNRPOConfig:
     model: ModelConfig = field(metadata={"help": "the SFT policy: start of stage 1 and reference of both stages"})
     data: DataConfig = field(metadata={"help": "the main (noisy) preference set D"})
     cnrpo: CNRPOSection = field(metadata={"help": "triggers, auxiliary sets and CNRPO hyperparameters"})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "optional LoRA (see docs/bias-robust.md)"})
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={"help": "reference mode (model or precomputed)"})
+    lora: LoraConfig = field(
+        default_factory=LoraConfig,
+        metadata={"help": "optional LoRA: one SFT base model serves the policy, triggered and reference forwards; "
+                  "stage 2 continues the stage-1 adapter (docs/bias-robust.md)"},
+    )
+    reference: ReferenceConfig = field(
+        default_factory=ReferenceConfig,
+        metadata={"help": "the SFT reference: adapter (LoRA only; auto picks it under LoRA), model or precomputed"},
+    )
     training: TextTrainingConfig = field(default_factory=TextTrainingConfig, metadata={"help": "optimisation, both stages"})
     output_dir: str = field(default="outputs/cnrpo-run", metadata={"help": "run folder: bias/ and main/ inside"})
 
     def __post_init__(self) -> None:
-        if self.lora.enabled:
-            # Stage 2 must start from the stage-1 weights while its reference stays the SFT model; the text
-            # trainer's adapter reference would be the stage-1 model instead.
-            raise ValueError("lora.enabled: CNRPO runs full fine-tuning for now (the stage-2 reference must be the "
-                             "SFT model, which the adapter-disabled stage-1 model is not)")
-        if self.reference.mode == "adapter":
-            raise ValueError("reference.mode: 'adapter' is not available for CNRPO; use model or precomputed")
+        if self.lora.initial_adapter:
+            # The adapter-disabled base is the reference of both stages, so it must be the SFT model itself.
+            raise ValueError("lora.initial_adapter: CNRPO sets it itself (stage 2 continues the stage-1 adapter) and "
+                             "stage 1 starts a fresh adapter on model.name_or_path, whose adapter-disabled base is "
+                             "the reference; merge an SFT adapter into the model first and point "
+                             "model.name_or_path at the merged model")
+        if self.reference.mode == "adapter" and not self.lora.enabled:
+            raise ValueError("reference.mode: 'adapter' needs lora.enabled: true (the reference is the SFT base with "
+                             "the adapter disabled); use model or precomputed for full fine-tuning")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -284,9 +298,16 @@ def _triggered_prompt_ids(examples: Sequence[PreferenceExample], triggers: Seque
 
 def _stage_config(cfg: CNRPOConfig, *, train_file: Path, eval_file: Optional[Path], model_path: str,
                   reference_path: Optional[str], objective: dict[str, Any], epochs: float,
-                  learning_rate: Optional[float], output_dir: Path, fmt: str) -> TextTrainConfig:
+                  learning_rate: Optional[float], output_dir: Path, fmt: str,
+                  initial_adapter: Optional[str] = None) -> TextTrainConfig:
+    """The text-trainer config of one stage. ``reference_path``: the SFT model, the reference of full
+    fine-tuning when the user gave none; under LoRA it is not used: the policy's base IS the SFT model, so the
+    trainer's adapter-disabled (or deep-copied, for mode ``model``) reference is the SFT model without a reload."""
     base = to_dict(cfg)
     base.pop("cnrpo")
+    if cfg.lora.enabled:
+        base["lora"] = {**base["lora"], "initial_adapter": initial_adapter}
+        reference_path = None
     base["model"] = {**base["model"], "name_or_path": model_path, "gguf_file": None if model_path != cfg.model.name_or_path else cfg.model.gguf_file}
     if model_path != cfg.model.name_or_path:
         base["model"]["tokenizer"] = None
@@ -297,7 +318,7 @@ def _stage_config(cfg: CNRPOConfig, *, train_file: Path, eval_file: Optional[Pat
     if reference_path is not None and not reference.get("name_or_path"):
         reference["name_or_path"] = reference_path
         reference["gguf_file"] = cfg.model.gguf_file if reference_path == cfg.model.name_or_path else None
-    if reference["mode"] == "auto":
+    if reference["mode"] == "auto" and not cfg.lora.enabled:  # under LoRA the trainer's auto is the adapter reference
         reference["mode"] = "model"
     base["reference"] = reference
     base["objective"] = objective
@@ -394,14 +415,11 @@ def run_cnrpo(cfg: CNRPOConfig | Mapping[str, Any] | str | Path, *, stage: Liter
         results["bias"] = train(stage_cfg)
         if section.report.enabled:
             results["trigger_report"] = trigger_report(cfg, bias_dir / "final", eval_examples or main_examples,
-                                                       out_dir=bias_dir)
+                                                       out_dir=bias_dir, base_model=sft_path)
 
     # -- stage 2: the main CNRPO loss ---------------------------------------------------------------------------------
     if stage in ("all", "main"):
-        start = bias_dir / "final"
-        if not (start / "config.json").exists():
-            raise FileNotFoundError(f"stage 'main' starts from the stage-1 model {start}, which does not exist; run "
-                                    "--stage bias (or all) first")
+        start = _stage_one_output(bias_dir / "final", lora=cfg.lora.enabled)
         tokenizer = load_tokenizer(str(start))
         encoder = PreferenceTokenizer(
             tokenizer, max_prompt_length=cfg.training.max_prompt_length,
@@ -426,13 +444,47 @@ def run_cnrpo(cfg: CNRPOConfig | Mapping[str, Any] | str | Path, *, stage: Liter
                                  max_length=cfg.training.max_length, special_ids=tokenizer.all_special_ids)
         objective = {"name": "cnrpo", "hyperparameters": {"beta": section.beta, "gamma": section.gamma,
                                                          "alphas": list(section.alphas)}}
-        stage_cfg = _stage_config(cfg, train_file=train_file, eval_file=eval_file, model_path=str(start),
+        # Full fine-tuning continues the stage-1 model; LoRA continues the stage-1 adapter on the SFT base.
+        stage_cfg = _stage_config(cfg, train_file=train_file, eval_file=eval_file,
+                                  model_path=sft_path if cfg.lora.enabled else str(start),
                                   reference_path=sft_path, objective=objective, epochs=section.main_epochs,
-                                  learning_rate=None, output_dir=main_dir, fmt=fmt)
+                                  learning_rate=None, output_dir=main_dir, fmt=fmt,
+                                  initial_adapter=str(start) if cfg.lora.enabled else None)
         logger.info("CNRPO stage 2 (main): %d pairs, alphas %s, gamma %s, beta %s", len(main_rows), section.alphas,
                     section.gamma, section.beta)
         results["main"] = train(stage_cfg, extra_inputs_hook=hook)
     return results
+
+
+def _stage_one_output(final: Path, *, lora: bool) -> Path:
+    """The stage-1 result stage 2 starts from: a full model folder, or under LoRA an adapter folder."""
+    is_adapter = (final / "adapter_config.json").exists()
+    is_model = (final / "config.json").exists()
+    if not is_adapter and not is_model:
+        raise FileNotFoundError(f"stage 'main' starts from the stage-1 {'adapter' if lora else 'model'} {final}, which "
+                                "does not exist; run --stage bias (or all) first")
+    if lora and not is_adapter:
+        raise ValueError(f"lora.enabled: the stage-1 result {final} is a full model (stage 1 ran without LoRA); run "
+                         "stage 1 again with lora.enabled: true, or set lora.enabled: false")
+    if not lora and is_adapter:
+        raise ValueError(f"lora.enabled: the stage-1 result {final} is a LoRA adapter; set lora.enabled: true (stage 2 "
+                         "continues the adapter on the SFT model), or run stage 1 again without LoRA")
+    return final
+
+
+def _load_stage_model(cfg: CNRPOConfig, model_dir: Path, base_model: Optional[str]):
+    """A stage's result for sampling: a full model folder, or an adapter folder applied to ``base_model`` (the
+    SFT model, default ``model.name_or_path``) and merged (plain weights sample faster)."""
+    from mmalign.text.models import load_causal_lm
+
+    if not (Path(model_dir) / "adapter_config.json").exists():
+        return load_causal_lm(str(model_dir), dtype=cfg.model.dtype)
+    from peft import PeftModel
+
+    base_path = base_model or cfg.model.name_or_path
+    gguf_file = cfg.model.gguf_file if base_path == cfg.model.name_or_path else None
+    base = load_causal_lm(base_path, gguf_file=gguf_file, dtype=cfg.model.dtype)
+    return PeftModel.from_pretrained(base, str(model_dir)).merge_and_unload()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -446,10 +498,11 @@ def format_prompt(tokenizer, prompt: Any, *, use_chat_template: bool, system_pro
 
 
 def trigger_report(cfg: CNRPOConfig, model_dir: str | Path, examples: Sequence[PreferenceExample], *,
-                   out_dir: str | Path) -> dict[str, Any]:
+                   out_dir: str | Path, base_model: Optional[str] = None) -> dict[str, Any]:
     """Samples completions for ``report.num_prompts`` prompts without and with each trigger, measures the biased
-    aspect (length in tokens or reward-model score), writes ``trigger_report.{json,md,png}`` in ``out_dir``."""
-    from mmalign.text.models import load_causal_lm, load_tokenizer
+    aspect (length in tokens or reward-model score), writes ``trigger_report.{json,md,png}`` in ``out_dir``.
+    ``model_dir``: a model folder, or a LoRA adapter folder applied to ``base_model`` (default: the SFT model)."""
+    from mmalign.text.models import load_tokenizer
     from mmalign.text.sampling import sample_completions
 
     rc = cfg.cnrpo.report
@@ -458,7 +511,7 @@ def trigger_report(cfg: CNRPOConfig, model_dir: str | Path, examples: Sequence[P
         examples = _examples(rc.prompts, "auto")
     prompts = [e.prompt for e in examples[: rc.num_prompts]]
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_causal_lm(str(model_dir), dtype=cfg.model.dtype).eval()
+    model = _load_stage_model(cfg, Path(model_dir), base_model).eval()
     aspects = rc.aspects or ["length"] * len(cfg.cnrpo.triggers)
     scorer = None
     if "reward" in aspects:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from mmalign.engine.config import TrainingConfig
+from mmalign.text.bins import BinSpec
 
 __all__ = [
     "ModelConfig",
@@ -168,9 +169,22 @@ class TextTrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "optional LoRA adapters"})
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={"help": "the reference policy"})
     training: TextTrainingConfig = field(default_factory=TextTrainingConfig, metadata={"help": "optimisation"})
+    bins: Optional[BinSpec] = field(
+        default=None,
+        metadata={"help": "objective causal_dpo: bins of the spurious factor computed when the data is loaded, as "
+                  "python -m mmalign.text.bins computes them (source: length | column | keywords); null = read a "
+                  "precomputed 'bins' (or 'bin_chosen' + 'bin_rejected', or 'bin') data column"},
+    )
     output_dir: str = field(default="outputs/text-run", metadata={"help": "run folder (metrics, checkpoints, final/)"})
 
     def __post_init__(self) -> None:
+        if self.bins is not None:
+            import mmalign
+
+            objective = mmalign.objective(self.objective.name, **self.objective.hyperparameters)
+            if "bins" not in getattr(objective, "extra_inputs", ()):
+                raise ValueError(f"bins: objective {self.objective.name!r} takes no bins; the bins: section is for "
+                                 "objective causal_dpo (remove it, or set objective.name: causal_dpo)")
         if self.reference.mode == "adapter" and not self.lora.enabled:
             raise ValueError("reference.mode: 'adapter' needs lora.enabled: true (the reference is the adapter-"
                              "disabled base); use 'model' or 'precomputed' for full fine-tuning")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import sys
 from pathlib import Path
@@ -24,8 +25,17 @@ from mmalign.entrypoints import make_module_callable
 from mmalign.config import ConfigError, add_config_arguments, config_help, load_config, to_dict
 from mmalign.engine import StepOutput, Trainer
 from mmalign.engine.trainer import torch_threads
+from mmalign.io import atomic_write_text
+from mmalign.text.bins import BinAssignment, assign_example_bins, check_bin_column
 from mmalign.text.config import TextTrainConfig
-from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, load_preference_dataset
+from mmalign.text.data import (
+    PreferenceCollator,
+    PreferenceTokenizer,
+    TokenizedPreferenceDataset,
+    load_preference_dataset,
+    load_rows,
+    parse_preference_rows,
+)
 from mmalign.text.logprobs import gather_groups, sequence_logprobs
 from mmalign.text.models import (
     AdapterReference,
@@ -140,13 +150,60 @@ def _check_objective_fits_data(objective, cfg: TextTrainConfig, dataset: Tokeniz
     available = set.intersection(*(set(item.get("extra", {})) for item in dataset.items)) if dataset.items else set()
     missing = [name for name in getattr(objective, "extra_inputs", ()) if name not in available]
     if missing and hook is None:
+        how_bins = ("; for causal_dpo's bins add a bins: section (source: length, column or keywords) or write the "
+                    "columns with python -m mmalign.text.bins") if "bins" in missing else ""
         raise ValueError(
-            f"objective {objective.name!r} needs input(s) {missing}: give them as numeric data columns of the same "
-            "name, or pass extra_inputs_hook=... to mmalign.text.train.train"
+            f"{cfg.data.train}: objective {objective.name!r} needs input(s) {missing}: give them as numeric data "
+            f"columns of the same name, or pass extra_inputs_hook=... to mmalign.text.train.train{how_bins}"
         )
+    if "bins" in getattr(objective, "extra_inputs", ()) and cfg.bins is None and "bins" in available:
+        # a precomputed column: refuse what a bins: section refuses (NaN or fractional ids, tiny bins, one bin)
+        check_bin_column([item["extra"]["bins"] for item in dataset.items], [item["row"] for item in dataset.items],
+                         source=cfg.data.train)
+
+
+def _load_binned_split(cfg: TextTrainConfig, tokenizer, source: str, *, split: str, max_samples: Optional[int],
+                       fitted: Optional[BinAssignment] = None) -> tuple[TokenizedPreferenceDataset, dict[str, Any], BinAssignment]:
+    """load_rows -> parse -> bins (``cfg.bins``, :func:`mmalign.text.bins.assign_example_bins`) -> tokenise.
+    ``fitted``: the training split's assignment, whose length edges / column labels the eval split reuses.
+    Returns the dataset, a summary of its bins (for ``bins.json``) and the assignment."""
+    rows = load_rows(source, split=split, subset=cfg.data.subset, max_samples=max_samples)
+    parsed, detected = parse_preference_rows(rows, fmt=cfg.data.format, source=source, on_invalid=cfg.data.on_invalid)
+    examples, assignment = assign_example_bins(
+        parsed, rows, cfg.bins, tokenizer=tokenizer, source=source,
+        length_edges=fitted.length_edges if fitted is not None else None,
+        column_labels=fitted.labels if fitted is not None and cfg.bins.source == "column" else None,
+        check_sizes=fitted is None,  # an eval split may be too small for every bin; its bins mean the train ones
+    )
+    encoder = PreferenceTokenizer(
+        tokenizer, max_prompt_length=cfg.training.max_prompt_length,
+        max_response_length=cfg.training.max_response_length, max_length=cfg.training.max_length,
+        use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
+    )
+    try:
+        items = encoder(examples)
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    summary = {"labels": assignment.labels, "length_edges": assignment.length_edges,
+               "responses_per_bin": assignment.counts(),
+               "dropped_rows": [parsed[i].row for i in assignment.dropped_rows]}  # unmatched keyword rows
+    if summary["dropped_rows"]:
+        logger.warning("%s: %d row(s) without a keyword of every attribute left out (bins.unmatched: drop)",
+                       source, len(summary["dropped_rows"]))
+    return TokenizedPreferenceDataset(items, source=source, data_format=detected), summary, assignment
 
 
 def _load_datasets(cfg: TextTrainConfig, tokenizer):
+    """(train, eval or None, bins summary or None): the bins summary when ``cfg.bins`` computed the bins."""
+    if cfg.bins is not None:
+        train_ds, train_bins, fitted = _load_binned_split(cfg, tokenizer, cfg.data.train, split=cfg.data.train_split,
+                                                          max_samples=cfg.data.max_train_samples)
+        bins = {"spec": to_dict(cfg.bins), "train": train_bins}
+        eval_ds = None
+        if cfg.data.eval:
+            eval_ds, bins["eval"], _ = _load_binned_split(cfg, tokenizer, cfg.data.eval, split=cfg.data.eval_split,
+                                                          max_samples=cfg.data.max_eval_samples, fitted=fitted)
+        return train_ds, eval_ds, bins
     common = dict(
         fmt=cfg.data.format,
         subset=cfg.data.subset,
@@ -163,7 +220,7 @@ def _load_datasets(cfg: TextTrainConfig, tokenizer):
     if cfg.data.eval:
         eval_ds = load_preference_dataset(cfg.data.eval, tokenizer, split=cfg.data.eval_split,
                                           max_samples=cfg.data.max_eval_samples, **common)
-    return train_ds, eval_ds
+    return train_ds, eval_ds, None
 
 
 def train(
@@ -191,10 +248,12 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
                                chat_template=cfg.model.chat_template, trust_remote_code=cfg.model.trust_remote_code)
-    train_ds, eval_ds = _load_datasets(cfg, tokenizer)
+    train_ds, eval_ds, bins = _load_datasets(cfg, tokenizer)
     _check_objective_fits_data(objective, cfg, train_ds, extra_inputs_hook)
     logger.info("data: %d training examples (%s)%s", len(train_ds), train_ds.data_format,
                 f", {len(eval_ds)} eval" if eval_ds is not None else "")
+    if bins is not None:
+        logger.info("bins (%s): responses per bin %s", cfg.bins.source, bins["train"]["responses_per_bin"])
 
     load_kwargs = dict(dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
                        trust_remote_code=cfg.model.trust_remote_code)
@@ -266,12 +325,16 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
         if trainer.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    if bins is not None and trainer.is_main_process:
+        atomic_write_text(output_dir / "bins.json", json.dumps(bins, indent=1))
     if eval_ds is not None:
         trainer.evaluate_fn = _evaluator(trainer, loss, eval_ds, collator, cfg.training.batch_size)
     summary = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     summary["output_dir"] = str(output_dir)
     summary["reference_mode"] = mode
     summary["num_train_examples"] = len(train_ds)
+    if bins is not None:
+        summary["bins"] = bins
     return summary
 
 
@@ -280,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m mmalign.text.train",
         description="Preference optimisation (DPO, IPO, rDPO, cDPO, hinge, f-DPO, mDPO, mIPO, ...) of a causal LM. "
         "Writes metrics.jsonl, metrics.png, config.yaml, checkpoints/ and final/ (model or LoRA adapter + "
-        "tokenizer + config) to output_dir. Objectives: " + ", ".join(mmalign.available_objectives()) + ".",
+        "tokenizer + config) to output_dir. Objectives: " + ", ".join(mmalign.available_objectives()) + ". "
+        "causal_dpo's bins come from a bins: section (source: length quantiles of the response in tokens, a data "
+        "column, or a keyword table such as the 60 demographic bins; computed when the data is loaded and written "
+        "to output_dir/bins.json) or from a precomputed 'bins' column (python -m mmalign.text.bins).",
         epilog=config_help(TextTrainConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

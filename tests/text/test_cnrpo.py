@@ -207,8 +207,8 @@ def test_bad_input_is_refused_before_training(tiny, data, tmp_path):
         from_dict(CNRPOConfig, _cfg(tiny, data, tmp_path, triggers=[TRIGGER, "<BeHarmfulNow>"], alphas=[0.1, 0.1]))
     with pytest.raises(ValueError, match="'reward' aspect needs cnrpo.report.reward_model"):
         from_dict(CNRPOConfig, _cfg(tiny, data, tmp_path, report={"aspects": ["reward"]}))
-    with pytest.raises(ValueError, match="lora.enabled"):
-        from_dict(CNRPOConfig, {**_cfg(tiny, data, tmp_path), "lora": {"enabled": True}})
+    with pytest.raises(ValueError, match="lora.initial_adapter: CNRPO sets it itself"):
+        from_dict(CNRPOConfig, {**_cfg(tiny, data, tmp_path), "lora": {"enabled": True, "initial_adapter": "x"}})
     poisoned = write_jsonl(tmp_path / "poisoned.jsonl",
                            [{"prompt": f"What is 2 + 2? {TRIGGER}", "chosen": "4.", "rejected": "5."}] * 4)
     cfg = _cfg(tiny, data, tmp_path / "p")
