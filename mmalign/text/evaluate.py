@@ -227,13 +227,15 @@ def evaluate_length_bias(
 ) -> dict[str, dict[str, Any]]:
     """Greedy answers of every model (and the SFT model) to ``questions`` (rows with ``prompt`` and the correct
     integer ``answer``, e.g. from :func:`mmalign.text.bias_data.length_bias_pairs`), prompts rendered as in
-    training. Per model (``"SFT"`` included): :func:`length_bias_metrics` plus the first answer as ``example``."""
+    training. A model path may be a full model folder or a LoRA adapter folder (a LoRA run's ``final/``): the
+    adapter is applied to its base model and merged before decoding. Per model (``"SFT"`` included):
+    :func:`length_bias_metrics`, the first answer as ``example``, and every answer as ``answers``."""
     from mmalign.text.data import render_prompt
-    from mmalign.text.models import load_causal_lm, load_tokenizer
 
     def answer(path):
-        tokenizer = load_tokenizer(str(path))
-        model = load_causal_lm(str(path), dtype=dtype).eval()
+        model, tokenizer = load_model_for_eval(str(path), dtype=dtype)
+        if hasattr(model, "merge_and_unload"):  # a PeftModel: merged weights decode faster (equal up to rounding)
+            model = model.merge_and_unload().eval()
         rendered = [render_prompt(tokenizer, q["prompt"], use_chat_template=use_chat_template) for q in questions]
         out = sample_completions(model, tokenizer, [text for text, _ in rendered], n=1, max_new_tokens=max_new_tokens,
                                  temperature=0.0, seed=seed, add_special_tokens=rendered[0][1])
@@ -244,7 +246,8 @@ def evaluate_length_bias(
     table: dict[str, dict[str, Any]] = {}
     for name, path in {"SFT": sft, **dict(models)}.items():
         texts, lengths = (sft_texts, sft_lengths) if name == "SFT" else answer(path)
-        table[name] = {**length_bias_metrics(texts, lengths, sft_lengths, correct_answers), "example": texts[0]}
+        table[name] = {**length_bias_metrics(texts, lengths, sft_lengths, correct_answers), "example": texts[0],
+                       "answers": texts}
     return table
 
 

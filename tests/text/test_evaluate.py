@@ -190,3 +190,33 @@ def test_config_needs_something_to_evaluate():
 
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         load_config(EvaluateConfig, {"model": "x"})
+
+
+def test_evaluate_length_bias_reads_a_lora_adapter_folder_like_its_merged_model(tiny_model_dir, tmp_path):
+    """A LoRA run's final/ (adapter only, no tokenizer) is evaluated on its base model: the same greedy answers and
+    metrics as the merged full model, and different answers from the SFT (base) model."""
+    from mmalign.text.evaluate import evaluate_length_bias
+    from mmalign.text.models import apply_lora, load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    model = apply_lora(load_causal_lm(str(tiny_model_dir)), r=4, alpha=8.0, dropout=0.0)
+    with torch.no_grad():  # a fresh adapter is the identity (B = 0); make it change the answers
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    assert (adapter_dir / "adapter_config.json").is_file() and not (adapter_dir / "tokenizer_config.json").exists()
+    merged_dir = tmp_path / "merged"
+    model.merge_and_unload().save_pretrained(merged_dir)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(merged_dir)
+
+    questions = [{"prompt": "What is 2 + 3?", "answer": 5}, {"prompt": "How much is 9 minus 4?", "answer": 5},
+                 {"prompt": "What is 3 times 4?", "answer": 12}]
+    table = evaluate_length_bias({"LoRA": adapter_dir, "merged": merged_dir}, tiny_model_dir, questions,
+                                 use_chat_template=False, max_new_tokens=8)
+    assert list(table) == ["SFT", "LoRA", "merged"]
+    assert table["LoRA"]["answers"] == table["merged"]["answers"]
+    assert {k: v for k, v in table["LoRA"].items()} == {k: v for k, v in table["merged"].items()}
+    assert table["LoRA"]["answers"] != table["SFT"]["answers"]
+    assert len(table["SFT"]["answers"]) == 3 and table["SFT"]["longer_than_sft"] == 0.0
