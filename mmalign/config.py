@@ -27,7 +27,7 @@ import tempfile
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
 
@@ -200,6 +200,28 @@ def _convert(value: Any, tp: Any, *, path: str, source: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- loading
+def _dataclass_in(tp: Any) -> Optional[type]:
+    """The dataclass type of an annotation ``X`` or ``Optional[X]``; None otherwise."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        non_none = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = non_none[0] if len(non_none) == 1 else None
+    return tp if _is_dataclass_type(tp) else None
+
+
+def _overlay(cls: type, base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``update`` over ``base`` (plain dicts of ``cls``), recursing into dataclass-typed sections only; dict-typed
+    fields are replaced whole."""
+    hints = _type_hints(cls)
+    out = dict(base)
+    for key, value in update.items():
+        section = _dataclass_in(hints.get(key))
+        if section is not None and isinstance(value, Mapping) and isinstance(base.get(key), Mapping):
+            out[key] = _overlay(section, base[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, *, source: str = "<dict>", _path: str = "") -> T:
     """Builds ``cls`` from a (nested) mapping; unknown keys, missing required keys and bad values raise
     :class:`ConfigError` naming ``source`` and the dotted key path."""
@@ -224,7 +246,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, *, source: str =
     for name, f in fields.items():
         key = f"{_path}.{name}" if _path else name
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], path=key, source=source)
+            value = data[name]
+            section = _dataclass_in(hints[name])
+            if section is not None and isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING:
+                # A partial section keeps the values of the parent's default for that section (e.g. a training
+                # section that only sets max_steps keeps the parent's learning rate, not the class default's).
+                default = f.default_factory()
+                if isinstance(default, section):
+                    value = _overlay(section, to_dict(default), value)
+            kwargs[name] = _convert(value, hints[name], path=key, source=source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             help_text = f.metadata.get("help", "")
             raise ConfigError(

@@ -77,6 +77,9 @@ class ImageDataConfig:
             raise ValueError("cache_latents and random_flip cannot both be true (flips happen before the VAE)")
 
 
+DEFAULT_BETA_D = 5000.0  # SD 1.5's usual Diffusion-DPO β_d (docs/image.md)
+
+
 @dataclass
 class ImageObjectiveConfig:
     """The preference objective on the log-ratio surrogate ρ = −(e_θ − e_ref) (SPEC §7)."""
@@ -86,23 +89,25 @@ class ImageObjectiveConfig:
     beta: Optional[float] = field(default=None, metadata={"help": "the objective's β on ρ (Diffusion-DPO: β = β_d/2)"})
     beta_d: Optional[float] = field(
         default=None, metadata={"help": "Diffusion-DPO's β_d as in the diffusers script's beta_dpo (SD 1.5: "
-                                        "2000-5000); sets β = β_d/2. Give beta or beta_d, not both"})
+                                        "2000-5000); sets β = β_d/2. Give beta or beta_d, not both; neither = 5000"})
     params: dict[str, Any] = field(default_factory=dict, metadata={"help": "other hyperparameters of the objective "
                                                                            "(eps, gamma, alphas, lam, divergence...)"})
     triggers: list[str] = field(default_factory=list, metadata={"help": "cnrpo trigger strings appended to prompts"})
     trigger_mode: Literal["append", "prepend"] = field(default="append", metadata={"help": "how triggers attach"})
 
     def __post_init__(self) -> None:
-        if (self.beta is None) == (self.beta_d is None):
+        if self.beta is not None and self.beta_d is not None:
             raise ValueError("set exactly one of objective.beta (β on ρ) and objective.beta_d (diffusers' beta_dpo; "
                              "β = β_d/2)")
         value = self.beta if self.beta is not None else self.beta_d
-        if not value > 0:
+        if value is not None and not value > 0:
             raise ValueError(f"objective.beta/beta_d must be > 0; got {value}")
 
     @property
     def resolved_beta(self) -> float:
-        return float(self.beta) if self.beta is not None else float(self.beta_d) / 2.0
+        if self.beta is not None:
+            return float(self.beta)
+        return float(self.beta_d if self.beta_d is not None else DEFAULT_BETA_D) / 2.0
 
 
 @dataclass
@@ -139,7 +144,7 @@ class ImageTrainConfig:
                                                                                   "folder"})
     model: ImageModelConfig = field(default_factory=ImageModelConfig, metadata={"help": "the diffusion model"})
     data: ImageDataConfig = field(default_factory=ImageDataConfig, metadata={"help": "the preference data"})
-    objective: ImageObjectiveConfig = field(default_factory=lambda: ImageObjectiveConfig(beta_d=5000.0),
+    objective: ImageObjectiveConfig = field(default_factory=ImageObjectiveConfig,
                                             metadata={"help": "the objective"})
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata={"help": "training noise"})
     generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "evaluation samples"})

@@ -3,7 +3,8 @@
 Every function accepts Python sequences, numpy arrays or torch tensors, raises ``ValueError`` with a
 clear message on empty or invalid input, and returns a plain Python ``float``.
 
-* Diversity of a group of labels: :func:`simpson_index`, :func:`mean_simpson_index` (SPEC §6).
+* Diversity of a group of labels: :func:`simpson_index`, :func:`mean_simpson_index` (SPEC §6), and the
+  sail-sg bias gap :func:`frequency_gap` (``gender_gap``/``race_gap`` of the debiasing report).
 * Diversity of text: :func:`distinct_n`, :func:`self_bleu` (SPEC §6; BLEU implemented here, no nltk).
 * Distributions: :func:`entropy`, :func:`kl_to_uniform` (SPEC §6, RNG uniformity).
 * Calibration: :func:`expected_calibration_error`, :func:`preference_ece` (SPEC §2).
@@ -23,6 +24,7 @@ __all__ = [
     "distinct_n",
     "entropy",
     "expected_calibration_error",
+    "frequency_gap",
     "judge_score",
     "kl_to_uniform",
     "mean_simpson_index",
@@ -144,6 +146,28 @@ def mean_simpson_index(labels_by_group: Mapping[Hashable, Any] | Sequence[Any]) 
         except ValueError as exc:
             raise ValueError(f"mean_simpson_index: group {group!r}: {exc}") from None
     return float(sum(scores) / len(scores))
+
+
+def frequency_gap(labels: Any, classes: Sequence[Hashable]) -> float:
+    """Mean absolute difference of class frequencies over all pairs of ``classes``:
+    ``2/(C(C−1)) · Σ_{i<j} |f_i − f_j|`` with ``f_i = n_i/N``.
+
+    The bias measure of Shen et al. (2024, "Finetuning text-to-image diffusion models for fairness", sail-sg),
+    reported there as the gender and race gap: 0 for a perfectly balanced set, 1 for two classes when every label
+    is one class. ``classes`` fixes the support, so a class never predicted counts with frequency 0; a label
+    outside ``classes`` is an error rather than silently dropped.
+    """
+    labels = _label_list(labels, "frequency_gap labels")
+    classes = list(dict.fromkeys(classes))
+    if len(classes) < 2:
+        raise ValueError(f"frequency_gap: need at least 2 classes, got {classes!r}")
+    unknown = sorted({repr(label) for label in labels} - {repr(c) for c in classes})
+    if unknown:
+        raise ValueError(f"frequency_gap: labels {', '.join(unknown)} are not among the classes {classes!r}")
+    counts = Counter(labels)
+    freqs = [counts[c] / len(labels) for c in classes]
+    pairs = [abs(a - b) for i, a in enumerate(freqs) for b in freqs[i + 1:]]
+    return float(sum(pairs) / len(pairs))
 
 
 # -- diversity of text ---------------------------------------------------------------------------------------------

@@ -85,8 +85,8 @@ CNRPO_ROW_COLUMN = "cnrpo_row"  # numeric column added to the main rows: lets th
 class TriggerReportConfig:
     enabled: bool = field(default=True, metadata={"help": "write the trigger report after stage 1"})
     prompts: Optional[str] = field(
-        default=None, metadata={"help": "prompts file (rows with 'prompt', or HH dialogues); null = the main eval "
-                                "set, else the main training set"}
+        default=None, metadata={"help": "file of preference rows (prompt + chosen/rejected, or HH dialogues) whose "
+                                "prompts are sampled; null = the main eval set, else the main training set"}
     )
     num_prompts: int = field(default=32, metadata={"help": "prompts sampled with and without each trigger"})
     samples_per_prompt: int = field(default=1, metadata={"help": "completions per prompt and condition"})

@@ -113,3 +113,26 @@ def test_help_rendering_and_argparse(tmp_path):
     args = parser.parse_args(["--config", str(path), "--set", "inner.size=9", "--set", "rate=0.1"])
     cfg = config_from_args(Outer, args)
     assert cfg.name == "y" and cfg.inner.size == 9 and cfg.rate == 0.1
+
+
+def test_a_partial_section_keeps_the_parents_default_for_that_section():
+    # ImageTrainConfig's training section defaults to TrainingConfig(learning_rate=1e-5); setting another key of
+    # the section (in YAML, a dict or an override) must not fall back to TrainingConfig's own 5e-7.
+    from mmalign.engine.config import TrainingConfig
+    from mmalign.image.config import ImageTrainConfig
+    from mmalign.image.debias.config import DebiasConfig
+
+    required = {"model": {"pretrained": "x"}, "data": {"path": "y"}}
+    assert TrainingConfig().learning_rate != 1e-5
+    config = load_config(ImageTrainConfig, {**required, "training": {"max_steps": 3}})
+    assert config.training.learning_rate == 1e-5 and config.training.max_steps == 3
+    config = load_config(ImageTrainConfig, required, ["training.seed=7"])
+    assert config.training.learning_rate == 1e-5 and config.training.seed == 7
+    debias = load_config(DebiasConfig, None, ["training.progress_bar=false"])
+    assert debias.training.max_steps == DebiasConfig().training.max_steps > 0
+    assert debias.training.learning_rate == DebiasConfig().training.learning_rate
+    assert debias.training.progress_bar is False
+    # dict-typed fields are replaced whole, and explicit values still win
+    config = load_config(ImageTrainConfig, {**required, "objective": {"beta": 2.0, "params": {"eps": 0.1}},
+                                            "training": {"learning_rate": 3e-4}})
+    assert config.objective.params == {"eps": 0.1} and config.training.learning_rate == 3e-4

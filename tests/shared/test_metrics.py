@@ -226,3 +226,27 @@ def test_win_rate_counts_ties_as_half():
         win_rate([1, 2], [1])
     with pytest.raises(ValueError, match="empty"):
         win_rate([], [])
+
+
+# -- frequency_gap (sail-sg bias gap) ------------------------------------------------------------------------------
+def test_frequency_gap_on_hand_made_label_sets():
+    from mmalign.shared.metrics import frequency_gap
+
+    assert frequency_gap(["male", "female"] * 3, ["male", "female"]) == pytest.approx(0.0)
+    assert frequency_gap(["male"] * 5, ["male", "female"]) == pytest.approx(1.0)
+    assert frequency_gap(["male", "male", "male", "female"], ["male", "female"]) == pytest.approx(0.5)
+    # three races: shares 1/2, 1/2, 0 -> pairs |0|, |1/2|, |1/2| -> 1/3
+    assert frequency_gap(["white", "black"], ["white", "black", "asian"]) == pytest.approx(1 / 3)
+    # one class only: every pair involving it differs by 1, the others by 0 -> 2/3
+    assert frequency_gap(["white"] * 4, ["white", "black", "asian"]) == pytest.approx(2 / 3)
+
+
+def test_frequency_gap_refuses_unknown_labels_and_tiny_supports():
+    from mmalign.shared.metrics import frequency_gap
+
+    with pytest.raises(ValueError, match="not among the classes"):
+        frequency_gap(["male", "robot"], ["male", "female"])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        frequency_gap(["male"], ["male"])
+    with pytest.raises(ValueError):
+        frequency_gap([], ["male", "female"])

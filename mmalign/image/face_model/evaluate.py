@@ -27,7 +27,7 @@ import torch
 
 from mmalign.image.classifiers import load_classifier, summarize
 from mmalign.image.face_model.model import load_face_model
-from mmalign.image.face_model.prompts import Stereotype, load_occupations, portrait_prompt
+from mmalign.image.face_model.prompts import Stereotype, portrait_prompt, spread_occupations
 from mmalign.image.face_model.sampler import sample_faces
 from mmalign.image.fairface import GENDERS, RACE_GROUPS
 
@@ -39,13 +39,6 @@ def simpson(labels: list[str]) -> float:
     _, counts = np.unique(np.asarray(labels), return_counts=True)
     p = counts / counts.sum()
     return float(1 - (p * p).sum())
-
-
-def spread_occupations(n: int, path: str | None = None):
-    """n occupations evenly spaced over the range of the BLS share of women (sorted, then evenly indexed)."""
-    occs = sorted(load_occupations(path), key=lambda o: (o.bls_share_women, o.name))
-    idx = np.unique(np.round(np.linspace(0, len(occs) - 1, n)).astype(int))
-    return [occs[i] for i in idx]
 
 
 def _race3(pred) -> str:

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mmalign.image.fairface import GENDERS, RACE_GROUPS
 
 PLAIN_TEMPLATE = "A portrait photo of {article} {occupation}"
@@ -123,3 +125,11 @@ class Stereotype:
         p = self.p_female(bls_share_women)
         race = self.race_probabilities().values()
         return 1 - p * p - (1 - p) * (1 - p), 1 - sum(q * q for q in race)
+
+
+def spread_occupations(n: int, path: str | os.PathLike | None = None) -> list[Occupation]:
+    """``n`` occupations evenly spaced over the range of the BLS share of women (sorted by it, then evenly indexed;
+    fewer if the file has fewer)."""
+    occs = sorted(load_occupations(path), key=lambda o: (o.bls_share_women, o.name))
+    idx = np.unique(np.round(np.linspace(0, len(occs) - 1, n)).astype(int))
+    return [occs[i] for i in idx]
