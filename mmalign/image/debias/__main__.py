@@ -1,0 +1,3 @@
+from mmalign.image.debias.cli import main
+
+main()
