@@ -404,6 +404,7 @@ def run_cnrpo(cfg: CNRPOConfig | Mapping[str, Any] | str | Path, *, stage: Liter
             if target is not None:
                 triggered = [triggered[i % len(triggered)] for i in range(target)]
             rows.extend(triggered)
+        num_triggered = len(rows)
         rows.extend(_example_row(e) for a in anchors for e in a)
         fmt = _format_of([e for a in auxiliary + anchors for e in a])
         train_file = write_jsonl(work / "bias_train.jsonl", rows)
@@ -411,7 +412,8 @@ def run_cnrpo(cfg: CNRPOConfig | Mapping[str, Any] | str | Path, *, stage: Liter
                                   reference_path=sft_path, objective={"name": "dpo", "hyperparameters": {"beta": section.beta}},
                                   epochs=section.bias_epochs, learning_rate=section.bias_learning_rate,
                                   output_dir=bias_dir, fmt=fmt)
-        logger.info("CNRPO stage 1 (bias learning): %d triggered pairs over %d auxiliary set(s)", len(rows), len(auxiliary))
+        logger.info("CNRPO stage 1 (bias learning): %d triggered pairs over %d auxiliary set(s), %d untriggered anchor "
+                    "pairs", num_triggered, len(auxiliary), len(rows) - num_triggered)
         results["bias"] = train(stage_cfg)
         if section.report.enabled:
             results["trigger_report"] = trigger_report(cfg, bias_dir / "final", eval_examples or main_examples,
