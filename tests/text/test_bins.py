@@ -85,7 +85,7 @@ def test_bad_bins_are_refused_before_training():
         BinSpec(source="column")
 
 
-def test_causal_dpo_trains_through_the_text_trainer_with_binned_data(tmp_path, tmp_path_factory):
+def test_causal_dpo_trains_through_the_text_trainer_with_binned_data(tmp_path, tiny_model_dir):
     import json
 
     from mmalign.text.bias_data import length_bias_pairs, write_jsonl
@@ -94,7 +94,7 @@ def test_causal_dpo_trains_through_the_text_trainer_with_binned_data(tmp_path, t
 
     raw = write_jsonl(tmp_path / "raw.jsonl", length_bias_pairs(16, eps=0.5, seed=0))
     bins_main([str(raw), str(tmp_path / "binned.jsonl"), "--source", "length", "--num-bins", "2"])
-    model = _shared_tiny_model(tmp_path_factory)
+    model = tiny_model_dir
     train({"model": {"name_or_path": str(model)}, "data": {"train": str(tmp_path / "binned.jsonl")},
            "objective": {"name": "causal_dpo", "hyperparameters": {"beta": 0.1, "lam": 1.0}},
            "training": {"batch_size": 8, "max_steps": 2, "logging_steps": 1, "progress_bar": False, "num_threads": 1},
@@ -102,12 +102,3 @@ def test_causal_dpo_trains_through_the_text_trainer_with_binned_data(tmp_path, t
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(row["mmd/bins_used"] == 2 for row in logged if "loss" in row)
 
-
-def _shared_tiny_model(tmp_path_factory):
-    """One tiny model per test session, shared by the issue-4 test modules (building it trains a tokenizer)."""
-    from mmalign.testing import save_tiny_model_and_tokenizer
-
-    folder = tmp_path_factory.getbasetemp() / "issue4-tiny-model"
-    if not (folder / "config.json").exists():
-        save_tiny_model_and_tokenizer(folder)
-    return str(folder)

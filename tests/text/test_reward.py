@@ -17,19 +17,9 @@ from mmalign.text.reward import (
 )
 
 
-def _shared_tiny_model(tmp_path_factory):
-    """One tiny model per test session, shared by the issue-4 test modules (building it trains a tokenizer)."""
-    from mmalign.testing import save_tiny_model_and_tokenizer
-
-    folder = tmp_path_factory.getbasetemp() / "issue4-tiny-model"
-    if not (folder / "config.json").exists():
-        save_tiny_model_and_tokenizer(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return _shared_tiny_model(tmp_path_factory)
+def tiny_model(tiny_model_dir):
+    return str(tiny_model_dir)
 
 
 def test_crm_loss_is_bradley_terry_plus_lambda_times_the_binned_mmd():
