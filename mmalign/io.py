@@ -14,7 +14,23 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "read_jsonl", "write_jsonl"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "json_safe", "read_jsonl", "write_jsonl"]
+
+
+def json_safe(value: Any) -> Any:
+    """A structure JSON can hold: NaN/inf become null (JSON has neither), numpy scalars Python numbers, tuples
+    lists, mapping keys strings; recursive."""
+    import math
+
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

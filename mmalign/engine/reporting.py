@@ -2,19 +2,13 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from mmalign.io import json_safe
+
 __all__ = ["MetricsWriter", "truncate_jsonl", "format_metrics"]
-
-
-def _clean(value: Any) -> Any:
-    # JSON has no NaN/inf; write them as null so every reader can parse the log.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def format_metrics(row: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
@@ -81,7 +75,7 @@ class MetricsWriter:
             self._wandb = wandb.init(dir=str(self.output_dir), config=run_config, reinit=True)
 
     def write(self, row: Mapping[str, Any]) -> None:
-        clean = {k: _clean(v) for k, v in row.items()}
+        clean = json_safe(row)  # JSON has no NaN/inf: null, so every reader can parse the log
         self._jsonl.write(json.dumps(clean) + "\n")
         self._jsonl.flush()
         step = int(row.get("step", 0))

@@ -32,7 +32,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 
@@ -815,10 +815,14 @@ def load_preference_dataset(
     use_chat_template: bool = False,
     system_prompt: Optional[str] = None,
     on_invalid: Literal["error", "skip"] = "error",
+    transform_examples: Optional[Callable[[list, Rows], list]] = None,
 ) -> TokenizedPreferenceDataset:
-    """load_rows -> parse_preference_rows (validates every row) -> PreferenceTokenizer, in one call."""
+    """load_rows -> parse_preference_rows (validates every row) -> PreferenceTokenizer, in one call.
+    ``transform_examples(examples, rows)``, if given, returns the examples to tokenise (e.g. with bins attached)."""
     rows = load_rows(source, split=split, subset=subset, max_samples=max_samples)
     examples, detected = parse_preference_rows(rows, fmt=fmt, source=source, on_invalid=on_invalid)
+    if transform_examples is not None:
+        examples = transform_examples(examples, rows)
     encoder = PreferenceTokenizer(
         tokenizer,
         max_prompt_length=max_prompt_length,

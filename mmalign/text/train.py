@@ -28,14 +28,7 @@ from mmalign.engine.trainer import torch_threads
 from mmalign.io import atomic_write_text
 from mmalign.text.bins import BinAssignment, assign_example_bins, check_bin_column
 from mmalign.text.config import TextTrainConfig
-from mmalign.text.data import (
-    PreferenceCollator,
-    PreferenceTokenizer,
-    TokenizedPreferenceDataset,
-    load_preference_dataset,
-    load_rows,
-    parse_preference_rows,
-)
+from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, load_preference_dataset
 from mmalign.text.logprobs import gather_groups, sequence_logprobs
 from mmalign.text.models import (
     AdapterReference,
@@ -162,48 +155,32 @@ def _check_objective_fits_data(objective, cfg: TextTrainConfig, dataset: Tokeniz
                          source=cfg.data.train)
 
 
-def _load_binned_split(cfg: TextTrainConfig, tokenizer, source: str, *, split: str, max_samples: Optional[int],
-                       fitted: Optional[BinAssignment] = None) -> tuple[TokenizedPreferenceDataset, dict[str, Any], BinAssignment]:
-    """load_rows -> parse -> bins (``cfg.bins``, :func:`mmalign.text.bins.assign_example_bins`) -> tokenise.
-    ``fitted``: the training split's assignment, whose length edges / column labels the eval split reuses.
-    Returns the dataset, a summary of its bins (for ``bins.json``) and the assignment."""
-    rows = load_rows(source, split=split, subset=cfg.data.subset, max_samples=max_samples)
-    parsed, detected = parse_preference_rows(rows, fmt=cfg.data.format, source=source, on_invalid=cfg.data.on_invalid)
-    examples, assignment = assign_example_bins(
-        parsed, rows, cfg.bins, tokenizer=tokenizer, source=source,
-        length_edges=fitted.length_edges if fitted is not None else None,
-        column_labels=fitted.labels if fitted is not None and cfg.bins.source == "column" else None,
-        check_sizes=fitted is None,  # an eval split may be too small for every bin; its bins mean the train ones
-    )
-    encoder = PreferenceTokenizer(
-        tokenizer, max_prompt_length=cfg.training.max_prompt_length,
-        max_response_length=cfg.training.max_response_length, max_length=cfg.training.max_length,
-        use_chat_template=cfg.data.use_chat_template, system_prompt=cfg.data.system_prompt,
-    )
-    try:
-        items = encoder(examples)
-    except ValueError as err:
-        raise ValueError(f"{source}: {err}") from None
-    summary = {"labels": assignment.labels, "length_edges": assignment.length_edges,
-               "responses_per_bin": assignment.counts(),
-               "dropped_rows": [parsed[i].row for i in assignment.dropped_rows]}  # unmatched keyword rows
-    if summary["dropped_rows"]:
-        logger.warning("%s: %d row(s) without a keyword of every attribute left out (bins.unmatched: drop)",
-                       source, len(summary["dropped_rows"]))
-    return TokenizedPreferenceDataset(items, source=source, data_format=detected), summary, assignment
+def _bin_examples(cfg: TextTrainConfig, tokenizer, source: str, fitted: Optional[BinAssignment], found: dict):
+    """A ``transform_examples`` hook for :func:`load_preference_dataset` that attaches ``cfg.bins``'s bins
+    (:func:`mmalign.text.bins.assign_example_bins`) and leaves the assignment in ``found["assignment"]``.
+    ``fitted``: the training split's assignment, whose length edges / column labels the eval split reuses."""
+
+    def transform(parsed, rows):
+        examples, assignment = assign_example_bins(
+            parsed, rows, cfg.bins, tokenizer=tokenizer, source=source,
+            length_edges=fitted.length_edges if fitted is not None else None,
+            column_labels=fitted.labels if fitted is not None and cfg.bins.source == "column" else None,
+            check_sizes=fitted is None,  # an eval split may be too small for every bin; its bins mean the train ones
+        )
+        dropped = [parsed[i].row for i in assignment.dropped_rows]  # unmatched keyword rows
+        if dropped:
+            logger.warning("%s: %d row(s) without a keyword of every attribute left out (bins.unmatched: drop)",
+                           source, len(dropped))
+        found["assignment"] = assignment
+        found["summary"] = {"labels": assignment.labels, "length_edges": assignment.length_edges,
+                            "responses_per_bin": assignment.counts(), "dropped_rows": dropped}
+        return examples
+
+    return transform
 
 
 def _load_datasets(cfg: TextTrainConfig, tokenizer):
     """(train, eval or None, bins summary or None): the bins summary when ``cfg.bins`` computed the bins."""
-    if cfg.bins is not None:
-        train_ds, train_bins, fitted = _load_binned_split(cfg, tokenizer, cfg.data.train, split=cfg.data.train_split,
-                                                          max_samples=cfg.data.max_train_samples)
-        bins = {"spec": to_dict(cfg.bins), "train": train_bins}
-        eval_ds = None
-        if cfg.data.eval:
-            eval_ds, bins["eval"], _ = _load_binned_split(cfg, tokenizer, cfg.data.eval, split=cfg.data.eval_split,
-                                                          max_samples=cfg.data.max_eval_samples, fitted=fitted)
-        return train_ds, eval_ds, bins
     common = dict(
         fmt=cfg.data.format,
         subset=cfg.data.subset,
@@ -214,13 +191,21 @@ def _load_datasets(cfg: TextTrainConfig, tokenizer):
         system_prompt=cfg.data.system_prompt,
         on_invalid=cfg.data.on_invalid,
     )
+    train_bins: dict = {}
+    transform = _bin_examples(cfg, tokenizer, cfg.data.train, None, train_bins) if cfg.bins is not None else None
     train_ds = load_preference_dataset(cfg.data.train, tokenizer, split=cfg.data.train_split,
-                                       max_samples=cfg.data.max_train_samples, **common)
+                                       max_samples=cfg.data.max_train_samples, transform_examples=transform, **common)
+    bins = {"spec": to_dict(cfg.bins), "train": train_bins["summary"]} if cfg.bins is not None else None
     eval_ds = None
     if cfg.data.eval:
+        eval_bins: dict = {}
+        transform = (_bin_examples(cfg, tokenizer, cfg.data.eval, train_bins["assignment"], eval_bins)
+                     if cfg.bins is not None else None)
         eval_ds = load_preference_dataset(cfg.data.eval, tokenizer, split=cfg.data.eval_split,
-                                          max_samples=cfg.data.max_eval_samples, **common)
-    return train_ds, eval_ds, None
+                                          max_samples=cfg.data.max_eval_samples, transform_examples=transform, **common)
+        if bins is not None:
+            bins["eval"] = eval_bins["summary"]
+    return train_ds, eval_ds, bins
 
 
 def train(

@@ -36,19 +36,16 @@ __all__ = ["run", "resolve_model"]
 
 logger = logging.getLogger("mmalign.image.debias")
 
-FACE_MODEL_CONDITIONER = "mmalign.image.text_encoders:load_text_encoder"
-
-
 def resolve_model(config: DebiasConfig) -> tuple[str, str | None, dict]:
     """(pretrained, text_conditioner, its kwargs): empty ``pretrained`` means the shipped face model, which needs
     the MiniLM conditioner it was trained with."""
     model = config.model
     if model.pretrained:
         return model.pretrained, model.text_conditioner, dict(model.text_conditioner_kwargs)
-    from mmalign.image.face_model import SHIPPED_FACE_MODEL_DIR
+    from mmalign.image.face_model.model import SHIPPED_FACE_MODEL_DIR, TEXT_CONDITIONER
 
     kwargs = dict(model.text_conditioner_kwargs) or {"max_length": 24}
-    return str(SHIPPED_FACE_MODEL_DIR), model.text_conditioner or FACE_MODEL_CONDITIONER, kwargs
+    return str(SHIPPED_FACE_MODEL_DIR), model.text_conditioner or TEXT_CONDITIONER, kwargs
 
 
 def _resolution(components, configured: int | None) -> int:

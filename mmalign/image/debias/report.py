@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from mmalign.io import atomic_write_bytes, atomic_write_text
+from mmalign.io import atomic_write_bytes, atomic_write_text, json_safe
 
 __all__ = ["PAPER_TABLE", "write_json", "markdown_table", "plot_stacked_bars", "save_before_after_grid"]
 
@@ -29,20 +29,8 @@ COLUMNS = (
 )
 
 
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        return _json_safe(value.item())
-    return value
-
-
 def write_json(report: dict, path: Path) -> Path:
-    return atomic_write_text(path, json.dumps(_json_safe(report), indent=2) + "\n")
+    return atomic_write_text(path, json.dumps(json_safe(report), indent=2) + "\n")
 
 
 def _cell(value) -> str:

@@ -26,30 +26,27 @@ import numpy as np
 import torch
 
 from mmalign.image.classifiers import load_classifier, summarize
+from mmalign.image.debias.measure import gender_label, race_label
 from mmalign.image.face_model.model import load_face_model
 from mmalign.image.face_model.prompts import Stereotype, portrait_prompt, spread_occupations
 from mmalign.image.face_model.sampler import sample_faces
 from mmalign.image.fairface import GENDERS, RACE_GROUPS
+from mmalign.shared.metrics import simpson_index
 
 
 def simpson(labels: list[str]) -> float:
     """D = 1 − Σ (n_i/N)² over the labels present (SPEC §6); NaN for no labels."""
-    if not labels:
-        return float("nan")
-    _, counts = np.unique(np.asarray(labels), return_counts=True)
-    p = counts / counts.sum()
-    return float(1 - (p * p).sum())
+    return simpson_index(labels) if labels else float("nan")
 
 
 def _race3(pred) -> str:
     """Top race group among white/black/asian (renormalised), whether or not a face was found."""
-    probs = {g: pred.probabilities[g] for g in RACE_GROUPS}
-    return max(probs, key=probs.get)
+    return race_label(pred, RACE_GROUPS, "requested")
 
 
 def _gender(pred) -> str:
     """Top gender, whether or not a face was found (the no-face rate is reported separately)."""
-    return max(pred.probabilities, key=pred.probabilities.get)
+    return gender_label(pred, GENDERS)
 
 
 def real_face_reference(clf, stereotype: Stereotype, occs, per_plain: int, seed: int) -> dict:
