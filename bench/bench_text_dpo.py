@@ -15,7 +15,8 @@ Needs TRL: ``.venv/bin/pip install --no-deps trl==1.16.0`` (its other dependenci
 Cases:
 - tiny (GPT-2 layout, 2 layers, 128 wide, built from a config), 8 pairs of ~50 tokens, batch 8:
   dpo / ipo / fdpo (Jensen–Shannon) x {full fine-tuning, LoRA} x {mmalign, TRL, bare};
-  mmalign reference precomputed vs live; mmalign cnrpo (one extra no-grad forward per trigger) vs dpo.
+  mmalign reference precomputed vs live; mmalign cnrpo (one extra no-grad forward per trigger) vs dpo; mmalign
+  with ``training.share_prompt: off`` ("padded": one row per response) vs its default (each prompt encoded once).
 - smollm2: SmolLM2-135M-Instruct + LoRA, dpo, mmalign vs TRL.
 """
 
@@ -147,7 +148,9 @@ def run_mmalign(args, path: str, work: Path, timer: StepTimer) -> dict:
         "reference": reference,
         "training": {"batch_size": args.batch_size, "learning_rate": LR, "lr_scheduler": "constant",
                      "max_steps": args.warmup + args.steps, "num_threads": args.threads, "progress_bar": False,
-                     "logging_steps": 10_000, "save_total_limit": None, "max_grad_norm": 1.0, "seed": 0},
+                     "logging_steps": 10_000, "save_total_limit": None, "max_grad_norm": 1.0, "seed": 0,
+                     # default auto: each prompt encoded once per pair; "padded" = the one-row-per-response layout
+                     "share_prompt": "off" if args.variant == "padded" else "auto"},
         "output_dir": str(work / "out"),
     }
     train(config, extra_inputs_hook=extra_hook)
@@ -290,7 +293,9 @@ def cases(suite: str) -> list[dict]:
     for lora in (0, 1):
         tiny.append({"model": "tiny", "loss": "dpo", "lora": lora, "impl": "mmalign", "variant": "precomputed"})
         tiny.append({"model": "tiny", "loss": "dpo", "lora": lora, "impl": "mmalign", "variant": "cnrpo"})
+        tiny.append({"model": "tiny", "loss": "dpo", "lora": lora, "impl": "mmalign", "variant": "padded"})
     smol = [{"model": "smollm2", "loss": "dpo", "lora": 1, "impl": impl, "variant": "live"} for impl in ("mmalign", "trl", "bare")]
+    smol.append({"model": "smollm2", "loss": "dpo", "lora": 1, "impl": "mmalign", "variant": "padded"})
     return {"tiny": tiny, "smollm2": smol, "all": tiny + smol}[suite]
 
 
@@ -339,7 +344,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--loss", choices=list(TRL_LOSS), default="dpo", help=argparse.SUPPRESS)
     parser.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=["live", "precomputed", "cnrpo"], default="live", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["live", "precomputed", "cnrpo", "padded"], default="live", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)

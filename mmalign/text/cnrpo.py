@@ -50,6 +50,8 @@ from mmalign.shared.triggers import TriggerPolicy, validate_triggers
 from mmalign.text.config import DataConfig, LoraConfig, ModelConfig, ReferenceConfig, TextTrainConfig, TextTrainingConfig
 from mmalign.text.data import (
     HH_ASSISTANT,
+    PreferenceCollator,
+    batch_response_ids,
     PreferenceExample,
     PreferenceTokenizer,
     load_rows,
@@ -57,7 +59,7 @@ from mmalign.text.data import (
     render_prompt,
     truncate_prompt,
 )
-from mmalign.text.logprobs import sequence_logprobs
+from mmalign.text.logprobs import batch_logprobs
 from mmalign.text.models import _eval_mode
 
 __all__ = [
@@ -233,7 +235,7 @@ class TriggeredLogprobs:
 
     ``triggered_prompt_ids[row][i]``: token ids of main row ``row``'s prompt with trigger ``i`` (tokenised
     exactly as the trainer tokenises prompts). The batch's rows are found through the ``cnrpo_row`` column; the
-    responses are the very tokens the trainer scores (read from the batch through its ``loss_mask``).
+    responses are the very tokens the trainer scores (read from the batch, in either collator layout).
     ``max_length``: a triggered prompt is cut from the left so it + the longer of the two appended responses
     fits (a leading token in ``special_ids``, e.g. BOS, is kept), as the trainer cuts a pair's shared prompt.
     The forward runs in eval mode (no dropout): these are fixed targets, like the reference's log-likelihoods.
@@ -249,10 +251,9 @@ class TriggeredLogprobs:
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         rows = batch["extra"][CNRPO_ROW_COLUMN].tolist()
-        input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-        responses = [input_ids[n][loss_mask[n]].tolist() for n in range(input_ids.shape[0])]
+        responses = batch_response_ids(batch)
         chosen_index, rejected_index = batch["chosen_index"].tolist(), batch["rejected_index"].tolist()
-        sequences, scored_from, owners = [], [], []
+        items, owners = [], []
         for b, row in enumerate(rows):
             for i in range(self.n_triggers):
                 prompt = list(self.triggered_prompt_ids[int(row)][i])
@@ -260,25 +261,18 @@ class TriggeredLogprobs:
                 if self.max_length is not None:  # one prompt for both sides, cut as the trainer cuts it
                     prompt = truncate_prompt(prompt, max(1, self.max_length - max(map(len, pair))),
                                              keep_first_token=prompt[0] in self.special_ids)
-                for side, response in enumerate(pair):
-                    sequences.append(prompt + response)
-                    scored_from.append(len(prompt))
-                    owners.append((b, i, side))
-        device = input_ids.device
-        length = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        mask = torch.zeros(ids.shape, dtype=torch.bool)
-        for n, (seq, start) in enumerate(zip(sequences, scored_from)):
-            ids[n, : len(seq)] = torch.tensor(seq)
-            attention[n, : len(seq)] = 1
-            mask[n, start : len(seq)] = True
+                items.append({"prompt_ids": prompt, "chosen_ids": pair[:1], "rejected_ids": pair[1:]})
+                owners.append((b, i))
+        device = batch["input_ids"].device
+        # the trainer's layout: with a shared prompt, one row holds the triggered prompt and both responses
+        collate = PreferenceCollator(self.pad_token_id, share_prompt="segment_ids" in batch)
+        triggered = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(items).items()}
         with torch.no_grad(), _eval_mode(model, True):
-            logps, _ = sequence_logprobs(model, ids.to(device), attention.to(device), mask.to(device),
-                                         logits_start=min(scored_from) - 1)
+            logps, _ = batch_logprobs(model, triggered)
         out = torch.zeros(len(rows), self.n_triggers, 2, dtype=logps.dtype, device=device)
-        for n, (b, i, side) in enumerate(owners):
-            out[b, i, side] = logps[n]
+        for n, (b, i) in enumerate(owners):
+            out[b, i, 0] = logps[triggered["chosen_index"][n, 0]]
+            out[b, i, 1] = logps[triggered["rejected_index"][n, 0]]
         return {"triggered_chosen": out[..., 0], "triggered_rejected": out[..., 1]}
 
 

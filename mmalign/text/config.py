@@ -149,6 +149,12 @@ class TextTrainingConfig(TrainingConfig):
         default=None,
         metadata={"help": "cap on prompt + response tokens: the prompt is cut (from the left) first; null = no cap"},
     )
+    share_prompt: Literal["auto", "on", "off"] = field(
+        default="auto",
+        metadata={"help": "encode each prompt once for all its responses (one row per example, block attention "
+                  "mask; needs eager/sdpa attention): on, off, or auto = on when the model supports it and a check "
+                  "on the first examples gives the same log-probs as the padded layout"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -37,6 +37,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 import torch
 
 __all__ = [
+    "batch_response_ids",
     "PreferenceExample",
     "Rows",
     "load_rows",
@@ -725,12 +726,24 @@ class PreferenceCollator:
     ``chosen_mask`` / ``rejected_mask`` (index >= 0); ``chosen_lengths`` [B, k_w] (response tokens);
     ``ragged`` (bool); ``num_tokens`` (int); ``logits_start`` (int); ``extra`` (dict of tensors from numeric columns);
     ``ref_chosen`` / ``ref_rejected`` [B, k] when reference log-probs were precomputed.
+
+    ``share_prompt=True`` packs each example into ONE row instead — the prompt once, then every chosen and rejected
+    response — so the prompt is encoded once per example rather than once per member (see
+    :func:`mmalign.text.logprobs.shared_prompt_logprobs`). The row keys then are ``input_ids``, ``segment_ids``
+    (0 prompt, 1.. response number within the row, -1 padding), ``position_ids`` (each response continues the
+    prompt's positions) and the scoring plan ``score_rows`` / ``score_positions`` (the position whose logits predict
+    the token) / ``score_labels`` / ``score_members`` (member index, as in ``chosen_index``) [M], ``logit_positions``
+    [K] (sorted positions whose logits are needed) with ``score_logit_index`` [M] into it, and ``num_members``.
+    The member indexes, masks, lengths, extras and precomputed references are the same as in the padded layout.
     """
 
     pad_token_id: int
     pad_to_multiple_of: Optional[int] = None
+    share_prompt: bool = False
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        if self.share_prompt:
+            return self._shared_prompt_batch(items)
         batch_size = len(items)
         k_w = max(len(i["chosen_ids"]) for i in items)
         k_l = max(len(i["rejected_ids"]) for i in items)
@@ -765,15 +778,83 @@ class PreferenceCollator:
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "loss_mask": loss_mask,
+            "num_tokens": int(sum(len(s) for s in sequences)),
+            # logits before the shortest prompt's last token are never needed (see sequence_logprobs)
+            "logits_start": min(prompt_lengths) - 1,
+        }
+        batch.update(self._members_and_extras(items, chosen_index, rejected_index, chosen_lengths))
+        return batch
+
+    def _shared_prompt_batch(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        batch_size = len(items)
+        k_w = max(len(i["chosen_ids"]) for i in items)
+        k_l = max(len(i["rejected_ids"]) for i in items)
+        chosen_index = torch.full((batch_size, k_w), -1, dtype=torch.long)
+        rejected_index = torch.full((batch_size, k_l), -1, dtype=torch.long)
+        chosen_lengths = torch.ones((batch_size, k_w), dtype=torch.float32)
+        rows: list[tuple[list[int], list[int], list[int]]] = []  # (token ids, segment ids, position ids)
+        score_rows, score_positions, score_labels, score_members = [], [], [], []
+        member = 0
+        for b, item in enumerate(items):
+            prompt = item["prompt_ids"]
+            ids, segments, positions = list(prompt), [0] * len(prompt), list(range(len(prompt)))
+            responses = [(chosen_index, chosen_lengths, j, r) for j, r in enumerate(item["chosen_ids"])]
+            responses += [(rejected_index, None, j, r) for j, r in enumerate(item["rejected_ids"])]
+            for segment, (index, lengths, j, response) in enumerate(responses, start=1):
+                index[b, j] = member
+                if lengths is not None:
+                    lengths[b, j] = len(response)
+                start = len(ids)
+                # the first response token is predicted by the prompt's last position, the others by their left
+                # neighbour in the row
+                score_positions += [len(prompt) - 1] + list(range(start, start + len(response) - 1))
+                score_labels += response
+                score_rows += [b] * len(response)
+                score_members += [member] * len(response)
+                ids += response
+                segments += [segment] * len(response)
+                positions += range(len(prompt), len(prompt) + len(response))
+                member += 1
+            rows.append((ids, segments, positions))
+        length = max(len(r[0]) for r in rows)
+        if self.pad_to_multiple_of:
+            length = int(math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
+        segment_ids = torch.full((batch_size, length), -1, dtype=torch.long)
+        position_ids = torch.zeros((batch_size, length), dtype=torch.long)
+        for b, (ids, segments, positions) in enumerate(rows):
+            input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            segment_ids[b, : len(ids)] = torch.tensor(segments, dtype=torch.long)
+            position_ids[b, : len(ids)] = torch.tensor(positions, dtype=torch.long)
+        score_positions_t = torch.tensor(score_positions, dtype=torch.long)
+        logit_positions, score_logit_index = torch.unique(score_positions_t, sorted=True, return_inverse=True)
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "segment_ids": segment_ids,
+            "position_ids": position_ids,
+            "score_rows": torch.tensor(score_rows, dtype=torch.long),
+            "score_positions": score_positions_t,
+            "score_labels": torch.tensor(score_labels, dtype=torch.long),
+            "score_members": torch.tensor(score_members, dtype=torch.long),
+            "logit_positions": logit_positions,
+            "score_logit_index": score_logit_index,
+            "num_members": member,
+            "num_tokens": int(sum(len(r[0]) for r in rows)),
+        }
+        batch.update(self._members_and_extras(items, chosen_index, rejected_index, chosen_lengths))
+        return batch
+
+    @staticmethod
+    def _members_and_extras(items, chosen_index, rejected_index, chosen_lengths) -> dict[str, Any]:
+        batch_size, k_w = chosen_index.shape
+        k_l = rejected_index.shape[1]
+        batch: dict[str, Any] = {
             "chosen_index": chosen_index,
             "rejected_index": rejected_index,
             "chosen_mask": chosen_index >= 0,
             "rejected_mask": rejected_index >= 0,
             "chosen_lengths": chosen_lengths,
             "ragged": bool((chosen_index < 0).any() or (rejected_index < 0).any()),
-            "num_tokens": int(sum(len(s) for s in sequences)),
-            # logits before the shortest prompt's last token are never needed (see sequence_logprobs)
-            "logits_start": min(prompt_lengths) - 1,
             "extra": _collate_extra(items),
         }
         if all("ref_chosen" in i for i in items):
@@ -785,6 +866,18 @@ class PreferenceCollator:
             batch["ref_chosen"] = ref_chosen
             batch["ref_rejected"] = ref_rejected
         return batch
+
+
+def batch_response_ids(batch: Mapping[str, Any]) -> list[list[int]]:
+    """The scored response tokens of every member of a :class:`PreferenceCollator` batch (either layout), in member
+    order (the numbering of ``chosen_index`` / ``rejected_index``)."""
+    if "segment_ids" in batch:
+        responses: list[list[int]] = [[] for _ in range(int(batch["num_members"]))]
+        for member, token in zip(batch["score_members"].tolist(), batch["score_labels"].tolist()):
+            responses[member].append(token)
+        return responses
+    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
+    return [input_ids[n][loss_mask[n]].tolist() for n in range(input_ids.shape[0])]
 
 
 def _collate_extra(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

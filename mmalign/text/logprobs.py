@@ -9,15 +9,27 @@ scores only the response tokens:
    function that works in float32 on row chunks and saves only the (model-dtype) logits for backward, where the
    softmax is recomputed chunk by chunk — never a full-vocabulary float32 ``log_softmax`` copy kept alive;
 3. token log-probs are summed per sequence (``index_add_``).
+
+``shared_prompt_logprobs`` scores the collator's shared-prompt layout (``PreferenceCollator(share_prompt=True)``):
+one row per example holding the prompt once and then every response, with a block attention mask (each response
+sees the prompt and itself, never another response) and position ids that restart each response where the prompt
+ends — the same log-probs as the padded layout with the prompt encoded once instead of once per group member.
+``batch_logprobs`` picks the function for a collated batch.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["SelectedTokenLogProb", "token_logprobs", "sequence_logprobs", "gather_groups"]
+__all__ = [
+    "SelectedTokenLogProb", "token_logprobs", "sequence_logprobs", "shared_prompt_logprobs", "batch_logprobs",
+    "shared_prompt_attention_mask", "attention_implementation", "SHARED_PROMPT_ATTENTION", "gather_groups",
+]
+
+# attention implementations that take an arbitrary 4D mask as given (transformers hands a 4D mask through as-is)
+SHARED_PROMPT_ATTENTION = ("eager", "sdpa")
 
 # float32 elements per chunk in the log-softmax (64 Mi elements = 256 MiB of float32 at a time).
 _CHUNK_ELEMENTS = 1 << 26
@@ -148,6 +160,78 @@ def sequence_logprobs(
     sums = sums.index_add(0, rows, token_lp)
     counts = mask.sum(-1)
     return sums, counts
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    from mmalign.text.models import unwrap  # models imports this module
+
+    config = getattr(unwrap(model), "config", None)  # PEFT models forward ``config`` to the base model
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def shared_prompt_attention_mask(segment_ids: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, T] mask of the shared-prompt layout: query i sees key j <= i when j is a prompt token or in i's
+    own segment. Every token also sees itself, so padding rows are never fully masked (no NaN in the softmax).
+    Boolean (True = attend) for sdpa; additive float (0 / dtype min) for eager, which adds the mask to the scores."""
+    if implementation not in SHARED_PROMPT_ATTENTION:
+        raise ValueError(f"the shared-prompt layout needs attn_implementation in {SHARED_PROMPT_ATTENTION}, "
+                         f"not {implementation!r}: set training.share_prompt: false or model.attn_implementation")
+    length = segment_ids.shape[1]
+    positions = torch.arange(length, device=segment_ids.device)
+    causal = positions[None, :] <= positions[:, None]  # [T(query), T(key)]
+    key_segment = segment_ids[:, None, :]
+    visible = (key_segment == 0) | (key_segment == segment_ids[:, :, None])
+    allowed = (causal & visible) | torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    allowed = allowed[:, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def _mask_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    parameter = next(model.parameters(), None)
+    return parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+
+
+def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chunk_rows: Optional[int] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-member response log-likelihood sums [N] (float32) and token counts [N] for a shared-prompt batch.
+
+    One forward over B rows (not N member sequences); the LM head runs only at ``logit_positions`` when the
+    model takes ``logits_to_keep`` as an index tensor.
+    """
+    input_ids = batch["input_ids"]
+    device = input_ids.device
+    mask = shared_prompt_attention_mask(batch["segment_ids"], attention_implementation(model),
+                                        _mask_dtype(model, device))
+    kwargs = {}
+    keep = _accepts_logits_to_keep(model)
+    if keep:
+        kwargs["logits_to_keep"] = batch["logit_positions"]
+    outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False,
+                    **kwargs)
+    logits = outputs.logits
+    del outputs
+    columns = batch["score_logit_index"] if keep else batch["score_positions"]
+    selected_logits = logits[batch["score_rows"], columns]  # [M, V]
+    del logits
+    token_lp = token_logprobs(selected_logits, batch["score_labels"], chunk_rows)
+    members = batch["score_members"]
+    num_members = int(batch["num_members"])
+    sums = torch.zeros(num_members, dtype=torch.float32, device=device).index_add(0, members, token_lp)
+    counts = torch.bincount(members, minlength=num_members)
+    return sums, counts
+
+
+def batch_logprobs(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-member response log-likelihoods and token counts of a :class:`~mmalign.text.data.PreferenceCollator`
+    batch, in either layout."""
+    if "segment_ids" in batch:
+        return shared_prompt_logprobs(model, batch)
+    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                             logits_start=batch.get("logits_start"))
 
 
 def gather_groups(per_sequence: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

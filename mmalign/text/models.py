@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from mmalign.text.logprobs import sequence_logprobs
+from mmalign.text.logprobs import batch_logprobs
 
 __all__ = [
     "TORCH_DTYPES",
@@ -144,8 +144,7 @@ class AdapterReference:
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         peft_model = unwrap(model)
         with torch.no_grad(), peft_model.disable_adapter(), _eval_mode(model, self._dropout):
-            logps, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                         logits_start=batch.get("logits_start"))
+            logps, _ = batch_logprobs(model, batch)
         return logps
 
 
@@ -159,8 +158,7 @@ class FrozenModelReference:
 
     def __call__(self, policy: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
-            logps, _ = sequence_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                         logits_start=batch.get("logits_start"))
+            logps, _ = batch_logprobs(self.model, batch)
         return logps
 
 

@@ -1,7 +1,8 @@
 """Preference optimisation of causal LMs: ``mmalign.text.train(config)`` and ``python -m mmalign.text.train``.
 
-One step = one forward of the policy over every chosen and rejected member of the batch (concatenated), one
-no-grad forward of the reference (none when its log-probs were precomputed), then any objective of
+One step = one forward of the policy over every chosen and rejected member of the batch (concatenated; by default
+each prompt is encoded once for all its responses, ``training.share_prompt``), one no-grad forward of the
+reference (none when its log-probs were precomputed), then any objective of
 ``mmalign.objective`` (SPEC §1–§5) on the per-sequence response log-likelihoods, shaped ``[B, k]`` with masks
 for ragged groups. Objectives with extra inputs receive them by name from numeric data columns
 (``batch["extra"]``) or from an ``extra_inputs_hook(model, batch) -> dict`` passed to :func:`train`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 import json
 import logging
 import sys
@@ -29,7 +31,7 @@ from mmalign.io import atomic_write_text
 from mmalign.text.bins import BinAssignment, assign_example_bins, check_bin_column
 from mmalign.text.config import TextTrainConfig
 from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, load_preference_dataset
-from mmalign.text.logprobs import gather_groups, sequence_logprobs
+from mmalign.text.logprobs import SHARED_PROMPT_ATTENTION, attention_implementation, batch_logprobs, gather_groups
 from mmalign.text.models import (
     AdapterReference,
     FrozenModelReference,
@@ -53,8 +55,7 @@ class PolicyReference:
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
         with torch.no_grad():
-            logps, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                         logits_start=batch.get("logits_start"))
+            logps, _ = batch_logprobs(model, batch)
         return logps
 
 
@@ -81,8 +82,7 @@ class PreferenceLoss:
             ref = self.reference(model, batch)
             ref_chosen = gather_groups(ref, batch["chosen_index"])
             ref_rejected = gather_groups(ref, batch["rejected_index"])
-        policy, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
-                                           logits_start=batch.get("logits_start"))
+        policy, _ = batch_logprobs(model, batch)
         return {
             "policy_chosen": gather_groups(policy, batch["chosen_index"]),
             "policy_rejected": gather_groups(policy, batch["rejected_index"]),
@@ -179,6 +179,54 @@ def _bin_examples(cfg: TextTrainConfig, tokenizer, source: str, fitted: Optional
     return transform
 
 
+def _resolve_share_prompt(setting: str, model: torch.nn.Module, dataset: TokenizedPreferenceDataset,
+                          collator: PreferenceCollator, device: torch.device, check_examples: int = 4) -> bool:
+    """Whether to use the shared-prompt layout. ``on``/``auto`` first score a few examples in both layouts (no
+    grad, eval mode): a model whose attention or positions ignore the 4D mask / position ids (ALiBi, custom
+    masking) would give different log-probs — ``auto`` then falls back to the padded layout, ``on`` stops."""
+    if setting == "off":
+        return False
+    implementation = attention_implementation(model)
+    if implementation not in SHARED_PROMPT_ATTENTION:
+        if setting == "on":
+            raise ValueError(f"training.share_prompt: on needs model.attn_implementation in {SHARED_PROMPT_ATTENTION}, "
+                             f"the model uses {implementation!r}")
+        logger.info("share_prompt: off (attention implementation %r takes no custom 4D mask)", implementation)
+        return False
+    items = [dataset[i] for i in range(min(check_examples, len(dataset)))]
+    model.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded, _ = batch_logprobs(model, _to_device(replace(collator, share_prompt=False)(items), device))
+            try:
+                shared, _ = batch_logprobs(model, _to_device(replace(collator, share_prompt=True)(items), device))
+            except Exception as err:  # e.g. ALiBi models that rebuild their mask from a 2D one
+                shared, failure = None, f"{type(err).__name__}: {err}"
+    finally:
+        model.train(was_training)
+    if shared is not None:
+        low_precision = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        tolerance = (2e-2 if low_precision else 1e-4) * (1.0 + padded.abs())
+        gap = float((shared - padded).abs().max())
+        if bool(((shared - padded).abs() <= tolerance).all()):
+            logger.info("share_prompt: on (prompt encoded once per example; check on %d examples: max |Δ log p| = "
+                        "%.2g)", len(items), gap)
+            return True
+        failure = f"max |Δ log p| = {gap:.3g} against the padded layout on the first {len(items)} examples"
+    message = (f"the shared-prompt layout does not work for this model ({failure}): its attention or positions do "
+               "not follow the 4D mask and position ids")
+    if setting == "on":
+        raise ValueError(f"training.share_prompt: on: {message}")
+    logger.warning("share_prompt: off; %s", message)
+    return False
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _load_datasets(cfg: TextTrainConfig, tokenizer):
     """(train, eval or None, bins summary or None): the bins summary when ``cfg.bins`` computed the bins."""
     common = dict(
@@ -258,6 +306,7 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
 
+    # share_prompt is decided once the model sits on its device (see _resolve_share_prompt below)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
     output_dir = Path(cfg.output_dir)
     loss = PreferenceLoss(objective, None, extra_inputs_hook)
@@ -277,6 +326,7 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
         resolved_config=cfg,
     )
 
+    collator.share_prompt = _resolve_share_prompt(cfg.training.share_prompt, model, train_ds, collator, trainer.device)
     if mode == "adapter":
         loss.reference = AdapterReference(model)
     elif mode == "model":

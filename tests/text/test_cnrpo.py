@@ -140,7 +140,8 @@ def test_stage_two_gradient_ignores_the_triggered_branch(tiny, data):
     assert not torch.isclose(live, moved)
 
 
-def test_triggered_logprobs_map_rows_and_sides_in_a_shuffled_batch(tiny):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_triggered_logprobs_map_rows_and_sides_in_a_shuffled_batch(tiny, share_prompt):
     """Each hook cell equals the log-likelihood of a separately tokenised triggered prompt + that response: rows
     are found through the row column (batch shuffled), chosen/rejected are not swapped, the pair's prompt is cut
     to fit ``max_length`` (the responses are never cut for it), and dropout is off."""
@@ -165,7 +166,7 @@ def test_triggered_logprobs_map_rows_and_sides_in_a_shuffled_batch(tiny):
                              tokenizer.pad_token_id, max_length=max_length, special_ids=tokenizer.all_special_ids)
     order = [3, 0, 4, 1, 2]
     items = encoder(examples)
-    batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)([items[n] for n in order])
+    batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=share_prompt)([items[n] for n in order])
     model = build_tiny_causal_lm(tokenizer=tokenizer, seed=2, dropout=0.3).train()
     out = hook(model, batch)
     assert model.training  # restored after the eval-mode forward

@@ -80,10 +80,10 @@ def stage_one(tiny, data, tmp_path_factory):
 
 
 def _sequence_logps(model, batch):
-    from mmalign.text.logprobs import sequence_logprobs
+    from mmalign.text.logprobs import batch_logprobs
 
     with torch.no_grad():
-        logps, _ = sequence_logprobs(model.eval(), batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        logps, _ = batch_logprobs(model.eval(), batch)
     return logps
 
 
@@ -113,7 +113,7 @@ def test_lora_stage_two_continues_the_stage_one_adapter_on_one_sft_base(tiny, da
 
     def spy_reference(self, model, batch):
         logps = reference_call(self, model, batch)
-        references.append(({k: v.clone() for k, v in batch.items() if torch.is_tensor(v)}, logps.clone()))
+        references.append(({k: (v.clone() if torch.is_tensor(v) else v) for k, v in batch.items()}, logps.clone()))
         return logps
 
     def spy_hook(self, model, batch):
