@@ -16,7 +16,8 @@ Cases:
 - tiny (GPT-2 layout, 2 layers, 128 wide, built from a config), 8 pairs of ~50 tokens, batch 8:
   dpo / ipo / fdpo (Jensen–Shannon) x {full fine-tuning, LoRA} x {mmalign, TRL, bare};
   mmalign reference precomputed vs live; mmalign cnrpo (one extra no-grad forward per trigger) vs dpo; mmalign
-  with ``training.share_prompt: off`` ("padded": one row per response) vs its default (each prompt encoded once).
+  with ``training.share_prompt: off`` ("padded": one row per response) and also ``model.fused_activations: off``
+  ("plain": GPT-2's Python gelu_new, as TRL and the bare loop run it) vs its defaults.
 - smollm2: SmolLM2-135M-Instruct + LoRA, dpo, mmalign vs TRL.
 """
 
@@ -141,7 +142,9 @@ def run_mmalign(args, path: str, work: Path, timer: StepTimer) -> dict:
     reference = {"mode": "precomputed" if args.variant == "precomputed" else ("adapter" if args.lora else "model"),
                  "cache_dir": str(work / "refcache")}
     config = {
-        "model": {"name_or_path": path, "gradient_checkpointing": args.gradient_checkpointing == "on"},
+        "model": {"name_or_path": path, "gradient_checkpointing": args.gradient_checkpointing == "on",
+                  # "plain": also without the fused tanh-GELU (GPT-2's gelu_new as transformers runs it)
+                  "fused_activations": args.variant != "plain"},
         "data": {"train": str(data), "format": "pairs"},
         "objective": {"name": objective, "hyperparameters": hparams},
         "lora": {"enabled": bool(args.lora), "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": lora_targets(args.model)},
@@ -150,7 +153,7 @@ def run_mmalign(args, path: str, work: Path, timer: StepTimer) -> dict:
                      "max_steps": args.warmup + args.steps, "num_threads": args.threads, "progress_bar": False,
                      "logging_steps": 10_000, "save_total_limit": None, "max_grad_norm": 1.0, "seed": 0,
                      # default auto: each prompt encoded once per pair; "padded" = the one-row-per-response layout
-                     "share_prompt": "off" if args.variant == "padded" else "auto"},
+                     "share_prompt": "off" if args.variant in ("padded", "plain") else "auto"},
         "output_dir": str(work / "out"),
     }
     train(config, extra_inputs_hook=extra_hook)
@@ -294,6 +297,7 @@ def cases(suite: str) -> list[dict]:
         tiny.append({"model": "tiny", "loss": "dpo", "lora": lora, "impl": "mmalign", "variant": "precomputed"})
         tiny.append({"model": "tiny", "loss": "dpo", "lora": lora, "impl": "mmalign", "variant": "cnrpo"})
         tiny.append({"model": "tiny", "loss": "dpo", "lora": lora, "impl": "mmalign", "variant": "padded"})
+        tiny.append({"model": "tiny", "loss": "dpo", "lora": lora, "impl": "mmalign", "variant": "plain"})
     smol = [{"model": "smollm2", "loss": "dpo", "lora": 1, "impl": impl, "variant": "live"} for impl in ("mmalign", "trl", "bare")]
     smol.append({"model": "smollm2", "loss": "dpo", "lora": 1, "impl": "mmalign", "variant": "padded"})
     return {"tiny": tiny, "smollm2": smol, "all": tiny + smol}[suite]
@@ -344,7 +348,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--loss", choices=list(TRL_LOSS), default="dpo", help=argparse.SUPPRESS)
     parser.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=["live", "precomputed", "cnrpo", "padded"], default="live", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["live", "precomputed", "cnrpo", "padded", "plain"], default="live", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)

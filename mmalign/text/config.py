@@ -36,6 +36,11 @@ class ModelConfig:
         default=None, metadata={"help": "eager, sdpa or flash_attention_2; default: transformers' choice"}
     )
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
+    fused_activations: bool = field(
+        default=True,
+        metadata={"help": "run transformers' Python tanh-GELUs (gelu_new/gelu_fast: GPT-2, GPT-J, Phi-2...) as torch's "
+                  "fused GELU(approximate='tanh'): same function, about half its time"},
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub repo"})
 
 

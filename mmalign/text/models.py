@@ -71,8 +71,10 @@ def load_causal_lm(
     dtype: str = "float32",
     attn_implementation: Optional[str] = None,
     trust_remote_code: bool = False,
+    fused_activations: bool = True,
 ):
-    """``AutoModelForCausalLM.from_pretrained`` by hub name or local folder (optionally a GGUF file inside it)."""
+    """``AutoModelForCausalLM.from_pretrained`` by hub name or local folder (optionally a GGUF file inside it).
+    ``fused_activations``: see :func:`fuse_activations`."""
     from transformers import AutoModelForCausalLM
 
     name_or_path = _expand(name_or_path)
@@ -88,7 +90,30 @@ def load_causal_lm(
     except OSError as err:
         raise OSError(f"model {name_or_path!r}: cannot load ({err}); give a local folder or a hub name available "
                       "offline") from err
+    if fused_activations:
+        fuse_activations(model)
     return model
+
+
+# transformers' Python-level tanh-approximate GELUs (GPT-2, GPT-J, GPT-Neo, CodeGen, Phi-1/2: "gelu_new",
+# "gelu_fast", "gelu_python_tanh") compute 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in ~8 elementwise ops forward
+# and more backward; torch's GELU(approximate="tanh") is the same function in one fused kernel.
+_PYTHON_TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")
+
+
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Replaces Python-level tanh-GELU modules by ``torch.nn.GELU(approximate="tanh")`` (same function, float
+    rounding aside; about half the activation's time on CPU); returns how many were replaced. Only module objects
+    change: the config and the saved weights do not."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            python_tanh = type(child).__name__ in _PYTHON_TANH_GELUS or (
+                type(child).__name__ == "GELUTanh" and getattr(child, "act", None) == getattr(child, "_gelu_tanh_python", ()))
+            if python_tanh:
+                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+                replaced += 1
+    return replaced
 
 
 def apply_lora(model, *, r: int = 16, alpha: float = 32.0, dropout: float = 0.05, target_modules: Any = "all-linear",

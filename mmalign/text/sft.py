@@ -164,7 +164,7 @@ def _train(cfg: SFTConfig, resume_from_checkpoint: Any) -> dict[str, Any]:
     eval_ds = _dataset(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split, cfg.data.max_eval_samples) if cfg.data.eval else None
     model = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
                            attn_implementation=cfg.model.attn_implementation,
-                           trust_remote_code=cfg.model.trust_remote_code)
+                           trust_remote_code=cfg.model.trust_remote_code, fused_activations=cfg.model.fused_activations)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:

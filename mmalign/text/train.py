@@ -289,7 +289,7 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
         logger.info("bins (%s): responses per bin %s", cfg.bins.source, bins["train"]["responses_per_bin"])
 
     load_kwargs = dict(dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
-                       trust_remote_code=cfg.model.trust_remote_code)
+                       trust_remote_code=cfg.model.trust_remote_code, fused_activations=cfg.model.fused_activations)
     model = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, **load_kwargs)
     mode = cfg.resolved_reference_mode
     reference_model = None

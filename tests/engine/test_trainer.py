@@ -167,3 +167,20 @@ def test_optional_sinks_fail_clearly_when_missing(tmp_path):
         pytest.skip("tensorboard is installed here")
     with pytest.raises(ImportError, match="pip install tensorboard"):
         MetricsWriter(tmp_path, ["jsonl", "tensorboard"])
+
+
+def test_optimizer_is_the_fused_adamw_and_steps_like_the_reference_loop(tmp_path):
+    trainer = make_trainer(tmp_path)
+    optimizer = trainer._build_optimizer()
+    assert optimizer.defaults["fused"] is True
+    # one AdamW step of the fused kernel equals the per-tensor loop's
+    torch.manual_seed(1)
+    params = [p.detach().clone().requires_grad_() for p in trainer.model.parameters()]
+    twins = [p.detach().clone().requires_grad_() for p in params]
+    for p, q in zip(params, twins):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+    torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=True).step()
+    torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.1, foreach=False).step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,44 @@
+"""Python tanh-GELUs swapped for torch's fused kernel: the same function, nothing persisted."""
+import pytest
+import torch
+
+from mmalign.testing import build_tiny_causal_lm
+from mmalign.text.models import fuse_activations, load_causal_lm
+
+
+def _gpt2(tiny_tokenizer, activation):
+    model = build_tiny_causal_lm(arch="gpt2", tokenizer=tiny_tokenizer, seed=4)
+    model.config.activation_function = activation
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(model.config).eval()
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_fast", "gelu_python_tanh"])
+def test_fused_gelu_gives_the_same_outputs_and_gradients(tiny_tokenizer, activation):
+    model = _gpt2(tiny_tokenizer, activation)
+    ids = torch.randint(0, len(tiny_tokenizer), (3, 17))
+    before = model(ids).logits
+    before.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    assert fuse_activations(model) == model.config.n_layer
+    assert all(isinstance(block.mlp.act, torch.nn.GELU) for block in model.transformer.h)
+    after = model(ids).logits
+    after.square().mean().backward()
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    assert model.config.activation_function == activation  # the saved config is untouched
+
+
+def test_loading_fuses_by_default_and_not_when_asked(tiny_tokenizer, tmp_path):
+    _gpt2(tiny_tokenizer, "gelu_new").save_pretrained(tmp_path)
+    fused = load_causal_lm(str(tmp_path))
+    plain = load_causal_lm(str(tmp_path), fused_activations=False)
+    assert isinstance(fused.transformer.h[0].mlp.act, torch.nn.GELU)
+    assert type(plain.transformer.h[0].mlp.act).__name__ == "NewGELUActivation"
+    # exact GELU (Llama's SiLU, BERT's erf GELU) is left alone
+    llama = build_tiny_causal_lm(tokenizer=tiny_tokenizer)
+    assert fuse_activations(llama) == 0
