@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from mmalign.config import ConfigError, load_config
 from mmalign.image.classifiers import AttributePrediction
@@ -118,6 +119,15 @@ def test_groups_are_balanced_over_race_and_gender_and_filtered_by_the_classifier
     pairs = pairs_from_groups(groups)
     assert len(pairs) == 5 + 6 + 6 + 6
     assert all(len(p.chosen) == len(p.rejected) == 1 for p in pairs)
+    # the thesis' single-sample DPO: one (chosen i, rejected i) pair per group, a seeded draw
+    single = pairs_from_groups(groups, per_group=1, seed=3)
+    assert len(single) == len(groups) and [p.prompt for p in single] == [g.prompt for g in groups]
+    for pair, group in zip(single, groups):
+        i = group.chosen.index(pair.chosen[0])
+        assert pair.rejected == [group.rejected[i]] and pair.chosen_cells == [group.chosen_cells[i]]
+    assert [p.chosen for p in pairs_from_groups(groups, per_group=1, seed=3)] == [p.chosen for p in single]
+    drawn = {tuple(p.chosen[0] for p in pairs_from_groups(groups, per_group=1, seed=s)) for s in range(8)}
+    assert len(drawn) > 1  # the seed moves the draw
     # without filtering the first candidate of every cell is kept, agreeing or not
     unfiltered, _ = select_chosen(plans, files, classify_files,
                                   GroupsConfig(groups_per_occupation=2, filter="none", candidates_per_cell=2,
@@ -134,6 +144,11 @@ def test_config_errors_are_clear():
                                                {"name": "a", "objective": "mdpo", "beta": 1.0}]})
     with pytest.raises((ValueError, ConfigError), match="beta"):
         load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "dpo"}]})
+    with pytest.raises((ValueError, ConfigError), match="pairs_per_group"):
+        load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "dpo", "beta": 1.0, "pairs_per_group": 1}]})
+    with pytest.raises((ValueError, ConfigError), match="pairs_per_group"):
+        load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "dpo", "beta": 1.0, "pairs": True,
+                                                "pairs_per_group": 0}]})
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -202,13 +217,18 @@ def test_debias_command_end_to_end_on_the_shipped_model(tmp_path):
         "--set", "evaluation.quality_images=4", "--set", "evaluation.quality_noise_draws=1",
         "--set", "training.max_steps=1", "--set", "training.batch_size=2", "--set", "training.progress_bar=false",
         "--set", "methods=[{name: mdpo, objective: mdpo, beta_d: 2000}, {name: dpo, objective: dpo, beta_d: 2000, "
-                 "pairs: true}]",
+                 "pairs: true, pairs_per_group: 1}, {name: dpo_all, objective: dpo, beta_d: 2000, pairs: true}]",
     ])
     for name in ("report.json", "report.md", "gender_bars.png", "race_bars.png", "before_after.png", "config.yaml",
-                 "data/groups.jsonl", "data/pairs.jsonl"):
+                 "data/groups.jsonl", "data/pairs.jsonl", "data/pairs-1-per-group.jsonl"):
         assert (out / name).is_file(), name
+    groups_written = (out / "data/groups.jsonl").read_text().splitlines()
+    assert len((out / "data/pairs-1-per-group.jsonl").read_text().splitlines()) == len(groups_written)
     written = json.loads((out / "report.json").read_text())
-    assert set(written["summary"]) == {"base", "mdpo", "dpo"}
+    assert set(written["summary"]) == {"base", "mdpo", "dpo", "dpo_all"}
+    batch_sizes = {m: yaml.safe_load((out / "methods" / m / "config.yaml").read_text())["training"]["batch_size"]
+                   for m in ("mdpo", "dpo", "dpo_all")}
+    assert batch_sizes == {"mdpo": 2, "dpo": 2, "dpo_all": 2 * 3}  # k = rejected_per_group = 3
     held_out = {o["occupation"] for o in written["occupations"]["eval"]}
     assert len(held_out) == 2
     trained_on = {json.loads(line)["occupation"] for line in (out / "data/groups.jsonl").read_text().splitlines()}

@@ -137,13 +137,20 @@ class MethodConfig:
     beta: Optional[float] = field(default=None, metadata={"help": "β on ρ = −(e_θ − e_ref)"})
     beta_d: Optional[float] = field(default=None, metadata={"help": "Diffusion-DPO β_d (β = β_d/2)"})
     params: dict[str, Any] = field(default_factory=dict, metadata={"help": "other objective hyperparameters"})
-    pairs: bool = field(default=False, metadata={"help": "cut every group into pairs (chosen i, rejected i); a step "
-                                                         "then takes batch_size × k pairs, the same images as a group "
-                                                         "step"})
+    pairs: bool = field(default=False, metadata={"help": "cut every group into pairs (chosen i, rejected i)"})
+    pairs_per_group: Optional[int] = field(
+        default=None,
+        metadata={"help": "with pairs: pairs taken from each group (seeded draw of members); a step takes batch_size "
+                  "× this many pairs. null = all k (a step sees the same images as a group step); 1 = the thesis' "
+                  "single-sample DPO (one pair per prompt)"},
+    )
 
     def __post_init__(self) -> None:
         if (self.beta is None) == (self.beta_d is None):
             raise ValueError(f"method {self.name!r}: set exactly one of beta and beta_d")
+        if self.pairs_per_group is not None and (not self.pairs or self.pairs_per_group < 1):
+            raise ValueError(f"method {self.name!r}: pairs_per_group must be an integer >= 1 and needs pairs: true; "
+                             f"got {self.pairs_per_group!r}")
 
 
 def default_methods() -> list[MethodConfig]:
@@ -151,7 +158,10 @@ def default_methods() -> list[MethodConfig]:
     # per-latent means, so SD's usual β_d fits); see docs/debias.md for the runs that chose them.
     return [
         MethodConfig(name="mdpo", objective="mdpo", beta_d=5000.0),
-        MethodConfig(name="dpo", objective="dpo", beta_d=5000.0, pairs=True),
+        # the thesis' baseline: single-sample DPO, one (chosen, rejected) pair per prompt and step
+        MethodConfig(name="dpo", objective="dpo", beta_d=5000.0, pairs=True, pairs_per_group=1),
+        # a stronger one: every pair of every group, so a step sees the same images as a group step
+        MethodConfig(name="dpo_all_pairs", objective="dpo", beta_d=5000.0, pairs=True),
         # IPO's target margin 1/(2β) on ρ: β = 150 asks for 0.0033, the size of margins mDPO reaches here
         MethodConfig(name="mipo", objective="mipo", beta=150.0),
     ]

@@ -7,15 +7,17 @@ attribute-prompted image per race × gender cell ("A portrait photo of a {race} 
 of ``candidates_per_cell`` candidates that agrees); a cell with none is left out, so groups may be ragged, and with
 ``balance_genders`` a race keeps its cells only if all its genders have one (the classifiers read generated faces
 as male more often, so unbalanced filtering would make the chosen groups male-leaning).
-DPO baselines cut each group into pairs (chosen i, rejected i) — the same images, one pair per member.
+DPO baselines cut each group into pairs (chosen i, rejected i): one pair per member (the same images), or a seeded
+draw of a few members per group (the thesis' single-sample DPO takes one).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -114,11 +116,17 @@ def select_chosen(plans: Sequence[GroupPlan], files: dict[tuple[str, int], str],
     return groups, stats
 
 
-def pairs_from_groups(groups: Sequence[PreferenceGroup]) -> list[PreferenceGroup]:
-    """Each group → ``min(k_w, k_l)`` pairs (chosen i, rejected i): DPO on the same images as the group methods."""
+def pairs_from_groups(groups: Sequence[PreferenceGroup], per_group: Optional[int] = None,
+                      seed: int = 0) -> list[PreferenceGroup]:
+    """Each group → pairs (chosen i, rejected i): all ``min(k_w, k_l)`` of them (DPO on the same images as the group
+    methods), or ``per_group`` members drawn per group (seeded by ``seed`` and the prompt)."""
     pairs = []
     for group in groups:
-        for chosen, cell, rejected in zip(group.chosen, group.chosen_cells, group.rejected):
+        members = list(zip(group.chosen, group.chosen_cells, group.rejected))
+        if per_group is not None and per_group < len(members):
+            picked = random.Random(f"{seed}/{group.prompt}").sample(range(len(members)), per_group)
+            members = [members[i] for i in sorted(picked)]
+        for chosen, cell, rejected in members:
             pairs.append(PreferenceGroup(group.occupation, group.prompt, [chosen], [cell], [rejected]))
     return pairs
 

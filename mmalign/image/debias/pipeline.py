@@ -4,8 +4,8 @@
 2. training images — attribute-prompted candidates and the base model's plain-prompt images — sampled once and
    cached on disk;
 3. the classifier labels the candidates; chosen groups keep the images that show their requested attributes;
-4. every method (mDPO on the groups; DPO on pairs cut from them; mIPO; …) trains from the same base model with
-   the image backend (``mmalign.image.train``) for the same steps;
+4. every method (mDPO on the groups; DPO on pairs cut from them — one per group, or all; mIPO; …) trains from
+   the same base model with the image backend (``mmalign.image.train``) for the same steps;
 5. the base model and every trained one draw the same seeds for the held-out occupations' plain prompts; the
    classifier scores them (Simpson index and gaps per occupation, no-face and low-confidence rates) and the
    denoising loss on real FairFace faces measures quality drift. Report: JSON, Markdown, PNG bars and grids.
@@ -62,8 +62,8 @@ def _train_config(config: DebiasConfig, method: MethodConfig, data_path: Path, o
                   group_size: int) -> dict[str, Any]:
     model = config.model
     training = asdict(config.training)
-    if method.pairs:  # a step sees the images of batch_size groups, cut into pairs
-        training["batch_size"] = config.training.batch_size * group_size
+    if method.pairs:  # batch_size groups' worth of pairs: all their pairs, or pairs_per_group of each
+        training["batch_size"] = config.training.batch_size * (method.pairs_per_group or group_size)
     objective: dict[str, Any] = {"name": method.objective, "params": dict(method.params)}
     objective["beta" if method.beta is not None else "beta_d"] = method.beta if method.beta is not None else method.beta_d
     return {
@@ -186,7 +186,11 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
                                         config.groups, config.classifier.race_scoring)
     data_dir = output_dir / "data"
     groups_file = write_groups(groups, data_dir / "groups.jsonl")
-    pairs_file = write_groups(pairs_from_groups(groups), data_dir / "pairs.jsonl")
+    pair_files = {}
+    for per_group in sorted({m.pairs_per_group for m in config.methods if m.pairs}, key=lambda n: n or 0):
+        name = "pairs.jsonl" if per_group is None else f"pairs-{per_group}-per-group.jsonl"
+        pair_files[per_group] = write_groups(pairs_from_groups(groups, per_group, seed=config.groups.seed),
+                                             data_dir / name)
     timings["classify_groups_s"] = time.time() - tick
     logger.info("groups: %s", group_stats)
 
@@ -206,7 +210,7 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
     for method in config.methods:
         tick = time.time()
         method_dir = output_dir / "methods" / method.name
-        train_config = _train_config(config, method, pairs_file if method.pairs else groups_file, method_dir,
+        train_config = _train_config(config, method, pair_files[method.pairs_per_group] if method.pairs else groups_file, method_dir,
                                      resolution, pretrained, conditioner_spec, conditioner_kwargs,
                                      config.groups.rejected_per_group)
         summary = train_image_model(train_config)

@@ -1,0 +1,84 @@
+"""Experiment (not a test): the debiasing command's methods over several training seeds.
+
+One debias run per training seed (the same occupations, images, groups, single-sample DPO pairs and held-out
+evaluation seeds; another data order and (t, ε) draw), then per method the mean ± standard deviation over seeds of the averaged Simpson indices, gaps, no-face
+rate and denoising-loss change, and the paired per-occupation differences of mDPO against every other method
+(mean over seeds and occupations, with the standard error over seeds of the per-seed mean difference).
+
+    .venv/bin/python bench/debias_seeds.py --seeds 0 1 2 [--output outputs/debias-seeds] [--set KEY=VALUE ...]
+
+Writes ``<output>/seeds.json`` and ``<output>/seeds.md``; the runs go to ``<output>/seed<N>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+METRICS = ("simpson_gender", "simpson_race", "gender_gap", "race_gap", "no_face_rate", "denoising_loss_change")
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _per_occupation_difference(report: dict, method: str, other: str, key: str) -> float:
+    ours, theirs = report["per_occupation"][method], report["per_occupation"][other]
+    return statistics.mean(ours[o][key] - theirs[o][key] for o in ours)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--output", default="outputs/debias-seeds")
+    parser.add_argument("--reference-method", default="mdpo", help="the method the paired differences start from")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra overrides of the debias config (repeatable)")
+    args = parser.parse_args()
+
+    from mmalign.image.debias import run
+
+    output = Path(args.output)
+    reports = {}
+    for seed in args.seeds:
+        started = time.time()
+        reports[seed] = run({}, [f"output_dir={output / f'seed{seed}'}", f"training.seed={seed}", *args.overrides])
+        print(f"seed {seed}: {time.time() - started:.0f} s", flush=True)
+
+    methods = list(reports[args.seeds[0]]["summary"])
+    summary = {m: {k: [reports[s]["summary"][m].get(k) for s in args.seeds] for k in METRICS} for m in methods}
+    ref = args.reference_method
+    differences = {}
+    for other in (m for m in methods if m != ref):
+        differences[other] = {}
+        for key in ("simpson_gender", "simpson_race"):
+            per_seed = [_per_occupation_difference(reports[s], ref, other, key) for s in args.seeds]
+            spread = statistics.stdev(per_seed) / len(per_seed) ** 0.5 if len(per_seed) > 1 else float("nan")
+            differences[other][key] = {"per_seed": per_seed, "mean": statistics.mean(per_seed), "se_over_seeds": spread}
+
+    lines = [f"# Debias methods over training seeds {args.seeds}", "",
+             "| method | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+    for m in methods:
+        cells = [_mean_sd([v for v in summary[m][k] if v is not None]) if any(v is not None for v in summary[m][k])
+                 else "" for k in METRICS]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paired per held-out occupation, {ref} − other (mean over seeds; ± standard error over seeds; "
+              "per-seed values):", "", "| other | Simpson gender | Simpson race |", "|---|---|---|"]
+    for other, d in differences.items():
+        cells = [f"{d[k]['mean']:+.3f} ± {d[k]['se_over_seeds']:.3f} ({', '.join(f'{v:+.3f}' for v in d[k]['per_seed'])})"
+                 for k in ("simpson_gender", "simpson_race")]
+        lines.append(f"| {other} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    (output / "seeds.md").write_text(text)
+    (output / "seeds.json").write_text(json.dumps({"seeds": args.seeds, "summary": summary, "differences": differences,
+                                                    "timings_s": {s: r["timings_s"] for s, r in reports.items()}},
+                                                   indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
