@@ -807,7 +807,7 @@ class PreferenceCollator:
                 start = len(ids)
                 # the first response token is predicted by the prompt's last position, the others by their left
                 # neighbour in the row
-                score_positions += [len(prompt) - 1] + list(range(start, start + len(response) - 1))
+                score_positions += ([len(prompt) - 1] + list(range(start, start + len(response) - 1)))[: len(response)]
                 score_labels += response
                 score_rows += [b] * len(response)
                 score_members += [member] * len(response)

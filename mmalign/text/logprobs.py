@@ -175,7 +175,7 @@ def shared_prompt_attention_mask(segment_ids: torch.Tensor, implementation: str,
     Boolean (True = attend) for sdpa; additive float (0 / dtype min) for eager, which adds the mask to the scores."""
     if implementation not in SHARED_PROMPT_ATTENTION:
         raise ValueError(f"the shared-prompt layout needs attn_implementation in {SHARED_PROMPT_ATTENTION}, "
-                         f"not {implementation!r}: set training.share_prompt: false or model.attn_implementation")
+                         f"not {implementation!r}: set training.share_prompt: off or model.attn_implementation")
     length = segment_ids.shape[1]
     positions = torch.arange(length, device=segment_ids.device)
     causal = positions[None, :] <= positions[:, None]  # [T(query), T(key)]

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import replace
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
