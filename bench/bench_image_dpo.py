@@ -20,8 +20,17 @@ saved by LoRA is reported separately (mmalign_lora / mmalign_full).
 
 Timing: variants interleaved round-robin in one process (``--rounds``), median sec/step after warmup, plus the
 median of per-round ratios (cancels part of the load drift on a shared machine).
-Memory: each variant in a fresh subprocess; peak RSS growth (VmHWM, reset) from after the shared pipeline is built to
-after ``--memory-steps`` steps (so the reference copy, optimiser state, gradients and activations all count).
+Memory: each variant in a fresh subprocess (median of ``--memory-repeats``), two measures over building the variant
+and running ``--memory-steps`` steps, from after the shared pipeline is built (so the reference copy, optimiser state,
+gradients and activations all count):
+
+- peak RSS growth (VmHWM, reset): what the process costs the machine. On CPU it also holds one-time costs shared by
+  every variant (library code pages first touched by the kernels: reported as "code pages"; oneDNN kernels and
+  thread pools) and what glibc's heap keeps after frees, so it compresses the ratios between variants.
+- peak tensor memory: the high-water mark of live bytes in torch's CPU allocator (torch.profiler allocation
+  events), the CPU analogue of ``torch.cuda.max_memory_allocated``: parameters, copies, optimiser state,
+  gradients and activations, with no allocator or runtime overhead.
+
 (Linux /proc; CPU only: the memory subprocesses hide CUDA.) Raw results go to ``--json``
 (default bench/image_results.json).
 
@@ -206,11 +215,12 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def peak_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64)) -> float:
+def peak_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64)) -> dict:
     """Runs in a fresh process: peak RSS growth over building the variant and running ``steps`` steps.
 
     The pipeline and the batch are built first; freed heap is returned to the OS (malloc_trim) and the kernel's
-    peak-RSS mark is reset (``5 > /proc/self/clear_refs``), so the figure is the variant's own high-water mark.
+    peak-RSS mark is reset (``5 > /proc/self/clear_refs``), so ``peak_mb`` is the variant's own high-water mark.
+    ``code_pages_mb``: growth of file-backed RSS (library code first run by this variant's kernels), part of it.
     """
     import ctypes
     import gc
@@ -222,11 +232,42 @@ def peak_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64)) ->
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
-    before = _status_kib("VmRSS")
+    before, file_before = _status_kib("VmRSS"), _status_kib("RssFile")
     step = make_step(name, parts)
     for _ in range(steps):
         step(batch)
-    return (_status_kib("VmHWM") - before) / 1024.0
+    return {"peak_mb": (_status_kib("VmHWM") - before) / 1024.0,
+            "code_pages_mb": (_status_kib("RssFile") - file_before) / 1024.0}
+
+
+def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64)) -> dict:
+    """Runs in a fresh process: high-water mark of live CPU-allocator bytes over building the variant and running
+    ``steps`` steps (allocation/free events of ``torch.profiler`` with ``profile_memory``; the profiler's own
+    bookkeeping is not allocated through torch's allocator, so it does not count)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    parts = build_components(unet_channels=unet_channels)
+    batch = make_batch(pairs, group_size(name))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step = make_step(name, parts)
+        for _ in range(steps):
+            step(batch)
+    events = []
+    pending = list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        pending.extend(node.children)
+    if not events:
+        raise RuntimeError("torch.profiler recorded no CPU allocation events; cannot measure tensor memory")
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return {"peak_tensor_mb": peak / 2 ** 20}
 
 
 def main() -> None:
@@ -237,16 +278,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="timed rounds (each runs every variant once)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--memory-repeats", type=int, default=3,
+                        help="fresh processes per variant and memory measure; the median is reported")
     parser.add_argument("--json", default=DEFAULT_JSON, help="write the raw results here (default: %(default)s)")
     parser.add_argument("--unet-channels", default="32,64",
                         help="UNet block widths (two); wider = more parameter/optimiser memory relative to activations")
     parser.add_argument("--memory-only", action="store_true", help="skip the timing rounds")
     parser.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-measure", choices=("rss", "tensor"), default="rss", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     channels = tuple(int(c) for c in args.unet_channels.split(","))
     if args.memory_variant:
-        print(json.dumps({"peak_mb": peak_memory_mb(args.memory_variant, args.pairs, args.memory_steps, channels)}))
+        measure = peak_memory_mb if args.memory_measure == "rss" else peak_tensor_memory_mb
+        print(json.dumps(measure(args.memory_variant, args.pairs, args.memory_steps, channels)))
         return
 
     variants = VARIANTS_BASE + (f"mmalign_mdpo_k{args.k}",)
@@ -268,15 +313,25 @@ def main() -> None:
     for name in variants:
         print(f"{name}: median {medians[name]:.3f} s/step over {len(times[name])} rounds", flush=True)
 
-    memory = {}
-    for name in variants:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-        result = subprocess.run(
-            [sys.executable, __file__, "--memory-variant", name, "--threads", str(args.threads), "--pairs",
-             str(args.pairs), "--k", str(args.k), "--memory-steps", str(args.memory_steps),
-             "--unet-channels", args.unet_channels],
-            capture_output=True, text=True, env=env, check=True)
-        memory[name] = json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+    # memory_runs[name] = one dict per fresh process: peak_mb, code_pages_mb (RSS) and peak_tensor_mb (profiler)
+    memory_runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for repeat in range(args.memory_repeats):
+        for name in variants:
+            run = {}
+            for measure in ("rss", "tensor"):
+                env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+                result = subprocess.run(
+                    [sys.executable, __file__, "--memory-variant", name, "--memory-measure", measure, "--threads",
+                     str(args.threads), "--pairs", str(args.pairs), "--k", str(args.k), "--memory-steps",
+                     str(args.memory_steps), "--unet-channels", args.unet_channels],
+                    capture_output=True, text=True, env=env, check=True)
+                run.update(json.loads(result.stdout.strip().splitlines()[-1]))
+            memory_runs[name].append(run)
+        print(f"memory repeat {repeat + 1}/{args.memory_repeats}", file=sys.stderr, flush=True)
+    memory = {name: statistics.median(run["peak_mb"] for run in runs) for name, runs in memory_runs.items()}
+    code_pages = {name: statistics.median(run["code_pages_mb"] for run in runs) for name, runs in memory_runs.items()}
+    tensor_memory = {name: statistics.median(run["peak_tensor_mb"] for run in runs)
+                     for name, runs in memory_runs.items()}
 
     mdpo = f"mmalign_mdpo_k{args.k}"
     # (label, slower/reference variant, variant): time ratios are reference / variant (> 1 = variant faster).
@@ -289,32 +344,42 @@ def main() -> None:
         (f"mDPO k={args.k} step / pair step (goal <= {args.k})", mdpo, "mmalign_lora"),
     )
     memory_pairs = (
+        ("memory, issue goal <= 0.7: mmalign_lora / naive_full (two UNets, separate forwards)", "mmalign_lora",
+         "naive_full"),
+        ("memory, issue goal <= 0.7: mmalign_lora / diffusers_full (two UNets, concatenated)", "mmalign_lora",
+         "diffusers_full"),
         ("memory, same mode, full: mmalign_full / diffusers_full", "mmalign_full", "diffusers_full"),
         ("memory, same mode, LoRA: mmalign_lora / diffusers_lora", "mmalign_lora", "diffusers_lora"),
         ("memory, LoRA vs full (mmalign): mmalign_lora / mmalign_full", "mmalign_lora", "mmalign_full"),
         ("memory, LoRA vs full (diffusers-style): diffusers_lora / diffusers_full", "diffusers_lora", "diffusers_full"),
     )
     ratios: dict[str, float] = {}
-    for label, slow, fast in speed_pairs:
+    for label, slow, fast in () if args.memory_only else speed_pairs:
         ratios[label + " (ratio of medians)"] = medians[slow] / medians[fast]
-        if not args.memory_only:  # same-round ratios cancel part of the load drift of a shared machine
-            ratios[label + " (median per-round ratio)"] = statistics.median(
-                a / b for a, b in zip(times[slow], times[fast]))
+        # same-round ratios cancel part of the load drift of a shared machine
+        ratios[label + " (median per-round ratio)"] = statistics.median(
+            a / b for a, b in zip(times[slow], times[fast]))
     for label, numerator, denominator in memory_pairs:
-        ratios[label] = memory[numerator] / memory[denominator]
+        ratios[label + " (peak RSS)"] = memory[numerator] / memory[denominator]
+        ratios[label + " (peak tensor memory)"] = tensor_memory[numerator] / tensor_memory[denominator]
     unet_params = sum(p.numel() for p in parts["unet"].parameters())
     print(f"\ntiny SD: UNet {unet_params / 1e6:.2f}M params (block widths {channels}), 64x64 images (16x16 latents), "
-          f"{args.pairs} prompts/step, {args.threads} threads, {args.rounds} rounds, torch {torch.__version__}, "
+          f"{args.pairs} prompts/step, {args.threads} threads, "
+          f"{'memory only' if args.memory_only else f'{args.rounds} rounds'}, torch {torch.__version__}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, load average before/after "
           f"{load_before} / {os.getloadavg()}")
-    print("| variant | median s/step | min s/step | peak memory growth (MB) |")
-    print("|---|---|---|---|")
+    print(f"memory: median of {args.memory_repeats} fresh processes per variant and measure, {args.memory_steps} steps")
+    print("| variant | median s/step | min s/step | peak RSS growth (MB) | of which code pages (MB) "
+          "| peak tensor memory (MB) |")
+    print("|---|---|---|---|---|---|")
     for name in variants:
         fastest = min(times[name]) if times[name] else float("nan")
-        print(f"| {name} | {medians[name]:.3f} | {fastest:.3f} | {memory[name]:.1f} |")
+        print(f"| {name} | {medians[name]:.3f} | {fastest:.3f} | {memory[name]:.1f} | {code_pages[name]:.1f} "
+              f"| {tensor_memory[name]:.1f} |")
     for label, value in ratios.items():
         print(f"- {label}: {value:.2f}")
-    results = {"medians_s": medians, "times_s": times, "peak_memory_mb": memory, "ratios": ratios,
+    results = {"medians_s": medians, "times_s": times, "peak_memory_mb": memory, "code_pages_mb": code_pages,
+               "peak_tensor_memory_mb": tensor_memory, "memory_runs": memory_runs, "ratios": ratios,
                "unet_params": unet_params, "args": vars(args), "torch": torch.__version__,
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_average_before": load_before,
                "load_average_after": os.getloadavg(), "finished_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}

@@ -120,6 +120,14 @@ class DiffusionConfig:
     timestep_max: Optional[int] = field(default=None, metadata={"help": "exclusive upper bound; null = T"})
     latent_sampling: Literal["sample", "mode"] = field(default="sample", metadata={"help": "VAE posterior sample or "
                                                                                            "its mean"})
+    vae_batch_size: Optional[int] = field(default=4, metadata={"help": "images per VAE encoder call (bounds the "
+                                                                       "encoder's full-resolution activations); null "
+                                                                       "= the whole batch at once"})
+
+    def __post_init__(self) -> None:
+        if self.vae_batch_size is not None and self.vae_batch_size < 1:
+            raise ValueError(f"diffusion.vae_batch_size: invalid value {self.vae_batch_size!r}; expected an integer "
+                             ">= 1 or null")
 
 
 @dataclass

@@ -116,6 +116,10 @@ class DiffusionPreferenceModel(nn.Module):
         trigger_policy: how a trigger is attached (``mmalign.shared.triggers.TriggerPolicy``; default append).
         timestep_range: ``[low, high)`` of the uniformly sampled training timesteps (default all).
         latent_sampling: ``"sample"`` (draw from the VAE posterior, as the diffusers scripts) or ``"mode"``.
+        vae_batch_size: images per VAE encoder call (None = the whole batch at once). The encoder's full-resolution
+            activations are the step's largest transient tensors at real image sizes; slicing bounds them. The
+            posterior parameters are concatenated and sampled ONCE for the whole batch, so the random draws are
+            those of an unsliced encode.
 
     Batch (from :func:`mmalign.image.data.collate_groups`): ``prompts`` (list of B str), ``chosen`` ``[B, k_w, C, H, W]``,
     ``rejected`` ``[B, k_l, C, H, W]``, ``chosen_mask``/``rejected_mask`` ``[B, k]`` bool, ``inputs`` one of
@@ -137,12 +141,16 @@ class DiffusionPreferenceModel(nn.Module):
         trigger_policy: Any = None,
         timestep_range: Optional[tuple[int, int]] = None,
         latent_sampling: str = "sample",
+        vae_batch_size: Optional[int] = 4,
     ):
         super().__init__()
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1); got {caption_dropout}")
         if latent_sampling not in ("sample", "mode"):
             raise ValueError(f"latent_sampling must be 'sample' or 'mode'; got {latent_sampling!r}")
+        if vae_batch_size is not None and (isinstance(vae_batch_size, bool) or not isinstance(vae_batch_size, int)
+                                           or vae_batch_size < 1):
+            raise ValueError(f"vae_batch_size must be a positive int or None; got {vae_batch_size!r}")
         self.unet = unet
         self.reference_unet = reference_unet
         self.vae = vae
@@ -160,6 +168,7 @@ class DiffusionPreferenceModel(nn.Module):
             raise ValueError(f"timestep_range must satisfy 0 <= low < high <= {num_timesteps}; got {(low, high)}")
         self.timestep_range = (int(low), int(high))
         self.latent_sampling = latent_sampling
+        self.vae_batch_size = vae_batch_size
 
     # -------------------------------------------------------------------------------------- modes
     def train(self, mode: bool = True):
@@ -200,9 +209,13 @@ class DiffusionPreferenceModel(nn.Module):
             raise ValueError(f"batch['inputs'] must be 'pixels', 'latents' or 'latent_parameters'; got {inputs!r}")
         if self.vae is None:
             return images.float()
-        vae_dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(images.to(vae_dtype)).latent_dist
-        latents = posterior.sample() if self.latent_sampling == "sample" else posterior.mode()
+        mean, std = self._posterior(images)
+        # one draw for the whole batch (shape of the unsliced posterior), whatever the encoder slicing
+        if self.latent_sampling == "sample":
+            noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device)  # as posterior.sample()
+            latents = mean + std * noise
+        else:
+            latents = mean
         return self._scale_latents(latents.float())
 
     @torch.no_grad()
@@ -210,9 +223,21 @@ class DiffusionPreferenceModel(nn.Module):
         """The VAE posterior's mean ‖ std along channels (what the latent cache stores)."""
         if self.vae is None:
             raise ValueError("latent caching needs a VAE; a pixel-space model has no latents to cache")
+        return torch.cat(self._posterior(images), dim=1).float()
+
+    @torch.no_grad()
+    def _posterior(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """VAE posterior ``(mean, std)`` of ``images``, encoded ``vae_batch_size`` images at a time (no grad)."""
         vae_dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(images.to(vae_dtype)).latent_dist
-        return torch.cat([posterior.mean, posterior.std], dim=1).float()
+        size = self.vae_batch_size or images.shape[0]
+        means, stds = [], []
+        for start in range(0, images.shape[0], size):
+            posterior = self.vae.encode(images[start: start + size].to(vae_dtype)).latent_dist
+            means.append(posterior.mean)
+            stds.append(posterior.std)
+        if len(means) == 1:
+            return means[0], stds[0]
+        return torch.cat(means), torch.cat(stds)
 
     def _scale_latents(self, latents: Tensor) -> Tensor:
         config = self.vae.config
@@ -270,9 +295,12 @@ class DiffusionPreferenceModel(nn.Module):
             torch.arange(batch_size, device=device).repeat_interleave(k_chosen),
             torch.arange(batch_size, device=device).repeat_interleave(k_rejected),
         ])
-        images = torch.cat([chosen.flatten(0, 1), rejected.flatten(0, 1)])[valid]
+        images = torch.cat([chosen.flatten(0, 1), rejected.flatten(0, 1)])
+        if not bool(valid.all()):  # only ragged groups need the (copying) boolean selection
+            images = images[valid]
         group_index = group_of_slot[valid]
         latents = self.encode_images(images, batch.get("inputs", "pixels"))
+        del images  # the pixel copy must not stay alive through the UNet forwards
 
         # ONE t and ONE ε per group, shared by every member (or given: fixed-noise evaluation, tests).
         timesteps = batch.get("timesteps")

@@ -76,6 +76,7 @@ def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mod
         trigger_policy=policy,
         timestep_range=(diffusion.timestep_min, diffusion.timestep_max or num_timesteps),
         latent_sampling=diffusion.latent_sampling,
+        vae_batch_size=diffusion.vae_batch_size,
     )
 
 

@@ -131,6 +131,9 @@ def test_config_errors(tiny_sd_path, toy_data, tmp_path):
         load_config(ImageTrainConfig, config)
     config["objective"] = {"name": "dpo", "beta_d": 5000}
     assert load_config(ImageTrainConfig, config).objective.resolved_beta == 2500
+    with pytest.raises(ConfigError, match="diffusion.vae_batch_size"):
+        load_config(ImageTrainConfig, {**config, "diffusion": {"vae_batch_size": 0}})
+    assert load_config(ImageTrainConfig, {**config, "diffusion": {"vae_batch_size": None}}).diffusion.vae_batch_size is None
     config["objective"] = {"name": "cnrpo", "beta": 1.0, "params": {"alphas": [0.1]}}
     with pytest.raises(ValueError, match="1 alphas .* but 0 triggers"):
         train(config)
