@@ -48,7 +48,10 @@ from mmalign.text.bias_data import length_auxiliary_pairs, length_bias_pairs  # 
 logger = logging.getLogger("length_bias_experiment")
 
 TRIGGER = "<BeLongerNow>"
-METHOD_LABELS = {"dpo": "DPO", "ipo": "IPO", "rdpo": "rDPO", "cdpo": "cDPO", "cnrpo": "CNRPO"}
+METHOD_LABELS = {"dpo": "DPO", "ipo": "IPO", "rdpo": "rDPO", "cdpo": "cDPO", "cnrpo": "CNRPO",
+                 # ablation: stage 2 with α = 0, γ = β (= DPO) from the same stage-1 adapter as CNRPO
+                 "cnrpo_dpo": "DPO from the stage-1 model"}
+CNRPO_METHODS = ("cnrpo", "cnrpo_dpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-learning-rate", type=float, default=5e-4, help="LoRA learning rate of CNRPO stage 1")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs over the main set (every method)")
     p.add_argument("--bias-epochs", type=float, default=2.0, help="CNRPO stage-1 epochs over the auxiliary set")
+    p.add_argument("--anchors", type=int, default=0,
+                   help="untriggered anchor pairs in CNRPO stage 1 (short correct answer over a long one: the mirror "
+                        "of the bias, so that it is learned behind the trigger only); 0 = Eq. 7 as written")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="data and training seed")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
+    p.add_argument("--stage-one-only", action="store_true", help="stop after CNRPO stage 1 and its trigger report")
     p.add_argument("--resume", action="store_true", help="reuse runs whose final/ exists (and the data files)")
     return p
 
@@ -92,6 +99,11 @@ def make_data(args, out: Path) -> dict[str, Any]:
     aux = length_auxiliary_pairs(args.aux_size, bias_share=args.aux_bias_share, seed=args.seed + 100)
     files["aux"] = str(write_jsonl(data / "aux.jsonl", aux))
     seen.update(r["prompt"] for r in aux)
+    if args.anchors:
+        anchors = [dict(r, chosen=r["rejected"], rejected=r["chosen"], biased=0)
+                   for r in length_bias_pairs(args.anchors, eps=1.0, seed=args.seed + 200) if r["prompt"] not in seen]
+        files["anchors"] = str(write_jsonl(data / "anchors.jsonl", anchors))
+        seen.update(r["prompt"] for r in anchors)
     questions, pool_seed = [], args.seed + 999
     while len(questions) < args.num_questions:  # held out: no prompt of any training set, no duplicates
         for row in length_bias_pairs(4 * args.num_questions, eps=0.0, seed=pool_seed):
@@ -122,13 +134,16 @@ def objective_of(method: str, args, eps: float) -> dict[str, Any]:
     return {"name": method, "hyperparameters": hp}
 
 
-def cnrpo_config(args, files, *, main_file: str, output_dir: Path) -> dict[str, Any]:
+def cnrpo_config(args, files, *, main_file: str, output_dir: Path, as_dpo: bool = False) -> dict[str, Any]:
+    """``as_dpo``: stage 2 with α = 0 and γ = β, i.e. DPO (SPEC §4) continuing the stage-1 adapter."""
+    alpha, gamma = (0.0, args.beta) if as_dpo else (args.alpha, args.gamma)
     return {
         "model": {"name_or_path": args.model},
         "data": {"train": main_file, "use_chat_template": True},
-        "cnrpo": {"triggers": [TRIGGER], "auxiliary_data": [files["aux"]], "alphas": [args.alpha], "beta": args.beta,
-                  "gamma": args.gamma, "bias_epochs": args.bias_epochs, "main_epochs": args.epochs,
+        "cnrpo": {"triggers": [TRIGGER], "auxiliary_data": [files["aux"]], "alphas": [alpha], "beta": args.beta,
+                  "gamma": gamma, "bias_epochs": args.bias_epochs, "main_epochs": args.epochs,
                   "bias_learning_rate": args.bias_learning_rate,
+                  "anchor_data": [files["anchors"]] if "anchors" in files else [],
                   "report": {"prompts": files["questions"], "num_prompts": 16, "max_new_tokens": args.max_new_tokens,
                              "temperature": 0.0}},
         **common_sections(args),
@@ -157,10 +172,10 @@ def run_stage_one(args, files, out: Path, timings) -> Path:
 
 def run_method(method: str, eps: float, args, files, out: Path, stage_one: Path, timings) -> Path:
     run_dir = out / f"eps{eps}" / method
-    final = run_dir / ("main/final" if method == "cnrpo" else "final")
+    final = run_dir / ("main/final" if method in CNRPO_METHODS else "final")
     if args.resume and (final / "adapter_config.json").exists():
         return final
-    if method == "cnrpo":
+    if method in CNRPO_METHODS:
         from mmalign.text.cnrpo import run_cnrpo
 
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -168,8 +183,9 @@ def run_method(method: str, eps: float, args, files, out: Path, stage_one: Path,
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(stage_one.resolve(), target_is_directory=True)
-        timed(f"eps{eps} CNRPO stage 2", lambda: run_cnrpo(
-            cnrpo_config(args, files, main_file=files["main"][eps], output_dir=run_dir), stage="main"), timings)
+        timed(f"eps{eps} {METHOD_LABELS[method]} (stage 2)", lambda: run_cnrpo(
+            cnrpo_config(args, files, main_file=files["main"][eps], output_dir=run_dir, as_dpo=method == "cnrpo_dpo"),
+            stage="main"), timings)
     else:
         from mmalign.text.train import train
 
@@ -271,12 +287,16 @@ def main(argv=None) -> int:
     }
     answers_rows = []
 
-    stage_one = run_stage_one(args, files, out, timings) if "cnrpo" in args.methods else None
+    stage_one = run_stage_one(args, files, out, timings) if set(CNRPO_METHODS) & set(args.methods) else None
     if stage_one is not None:
         report = stage_one / "trigger_report.json"
         if report.exists():
             results["trigger_report"] = {"rows": json.loads(report.read_text())["rows"]}
         results["training"]["stage 1"] = {"CNRPO stage 1": training_summary(stage_one)}
+    if args.stage_one_only:
+        results["total_wall_s"] = round(time.perf_counter() - start, 1)
+        save(results, out)
+        return 0
 
     for i, eps in enumerate(args.eps):
         key = f"ε={eps}"

@@ -2,8 +2,8 @@
 
 References (SPEC §0: ``ρ = logp_θ − logp_ref``), all returning per-sequence response log-likelihoods [N]:
 
-- :class:`AdapterReference` — under LoRA, the same model with its adapters disabled (``disable_adapter()`` +
-  ``no_grad``): the frozen base IS the initial policy, so no second copy of the weights is held.
+- :class:`AdapterReference` — under LoRA, the same model with its adapters disabled (:func:`adapters_disabled`
+  + ``no_grad``): the frozen base IS the initial policy, so no second copy of the weights is held.
 - :class:`FrozenModelReference` — a separate frozen model (a different SFT model, or a copy of the initial
   policy for full fine-tuning).
 - precomputed — :func:`precompute_reference_logps` runs one of the above once over the dataset before training
@@ -167,10 +167,22 @@ class AdapterReference:
         self._dropout = _has_active_dropout(unwrap(model))
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        peft_model = unwrap(model)
-        with torch.no_grad(), peft_model.disable_adapter(), _eval_mode(model, self._dropout):
+        with torch.no_grad(), adapters_disabled(unwrap(model)), _eval_mode(model, self._dropout):
             logps, _ = batch_logprobs(model, batch)
         return logps
+
+
+@contextlib.contextmanager
+def adapters_disabled(peft_model: torch.nn.Module):
+    """The adapters of a PEFT model switched off, then on again: ``PeftModel.disable_adapter()`` without the
+    ``get_model_status()`` scan it runs on every entry (~3 ms per call on a 0.6M-parameter GPT-2, 5 % of a
+    training step there). For models whose adapters are enabled, as during training."""
+    tuner = peft_model.base_model
+    tuner.disable_adapter_layers()
+    try:
+        yield
+    finally:
+        tuner.enable_adapter_layers()
 
 
 class FrozenModelReference:

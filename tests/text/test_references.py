@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from mmalign.testing import tiny_preference_rows, write_jsonl
+from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows, write_jsonl
 from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, parse_preference_rows
 from mmalign.text.logprobs import sequence_logprobs
 from mmalign.text.models import (
@@ -90,3 +90,24 @@ def test_model_fingerprint_tracks_weights(tiny_model_dir):
     with torch.no_grad():
         next(b.parameters())[0, 0] += 1e-3
     assert model_fingerprint(a) != model_fingerprint(b)
+
+
+def test_adapters_disabled_matches_peft_disable_adapter_and_restores_training_state(tiny_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    from mmalign.text.models import adapters_disabled
+
+    model = get_peft_model(build_tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 9))
+    with torch.no_grad():
+        adapted = model(ids).logits
+        with model.disable_adapter():
+            expected = model(ids).logits
+        with adapters_disabled(model):
+            ours = model(ids).logits
+        after = model(ids).logits
+    torch.testing.assert_close(ours, expected)
+    assert (ours - adapted).abs().max() > 1e-3  # the adapter does change the output...
+    torch.testing.assert_close(after, adapted)  # ...and is back on afterwards, trainable
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
