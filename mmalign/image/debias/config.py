@@ -198,7 +198,7 @@ class DebiasConfig:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig, metadata={"help": "demographic classifier"})
     methods: list[MethodConfig] = field(default_factory=default_methods, metadata={"help": "methods to compare"})
     training: TrainingConfig = field(
-        default_factory=lambda: TrainingConfig(batch_size=4, learning_rate=2.5e-5, max_steps=40, lr_scheduler="constant",
+        default_factory=lambda: TrainingConfig(batch_size=4, learning_rate=1e-5, max_steps=40, lr_scheduler="constant",
                                                logging_steps=5, seed=0),
         metadata={"help": "optimisation of every method (batch_size = groups per step)"})
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig, metadata={"help": "evaluation"})
