@@ -204,8 +204,12 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     """
     input_ids = batch["input_ids"]
     device = input_ids.device
-    mask = shared_prompt_attention_mask(batch["segment_ids"], attention_implementation(model),
-                                        _mask_dtype(model, device))
+    implementation, dtype = attention_implementation(model), _mask_dtype(model, device)
+    # the policy and the reference forward of a step see the same batch: build its [B, 1, T, T] mask once
+    masks = batch.setdefault("_attention_masks", {}) if isinstance(batch, dict) else {}
+    mask = masks.get((implementation, dtype))
+    if mask is None:
+        mask = masks[(implementation, dtype)] = shared_prompt_attention_mask(batch["segment_ids"], implementation, dtype)
     kwargs = {}
     keep = _accepts_logits_to_keep(model)
     if keep:

@@ -29,6 +29,8 @@ __all__ = [
     "load_tokenizer",
     "load_causal_lm",
     "apply_lora",
+    "fuse_activations",
+    "adapters_disabled",
     "unwrap",
     "AdapterReference",
     "FrozenModelReference",

@@ -210,9 +210,9 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
     for method in config.methods:
         tick = time.time()
         method_dir = output_dir / "methods" / method.name
-        train_config = _train_config(config, method, pair_files[method.pairs_per_group] if method.pairs else groups_file, method_dir,
-                                     resolution, pretrained, conditioner_spec, conditioner_kwargs,
-                                     config.groups.rejected_per_group)
+        data_file = pair_files[method.pairs_per_group] if method.pairs else groups_file
+        train_config = _train_config(config, method, data_file, method_dir, resolution, pretrained, conditioner_spec,
+                                     conditioner_kwargs, config.groups.rejected_per_group)
         summary = train_image_model(train_config)
         trained = summary["model"]
         timings[f"train_{method.name}_s"] = time.time() - tick
