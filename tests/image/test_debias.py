@@ -262,3 +262,9 @@ def test_debias_cli_help_lists_the_options(capsys):
     for option in ("groups.balance_genders", "classifier.race_scoring", "evaluation.images_per_occupation",
                    "debias-sd15.yaml"):
         assert option in text
+
+
+def test_shipped_sd15_recipe_validates():
+    config = load_config(DebiasConfig, Path(__file__).resolve().parents[2] / "configs/image/debias-sd15.yaml")
+    assert [(m.name, m.pairs, m.pairs_per_group) for m in config.methods if m.objective == "dpo"] == [
+        ("dpo", True, 1), ("dpo_all_pairs", True, None)]
