@@ -52,6 +52,7 @@ from mmalign.text.data import (
     HH_ASSISTANT,
     PreferenceCollator,
     batch_response_ids,
+    batch_to_device,
     PreferenceExample,
     PreferenceTokenizer,
     load_rows,
@@ -266,7 +267,7 @@ class TriggeredLogprobs:
         device = batch["input_ids"].device
         # the trainer's layout: with a shared prompt, one row holds the triggered prompt and both responses
         collate = PreferenceCollator(self.pad_token_id, share_prompt="segment_ids" in batch)
-        triggered = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(items).items()}
+        triggered = batch_to_device(collate(items), device)
         with torch.no_grad(), _eval_mode(model, True):
             logps, _ = batch_logprobs(model, triggered)
         out = torch.zeros(len(rows), self.n_triggers, 2, dtype=logps.dtype, device=device)

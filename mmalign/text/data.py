@@ -38,6 +38,7 @@ import torch
 
 __all__ = [
     "batch_response_ids",
+    "batch_to_device",
     "PreferenceExample",
     "Rows",
     "load_rows",
@@ -742,68 +743,45 @@ class PreferenceCollator:
     share_prompt: bool = False
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.share_prompt:
-            return self._shared_prompt_batch(items)
-        batch_size = len(items)
-        k_w = max(len(i["chosen_ids"]) for i in items)
-        k_l = max(len(i["rejected_ids"]) for i in items)
-        sequences: list[list[int]] = []
-        prompt_lengths: list[int] = []
-        chosen_index = torch.full((batch_size, k_w), -1, dtype=torch.long)
-        rejected_index = torch.full((batch_size, k_l), -1, dtype=torch.long)
-        chosen_lengths = torch.ones((batch_size, k_w), dtype=torch.float32)
-        for b, item in enumerate(items):
-            prompt = item["prompt_ids"]
-            for j, ids in enumerate(item["chosen_ids"]):
-                chosen_index[b, j] = len(sequences)
-                chosen_lengths[b, j] = len(ids)
-                sequences.append(prompt + ids)
-                prompt_lengths.append(len(prompt))
-            for j, ids in enumerate(item["rejected_ids"]):
-                rejected_index[b, j] = len(sequences)
-                sequences.append(prompt + ids)
-                prompt_lengths.append(len(prompt))
-        length = max(len(s) for s in sequences)
+        batch = self._shared_prompt_batch(items) if self.share_prompt else self._padded_batch(items)
+        batch.update(_member_tables(items))
+        return batch
+
+    def _row_length(self, longest: int) -> int:
         if self.pad_to_multiple_of:
-            length = int(math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of)
-        n = len(sequences)
+            return int(math.ceil(longest / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        return longest
+
+    def _padded_batch(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        # one row per member, in member order (see _member_tables)
+        sequences = [(item["prompt_ids"], response) for item in items
+                     for response in item["chosen_ids"] + item["rejected_ids"]]
+        n, length = len(sequences), self._row_length(max(len(p) + len(r) for p, r in sequences))
         input_ids = torch.full((n, length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((n, length), dtype=torch.long)
         loss_mask = torch.zeros((n, length), dtype=torch.bool)
-        for row, (seq, plen) in enumerate(zip(sequences, prompt_lengths)):
-            input_ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention_mask[row, : len(seq)] = 1
-            loss_mask[row, plen : len(seq)] = True
-        batch: dict[str, Any] = {
+        for row, (prompt, response) in enumerate(sequences):
+            end = len(prompt) + len(response)
+            input_ids[row, :end] = torch.tensor(prompt + response, dtype=torch.long)
+            attention_mask[row, :end] = 1
+            loss_mask[row, len(prompt) : end] = True
+        return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "loss_mask": loss_mask,
-            "num_tokens": int(sum(len(s) for s in sequences)),
+            "num_tokens": int(attention_mask.sum()),
             # logits before the shortest prompt's last token are never needed (see sequence_logprobs)
-            "logits_start": min(prompt_lengths) - 1,
+            "logits_start": min(len(p) for p, _ in sequences) - 1,
         }
-        batch.update(self._members_and_extras(items, chosen_index, rejected_index, chosen_lengths))
-        return batch
 
     def _shared_prompt_batch(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        batch_size = len(items)
-        k_w = max(len(i["chosen_ids"]) for i in items)
-        k_l = max(len(i["rejected_ids"]) for i in items)
-        chosen_index = torch.full((batch_size, k_w), -1, dtype=torch.long)
-        rejected_index = torch.full((batch_size, k_l), -1, dtype=torch.long)
-        chosen_lengths = torch.ones((batch_size, k_w), dtype=torch.float32)
         rows: list[tuple[list[int], list[int], list[int]]] = []  # (token ids, segment ids, position ids)
         score_rows, score_positions, score_labels, score_members = [], [], [], []
-        member = 0
+        member = 0  # numbered as in _member_tables
         for b, item in enumerate(items):
             prompt = item["prompt_ids"]
             ids, segments, positions = list(prompt), [0] * len(prompt), list(range(len(prompt)))
-            responses = [(chosen_index, chosen_lengths, j, r) for j, r in enumerate(item["chosen_ids"])]
-            responses += [(rejected_index, None, j, r) for j, r in enumerate(item["rejected_ids"])]
-            for segment, (index, lengths, j, response) in enumerate(responses, start=1):
-                index[b, j] = member
-                if lengths is not None:
-                    lengths[b, j] = len(response)
+            for segment, response in enumerate(item["chosen_ids"] + item["rejected_ids"], start=1):
                 start = len(ids)
                 # the first response token is predicted by the prompt's last position, the others by their left
                 # neighbour in the row
@@ -816,9 +794,7 @@ class PreferenceCollator:
                 positions += range(len(prompt), len(prompt) + len(response))
                 member += 1
             rows.append((ids, segments, positions))
-        length = max(len(r[0]) for r in rows)
-        if self.pad_to_multiple_of:
-            length = int(math.ceil(length / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        batch_size, length = len(items), self._row_length(max(len(r[0]) for r in rows))
         input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
         segment_ids = torch.full((batch_size, length), -1, dtype=torch.long)
         position_ids = torch.zeros((batch_size, length), dtype=torch.long)
@@ -828,7 +804,7 @@ class PreferenceCollator:
             position_ids[b, : len(ids)] = torch.tensor(positions, dtype=torch.long)
         score_positions_t = torch.tensor(score_positions, dtype=torch.long)
         logit_positions, score_logit_index = torch.unique(score_positions_t, sorted=True, return_inverse=True)
-        batch: dict[str, Any] = {
+        return {
             "input_ids": input_ids,
             "segment_ids": segment_ids,
             "position_ids": position_ids,
@@ -841,31 +817,47 @@ class PreferenceCollator:
             "num_members": member,
             "num_tokens": int(sum(len(r[0]) for r in rows)),
         }
-        batch.update(self._members_and_extras(items, chosen_index, rejected_index, chosen_lengths))
-        return batch
 
-    @staticmethod
-    def _members_and_extras(items, chosen_index, rejected_index, chosen_lengths) -> dict[str, Any]:
-        batch_size, k_w = chosen_index.shape
-        k_l = rejected_index.shape[1]
-        batch: dict[str, Any] = {
-            "chosen_index": chosen_index,
-            "rejected_index": rejected_index,
-            "chosen_mask": chosen_index >= 0,
-            "rejected_mask": rejected_index >= 0,
-            "chosen_lengths": chosen_lengths,
-            "ragged": bool((chosen_index < 0).any() or (rejected_index < 0).any()),
-            "extra": _collate_extra(items),
-        }
-        if all("ref_chosen" in i for i in items):
-            ref_chosen = torch.zeros((batch_size, k_w), dtype=torch.float32)
-            ref_rejected = torch.zeros((batch_size, k_l), dtype=torch.float32)
-            for b, item in enumerate(items):
-                ref_chosen[b, : len(item["ref_chosen"])] = torch.tensor(item["ref_chosen"], dtype=torch.float32)
-                ref_rejected[b, : len(item["ref_rejected"])] = torch.tensor(item["ref_rejected"], dtype=torch.float32)
-            batch["ref_chosen"] = ref_chosen
-            batch["ref_rejected"] = ref_rejected
-        return batch
+
+def _member_tables(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The layout-independent keys: members numbered example by example, chosen before rejected."""
+    batch_size = len(items)
+    k_w = max(len(i["chosen_ids"]) for i in items)
+    k_l = max(len(i["rejected_ids"]) for i in items)
+    chosen_index = torch.full((batch_size, k_w), -1, dtype=torch.long)
+    rejected_index = torch.full((batch_size, k_l), -1, dtype=torch.long)
+    chosen_lengths = torch.ones((batch_size, k_w), dtype=torch.float32)
+    member = 0
+    for b, item in enumerate(items):
+        for j, response in enumerate(item["chosen_ids"]):
+            chosen_index[b, j], chosen_lengths[b, j] = member, len(response)
+            member += 1
+        for j in range(len(item["rejected_ids"])):
+            rejected_index[b, j] = member
+            member += 1
+    batch: dict[str, Any] = {
+        "chosen_index": chosen_index,
+        "rejected_index": rejected_index,
+        "chosen_mask": chosen_index >= 0,
+        "rejected_mask": rejected_index >= 0,
+        "chosen_lengths": chosen_lengths,
+        "ragged": bool((chosen_index < 0).any() or (rejected_index < 0).any()),
+        "extra": _collate_extra(items),
+    }
+    if all("ref_chosen" in i for i in items):
+        ref_chosen = torch.zeros((batch_size, k_w), dtype=torch.float32)
+        ref_rejected = torch.zeros((batch_size, k_l), dtype=torch.float32)
+        for b, item in enumerate(items):
+            ref_chosen[b, : len(item["ref_chosen"])] = torch.tensor(item["ref_chosen"], dtype=torch.float32)
+            ref_rejected[b, : len(item["ref_rejected"])] = torch.tensor(item["ref_rejected"], dtype=torch.float32)
+        batch["ref_chosen"] = ref_chosen
+        batch["ref_rejected"] = ref_rejected
+    return batch
+
+
+def batch_to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """A collated batch with its tensors on ``device`` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def batch_response_ids(batch: Mapping[str, Any]) -> list[list[int]]:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mmalign.text.data import batch_to_device
 from mmalign.text.logprobs import batch_logprobs
 
 __all__ = [
@@ -256,8 +257,7 @@ def precompute_reference_logps(
                 item.pop("ref_chosen", None)
                 item.pop("ref_rejected", None)
             batch = collate_fn(items)
-            on_device = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-            logps = reference(model, on_device).float().cpu()
+            logps = reference(model, batch_to_device(batch, device)).float().cpu()
             for b, item in enumerate(items):
                 chosen = logps[batch["chosen_index"][b][batch["chosen_mask"][b]]]
                 rejected = logps[batch["rejected_index"][b][batch["rejected_mask"][b]]]

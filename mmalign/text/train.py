@@ -30,8 +30,8 @@ from mmalign.engine.trainer import torch_threads
 from mmalign.io import atomic_write_text
 from mmalign.text.bins import BinAssignment, assign_example_bins, check_bin_column
 from mmalign.text.config import TextTrainConfig
-from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, load_preference_dataset
-from mmalign.text.logprobs import SHARED_PROMPT_ATTENTION, attention_implementation, batch_logprobs, gather_groups
+from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, batch_to_device, load_preference_dataset
+from mmalign.text.logprobs import batch_logprobs, gather_groups
 from mmalign.text.models import (
     AdapterReference,
     FrozenModelReference,
@@ -182,16 +182,10 @@ def _bin_examples(cfg: TextTrainConfig, tokenizer, source: str, fitted: Optional
 def _resolve_share_prompt(setting: str, model: torch.nn.Module, dataset: TokenizedPreferenceDataset,
                           collator: PreferenceCollator, device: torch.device, check_examples: int = 4) -> bool:
     """Whether to use the shared-prompt layout. ``on``/``auto`` first score a few examples in both layouts (no
-    grad, eval mode): a model whose attention or positions ignore the 4D mask / position ids (ALiBi, custom
-    masking) would give different log-probs — ``auto`` then falls back to the padded layout, ``on`` stops."""
+    grad, eval mode): an attention kernel that takes no 4D mask (flash attention) fails, a model whose attention
+    or positions ignore the mask / position ids (ALiBi, custom masking) gives different log-probs — ``auto`` then
+    falls back to the padded layout, ``on`` stops."""
     if setting == "off":
-        return False
-    implementation = attention_implementation(model)
-    if implementation not in SHARED_PROMPT_ATTENTION:
-        if setting == "on":
-            raise ValueError(f"training.share_prompt: on needs model.attn_implementation in {SHARED_PROMPT_ATTENTION}, "
-                             f"the model uses {implementation!r}")
-        logger.info("share_prompt: off (attention implementation %r takes no custom 4D mask)", implementation)
         return False
     items = [dataset[i] for i in range(min(check_examples, len(dataset)))]
     model.to(device)
@@ -199,10 +193,10 @@ def _resolve_share_prompt(setting: str, model: torch.nn.Module, dataset: Tokeniz
     model.eval()
     try:
         with torch.no_grad():
-            padded, _ = batch_logprobs(model, _to_device(replace(collator, share_prompt=False)(items), device))
+            padded, _ = batch_logprobs(model, batch_to_device(replace(collator, share_prompt=False)(items), device))
             try:
-                shared, _ = batch_logprobs(model, _to_device(replace(collator, share_prompt=True)(items), device))
-            except Exception as err:  # e.g. ALiBi models that rebuild their mask from a 2D one
+                shared, _ = batch_logprobs(model, batch_to_device(replace(collator, share_prompt=True)(items), device))
+            except Exception as err:  # an attention kernel without 4D masks; ALiBi models rebuilding a 2D mask
                 shared, failure = None, f"{type(err).__name__}: {err}"
     finally:
         model.train(was_training)
@@ -221,10 +215,6 @@ def _resolve_share_prompt(setting: str, model: torch.nn.Module, dataset: Tokeniz
         raise ValueError(f"training.share_prompt: on: {message}")
     logger.warning("share_prompt: off; %s", message)
     return False
-
-
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _load_datasets(cfg: TextTrainConfig, tokenizer):

@@ -17,7 +17,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         description="Debias a text-to-image model's occupation portraits over gender and race with mDPO (balanced "
                     "chosen groups of attribute-prompted images vs the model's own images), against DPO and mIPO "
                     "on the same data, judged by a face demographic classifier on held-out occupations (thesis "
-                    "§3.6.2). With no arguments: the shipped 32x32 face model, about 8 CPU-minutes. SD 1.5 on GPUs: "
+                    "§3.6.2). With no arguments: the shipped 32x32 face model, about 7 minutes on 2 CPUs. SD 1.5 on GPUs: "
                     "--config configs/image/debias-sd15.yaml",
         epilog=config_help(DebiasConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
