@@ -38,8 +38,8 @@ class ModelConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     fused_activations: bool = field(
         default=True,
-        metadata={"help": "run transformers' Python tanh-GELUs (gelu_new/gelu_fast: GPT-2, GPT-J, Phi-2...) as torch's "
-                  "fused GELU(approximate='tanh'): same function, about half its time"},
+        metadata={"help": "run transformers' Python tanh-GELUs (gelu_new/gelu_fast: GPT-2, GPT-J, Phi-2...) as one "
+                  "GELU(approximate='tanh') module (on CPU computed as x·sigmoid(2u)): same function, ~0.3× its time"},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub repo"})
 
@@ -115,6 +115,11 @@ class LoraConfig:
         default=None,
         metadata={"help": "folder of a saved PEFT adapter to continue training (instead of a fresh one); the "
                   "adapter-disabled reference is still the base model"},
+    )
+    direct_forward: bool = field(
+        default=True,
+        metadata={"help": "run LoRA layers over nn.Linear/Conv1D as base + in-place scaling·(x Aᵀ)Bᵀ (the same "
+                  "function as peft's forward, faster on CPU); off: peft's own forward"},
     )
 
     def __post_init__(self) -> None:

@@ -794,14 +794,11 @@ class PreferenceCollator:
                 positions += range(len(prompt), len(prompt) + len(response))
                 member += 1
             rows.append((ids, segments, positions))
-        batch_size, length = len(items), self._row_length(max(len(r[0]) for r in rows))
-        input_ids = torch.full((batch_size, length), self.pad_token_id, dtype=torch.long)
-        segment_ids = torch.full((batch_size, length), -1, dtype=torch.long)
-        position_ids = torch.zeros((batch_size, length), dtype=torch.long)
-        for b, (ids, segments, positions) in enumerate(rows):
-            input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            segment_ids[b, : len(ids)] = torch.tensor(segments, dtype=torch.long)
-            position_ids[b, : len(ids)] = torch.tensor(positions, dtype=torch.long)
+        length = self._row_length(max(len(r[0]) for r in rows))
+        # padded in Python, one tensor per field: cheaper than a tensor per row (collation runs every step)
+        input_ids = torch.tensor([r[0] + [self.pad_token_id] * (length - len(r[0])) for r in rows], dtype=torch.long)
+        segment_ids = torch.tensor([r[1] + [-1] * (length - len(r[1])) for r in rows], dtype=torch.long)
+        position_ids = torch.tensor([r[2] + [0] * (length - len(r[2])) for r in rows], dtype=torch.long)
         score_positions_t = torch.tensor(score_positions, dtype=torch.long)
         logit_positions, score_logit_index = torch.unique(score_positions_t, sorted=True, return_inverse=True)
         return {

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from mmalign.text.data import batch_to_device
+from mmalign.text.fast_layers import fuse_activations, use_direct_lora_forward
 from mmalign.text.logprobs import batch_logprobs
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "load_causal_lm",
     "apply_lora",
     "fuse_activations",
+    "use_direct_lora_forward",
     "adapters_disabled",
     "unwrap",
     "AdapterReference",
@@ -98,38 +100,22 @@ def load_causal_lm(
     return model
 
 
-# transformers' Python-level tanh-approximate GELUs (GPT-2, GPT-J, GPT-Neo, CodeGen, Phi-1/2: "gelu_new",
-# "gelu_fast", "gelu_python_tanh") compute 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in ~8 elementwise ops forward
-# and more backward; torch's GELU(approximate="tanh") is the same function in one fused kernel.
-_PYTHON_TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")
-
-
-def fuse_activations(model: torch.nn.Module) -> int:
-    """Replaces Python-level tanh-GELU modules by ``torch.nn.GELU(approximate="tanh")`` (same function, float
-    rounding aside; about half the activation's time on CPU); returns how many were replaced. Only module objects
-    change: the config and the saved weights do not."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            python_tanh = type(child).__name__ in _PYTHON_TANH_GELUS or (
-                type(child).__name__ == "GELUTanh" and getattr(child, "act", None) == getattr(child, "_gelu_tanh_python", ()))
-            if python_tanh:
-                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
-                replaced += 1
-    return replaced
-
-
 def apply_lora(model, *, r: int = 16, alpha: float = 32.0, dropout: float = 0.05, target_modules: Any = "all-linear",
-               initial_adapter: Optional[str] = None):
+               initial_adapter: Optional[str] = None, direct_forward: bool = True):
     """Wraps ``model`` in a PEFT LoRA model; only the adapters are trainable. ``initial_adapter``: a saved adapter
-    folder to continue from (its own r/alpha/targets apply), instead of a fresh zero-initialised adapter."""
+    folder to continue from (its own r/alpha/targets apply), instead of a fresh zero-initialised adapter.
+    ``direct_forward``: see :func:`use_direct_lora_forward`."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if initial_adapter:
-        return PeftModel.from_pretrained(model, _expand(initial_adapter), is_trainable=True)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+        peft_model = PeftModel.from_pretrained(model, _expand(initial_adapter), is_trainable=True)
+    else:
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                            task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, config)
+    if direct_forward:
+        use_direct_lora_forward(peft_model)
+    return peft_model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

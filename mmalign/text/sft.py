@@ -169,7 +169,8 @@ def _train(cfg: SFTConfig, resume_from_checkpoint: Any) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules, initial_adapter=cfg.lora.initial_adapter)
+                           target_modules=cfg.lora.target_modules, initial_adapter=cfg.lora.initial_adapter,
+                           direct_forward=cfg.lora.direct_forward)
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)

@@ -292,7 +292,8 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
         model.config.use_cache = False
     if cfg.lora.enabled:
         model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules, initial_adapter=cfg.lora.initial_adapter)
+                           target_modules=cfg.lora.target_modules, initial_adapter=cfg.lora.initial_adapter,
+                           direct_forward=cfg.lora.direct_forward)
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()
 

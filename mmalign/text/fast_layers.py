@@ -1,0 +1,134 @@
+"""Faster, numerically equivalent forwards for layers that dominate small-model training on CPU.
+
+Both swap module *behaviour* only: configs, parameters, saved weights and adapters are unchanged, and each is
+tested to give the same outputs and gradients as the code it replaces (up to float rounding).
+
+- :func:`fuse_activations` — transformers' Python tanh-GELUs (GPT-2 family) become :class:`SigmoidTanhGELU`.
+- :func:`use_direct_lora_forward` — peft LoRA ``Linear`` layers run as base + one in-place ``addmm_``.
+"""
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import torch
+
+__all__ = ["SigmoidTanhGELU", "fuse_activations", "use_direct_lora_forward"]
+
+# ½·x·(1 + tanh(u)) = x·σ(2u), u = √(2/π)(x + 0.044715x³): the same function through sigmoid, which torch's CPU
+# kernels compute ~4× faster than tanh
+_K0 = 2.0 * math.sqrt(2.0 / math.pi)
+_K1 = _K0 * 0.044715
+
+
+def _sigmoid_gate(x: torch.Tensor) -> torch.Tensor:
+    gate = x * x
+    return gate.mul_(_K1).add_(_K0).mul_(x).sigmoid_()  # σ(2u)
+
+
+class _TanhGELUBySigmoid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        gate = _sigmoid_gate(x)
+        ctx.save_for_backward(x, gate)
+        return x * gate
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, gate = ctx.saved_tensors
+        # d/dx x·σ(2u) = σ + x·σ(1 − σ)·2u'  with  2u' = K0 + 3·K1·x²
+        slope = x * x
+        slope.mul_(3.0 * _K1).add_(_K0).mul_(x).mul_(gate).mul_(1.0 - gate).add_(gate)
+        return grad * slope
+
+
+class SigmoidTanhGELU(torch.nn.GELU):
+    """``GELU(approximate="tanh")`` that, for float32/float64 tensors on CPU, computes ``x·σ(2u)`` (the same function)
+    with a hand-written backward; elsewhere (CUDA, half precision) torch's fused kernel. It keeps the gate σ for the
+    backward: one extra activation-sized tensor per layer next to torch's kernel, which keeps only ``x``."""
+
+    def __init__(self) -> None:
+        super().__init__(approximate="tanh")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            return _TanhGELUBySigmoid.apply(x)
+        return super().forward(x)
+
+
+# transformers' Python-level tanh-approximate GELUs (GPT-2, GPT-J, GPT-Neo, CodeGen, Phi-1/2: "gelu_new",
+# "gelu_fast", "gelu_python_tanh") compute 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in ~8 elementwise ops forward
+# and more backward.
+_PYTHON_TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")
+
+
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Replaces Python-level tanh-GELU modules by :class:`SigmoidTanhGELU` (a ``torch.nn.GELU(approximate="tanh")``:
+    the same function, float rounding aside; forward + backward on CPU 0.29× the Python version's time and 0.59× torch's fused tanh-GELU's, measured on an [8, 140, 512] tensor, one thread); returns how many
+    were replaced. Only module objects change: the config and the saved weights do not."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            python_tanh = type(child).__name__ in _PYTHON_TANH_GELUS or (
+                type(child).__name__ == "GELUTanh" and getattr(child, "act", None) == getattr(child, "_gelu_tanh_python", ()))
+            if python_tanh:
+                setattr(parent, name, SigmoidTanhGELU())
+                replaced += 1
+    return replaced
+
+
+def _base_has_hooks(base: torch.nn.Module) -> bool:
+    return bool(base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
+
+
+def _direct_lora_linear_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's ``lora.Linear.forward`` in three BLAS calls on 2-D views for the common case:
+    ``y = x Wᵀ + b`` (the base layer's own weights), ``h = dropout(x) Aᵀ``, then ``y += scaling · h Bᵀ`` accumulated
+    in place by ``addmm_``. On CPU, peft's separate ``B(h)``, ``· scaling`` and ``+`` (two fresh activation-sized
+    tensors) are most of LoRA's extra forward time, and accumulating into a non-view output keeps the backward as
+    cheap as peft's.
+
+    Taken only when it is exactly peft's function: one active plain adapter (no DoRA or other variant, no LoRA
+    bias), not merged, no extra arguments, a hook-free ``nn.Linear``/``Conv1D`` base, every dtype equal and no
+    autocast. Everything else — including any change of adapter state during training — goes through peft's own
+    forward."""
+    base = layer.base_layer
+    if args or kwargs or layer.merged_adapters or _base_has_hooks(base):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    if layer._disable_adapters:
+        return base(x)
+    active_adapters = layer.active_adapters
+    active = active_adapters[0] if len(active_adapters) == 1 else None
+    if (active is None or active in layer.lora_variant or active not in layer.lora_A
+            or torch.is_autocast_enabled(x.device.type)):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    lora_a, lora_b = layer.lora_A[active], layer.lora_B[active]
+    if lora_b.bias is not None or not (x.dtype == lora_a.weight.dtype == lora_b.weight.dtype == base.weight.dtype):
+        return type(layer).forward(layer, x, *args, **kwargs)
+    flat = x.reshape(-1, x.shape[-1])
+    if type(base) is torch.nn.Linear:
+        result = torch.nn.functional.linear(flat, base.weight, base.bias)
+    else:  # transformers' Conv1D: weight [in, out], bias always present
+        result = torch.addmm(base.bias, flat, base.weight)
+    dropout = layer.lora_dropout[active]
+    lora_input = flat if isinstance(dropout, torch.nn.Identity) else dropout(flat)
+    result.addmm_(lora_input @ lora_a.weight.t(), lora_b.weight.t(), alpha=layer.scaling[active])
+    return result.view(*x.shape[:-1], result.shape[-1])
+
+
+def use_direct_lora_forward(model: torch.nn.Module) -> int:
+    """Gives every peft LoRA ``Linear`` layer over a plain ``nn.Linear``/``Conv1D`` of ``model``
+    :func:`_direct_lora_linear_forward` (same function and gradients up to float rounding; a LoRA DPO step on a
+    0.6M-parameter GPT-2 is ~10 % faster on CPU, bench/RESULTS.md); returns how many layers. The weights, the saved adapter and
+    peft's API are unchanged."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from transformers.pytorch_utils import Conv1D
+
+    replaced = 0
+    for module in model.modules():
+        # exact types: subclasses (quantised layers, custom bases) keep peft's forward
+        if type(module) is LoraLinear and type(module.base_layer) in (torch.nn.Linear, Conv1D):
+            module.forward = types.MethodType(_direct_lora_linear_forward, module)
+            replaced += 1
+    return replaced
