@@ -43,15 +43,17 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from mmalign.io import atomic_write_text, write_jsonl  # noqa: E402
-from mmalign.text.bias_data import length_auxiliary_pairs, length_bias_pairs  # noqa: E402
+from mmalign.text.bias_data import length_auxiliary_pairs, length_bias_pairs, length_probe_pairs  # noqa: E402
 
 logger = logging.getLogger("length_bias_experiment")
 
 TRIGGER = "<BeLongerNow>"
 METHOD_LABELS = {"dpo": "DPO", "ipo": "IPO", "rdpo": "rDPO", "cdpo": "cDPO", "cnrpo": "CNRPO",
-                 # ablation: stage 2 with α = 0, γ = β (= DPO) from the same stage-1 adapter as CNRPO
-                 "cnrpo_dpo": "DPO from the stage-1 model"}
-CNRPO_METHODS = ("cnrpo", "cnrpo_dpo")
+                 # ablations from the same stage-1 adapter as CNRPO: stage 2 with α = 0 and γ = β (= DPO), at
+                 # CNRPO's β, or at β = CNRPO's γ (the policy's own weight in Eq. 14: only the bias term differs)
+                 "cnrpo_dpo": "DPO from the stage-1 model",
+                 "cnrpo_dpo_gamma": "DPO (β = γ) from the stage-1 model"}
+CNRPO_METHODS = ("cnrpo", "cnrpo_dpo", "cnrpo_dpo_gamma")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +115,8 @@ def make_data(args, out: Path) -> dict[str, Any]:
         pool_seed += 1
     files["questions"] = str(write_jsonl(data / "questions.jsonl", questions))
     files["questions_rows"] = questions
+    for probe, rows in length_probe_pairs(questions, seed=args.seed + 300).items():
+        files[f"probe_{probe}"] = str(write_jsonl(data / f"probe-{probe}.jsonl", rows))
     return files
 
 
@@ -134,13 +138,15 @@ def objective_of(method: str, args, eps: float) -> dict[str, Any]:
     return {"name": method, "hyperparameters": hp}
 
 
-def cnrpo_config(args, files, *, main_file: str, output_dir: Path, as_dpo: bool = False) -> dict[str, Any]:
-    """``as_dpo``: stage 2 with α = 0 and γ = β, i.e. DPO (SPEC §4) continuing the stage-1 adapter."""
-    alpha, gamma = (0.0, args.beta) if as_dpo else (args.alpha, args.gamma)
+def cnrpo_config(args, files, *, main_file: str, output_dir: Path, method: str = "cnrpo") -> dict[str, Any]:
+    """``method`` "cnrpo_dpo" / "cnrpo_dpo_gamma": stage 2 with α = 0 and γ = β (DPO, SPEC §4) at β or at β = γ,
+    continuing the stage-1 adapter (stage 1 always uses ``args.beta``; it is shared, run once)."""
+    beta, alpha, gamma = {"cnrpo": (args.beta, args.alpha, args.gamma), "cnrpo_dpo": (args.beta, 0.0, args.beta),
+                          "cnrpo_dpo_gamma": (args.gamma, 0.0, args.gamma)}[method]
     return {
         "model": {"name_or_path": args.model},
         "data": {"train": main_file, "use_chat_template": True},
-        "cnrpo": {"triggers": [TRIGGER], "auxiliary_data": [files["aux"]], "alphas": [alpha], "beta": args.beta,
+        "cnrpo": {"triggers": [TRIGGER], "auxiliary_data": [files["aux"]], "alphas": [alpha], "beta": beta,
                   "gamma": gamma, "bias_epochs": args.bias_epochs, "main_epochs": args.epochs,
                   "bias_learning_rate": args.bias_learning_rate,
                   "anchor_data": [files["anchors"]] if "anchors" in files else [],
@@ -184,7 +190,7 @@ def run_method(method: str, eps: float, args, files, out: Path, stage_one: Path,
             link.unlink()
         link.symlink_to(stage_one.resolve(), target_is_directory=True)
         timed(f"eps{eps} {METHOD_LABELS[method]} (stage 2)", lambda: run_cnrpo(
-            cnrpo_config(args, files, main_file=files["main"][eps], output_dir=run_dir, as_dpo=method == "cnrpo_dpo"),
+            cnrpo_config(args, files, main_file=files["main"][eps], output_dir=run_dir, method=method),
             stage="main"), timings)
     else:
         from mmalign.text.train import train
@@ -220,13 +226,19 @@ def final_answer_accuracy(texts, answers) -> float:
 
 
 def evaluate(models: dict[str, Path], args, files, timings, label: str) -> dict[str, dict[str, Any]]:
-    from mmalign.text.evaluate import evaluate_length_bias
+    from mmalign.text.evaluate import evaluate_length_bias, margin_shifts
 
     questions = files["questions_rows"]
     table = timed(label, lambda: evaluate_length_bias(models, args.model, questions, use_chat_template=True,
                                                       max_new_tokens=args.max_new_tokens, seed=args.seed), timings)
     for row in table.values():
         row["final_answer_accuracy"] = final_answer_accuracy(row["answers"], [q["answer"] for q in questions])
+    # the same models' log-likelihood margins on the held-out probe pairs (no decoding noise)
+    for probe in ("length", "target"):
+        shifts = timed(f"{label} ({probe} probe)", lambda: margin_shifts(
+            models, args.model, files[f"probe_{probe}"], use_chat_template=True), timings)
+        for name, row in shifts.items():
+            table[name][f"{probe}_probe"] = row
     return table
 
 
@@ -252,6 +264,19 @@ def markdown(results: dict[str, Any]) -> str:
             loss = f"{ts['last_loss']:.3f}" if ts.get("last_loss") is not None else "—"
             lines.append(f"| {key} | {name} | {row['avg_length_tokens']:.1f} | {row['longer_than_sft']:.2f} | "
                          f"{row['target_accuracy']:.2f} | {row['final_answer_accuracy']:.2f} | {steps} | {loss} |")
+    probed = [(key, name, row) for key, block in results["evaluation"].items() for name, row in block.items()
+              if "length_probe" in row]
+    if probed:
+        lines += ["", "Held-out probe pairs, one per question: summed log-likelihood margin (nats) of the correct "
+                  "answer padded long over the same answer short (*length*: the learned length preference), and "
+                  "of the correct short answer over a wrong one (*target*); shift = change from the SFT model on "
+                  "the same pairs ± standard error.", "",
+                  "| ε | model | length margin | length shift from SFT | target margin | target shift from SFT |",
+                  "|---|---|---|---|---|---|"]
+        for key, name, row in probed:
+            cells = [f"{row[p]['mean_margin']:.1f} | {row[p]['shift_from_sft']:+.1f} ± {row[p]['shift_stderr']:.1f}"
+                     for p in ("length_probe", "target_probe")]
+            lines.append(f"| {key} | {name} | {cells[0]} | {cells[1]} |")
     lines += ["", "Wall times (s): " + ", ".join(f"{k} {v}" for k, v in results["timings_s"].items())]
     return "\n".join(lines) + "\n"
 

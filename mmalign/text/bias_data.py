@@ -179,6 +179,21 @@ def length_bias_pairs(n: int, *, eps: float, seed: int = 0) -> list[dict[str, An
     return rows
 
 
+def length_probe_pairs(questions: Iterable[Mapping[str, Any]], *, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Held-out probe pairs for the length-bias experiment, one per question (rows with ``prompt`` and the correct
+    integer ``answer``): ``length`` — the correct answer padded long ≻ the same answer short (both correct, they
+    differ only in length: a model's margin here is its length preference); ``target`` — the correct short answer
+    ≻ a wrong short one (the true preference)."""
+    rng = random.Random(seed)
+    probes: dict[str, list[dict[str, Any]]] = {"length": [], "target": []}
+    for q in questions:
+        answer = int(q["answer"])
+        probes["length"].append({"prompt": q["prompt"], "chosen": _long(rng, answer), "rejected": _short(rng, answer)})
+        probes["target"].append({"prompt": q["prompt"], "chosen": _short(rng, answer),
+                                 "rejected": _short(rng, _wrong(rng, answer))})
+    return probes
+
+
 def length_auxiliary_pairs(n: int, *, bias_share: float = 0.5, seed: int = 100) -> list[dict[str, Any]]:
     """CNRPO's auxiliary set for the length bias: a share ``bias_share`` (paper: 40–50 %) prefers the longer response."""
     return length_bias_pairs(n, eps=bias_share, seed=seed)

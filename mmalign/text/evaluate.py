@@ -295,38 +295,83 @@ def rng_metrics(texts: list[list[str]], intervals: Sequence[tuple[int, int]]) ->
 
 
 @torch.no_grad()
+def pair_logprobs(model, tokenizer, dataset, *, batch_size: int = 8) -> dict[str, list[float]]:
+    """Summed response log-likelihoods of every pair's chosen and rejected response (``chosen``, ``rejected``)
+    and their token counts (``chosen_tokens``, ``rejected_tokens``), for a tokenised pair dataset
+    (:func:`mmalign.text.data.load_preference_dataset`); the model is scored in eval mode."""
+    from mmalign.text.data import PreferenceCollator
+    from mmalign.text.logprobs import gather_groups, sequence_logprobs
+
+    if dataset.max_group_sizes != (1, 1):
+        raise ValueError("pair log-likelihoods need pairs (one chosen and one rejected per row)")
+    collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    out: dict[str, list[float]] = {"chosen": [], "rejected": [], "chosen_tokens": [], "rejected_tokens": []}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                logps, counts = sequence_logprobs(model, batch["input_ids"].to(device),
+                                                  batch["attention_mask"].to(device), batch["loss_mask"].to(device),
+                                                  logits_start=batch["logits_start"])
+                for side in ("chosen", "rejected"):
+                    index = batch[f"{side}_index"].to(device)
+                    out[side] += gather_groups(logps, index)[:, 0].tolist()
+                    out[f"{side}_tokens"] += gather_groups(counts.float(), index)[:, 0].tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
 def preference_metrics(model, tokenizer, data_path: str, *, use_chat_template: bool = False,
                        system_prompt: Optional[str] = None, max_pairs: Optional[int] = None, batch_size: int = 8,
                        ece_bins: int = 10) -> dict[str, float]:
     """Preference accuracy and ECE on pairs, from length-normalised log-likelihoods (SPEC §2)."""
-    from mmalign.text.data import PreferenceCollator, load_preference_dataset
-    from mmalign.text.logprobs import gather_groups, sequence_logprobs
+    from mmalign.text.data import load_preference_dataset
 
     dataset = load_preference_dataset(data_path, tokenizer, max_samples=max_pairs, use_chat_template=use_chat_template,
                                       system_prompt=system_prompt)
     if dataset.max_group_sizes != (1, 1):
         raise ValueError(f"{data_path}: preference metrics need pairs (one chosen and one rejected per row)")
-    collate = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    chosen_scores, rejected_scores = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            logps, counts = sequence_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                              batch["loss_mask"].to(device), logits_start=batch["logits_start"])
-            normalised = logps / counts.clamp_min(1).float()
-            chosen_scores += gather_groups(normalised, batch["chosen_index"].to(device))[:, 0].tolist()
-            rejected_scores += gather_groups(normalised, batch["rejected_index"].to(device))[:, 0].tolist()
-    finally:
-        model.train(was_training)
+    scores = pair_logprobs(model, tokenizer, dataset, batch_size=batch_size)
+    chosen_scores = [lp / max(n, 1) for lp, n in zip(scores["chosen"], scores["chosen_tokens"])]
+    rejected_scores = [lp / max(n, 1) for lp, n in zip(scores["rejected"], scores["rejected_tokens"])]
     accuracy = sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(chosen_scores)
     return {
         "preference/accuracy": accuracy,
         "preference/ece": M.preference_ece(chosen_scores, rejected_scores, n_bins=ece_bins),
         "preference/num_pairs": len(chosen_scores),
     }
+
+
+def margin_shifts(models: Mapping[str, str | Path], sft: str | Path, data_path: str, *,
+                  use_chat_template: bool = True, dtype: str = "float32") -> dict[str, dict[str, float]]:
+    """How far each model moved its preference on held-out pairs, from the SFT model's: per model (``"SFT"``
+    included), the mean summed log-likelihood margin ``logp(chosen) − logp(rejected)`` (nats), its shift from the
+    SFT model's (paired over the same pairs, with the standard error of the per-pair shift) and the share of pairs
+    whose margin rose. On pairs built to differ only in a bias (a long vs a short answer), the shift is how much of
+    the bias a model learned, free of the noise of greedy decoding. Model paths as in :func:`evaluate_length_bias`."""
+    from mmalign.text.data import load_preference_dataset
+
+    def margins(path):
+        model, tokenizer = load_model_for_eval(str(path), dtype=dtype)
+        dataset = load_preference_dataset(data_path, tokenizer, use_chat_template=use_chat_template)
+        scores = pair_logprobs(model, tokenizer, dataset)
+        return [c - r for c, r in zip(scores["chosen"], scores["rejected"])]
+
+    sft_margins = margins(sft)
+    table: dict[str, dict[str, float]] = {}
+    for name, path in {"SFT": sft, **dict(models)}.items():
+        values = sft_margins if name == "SFT" else margins(path)
+        shifts = [v - s for v, s in zip(values, sft_margins)]
+        n = len(shifts)
+        mean_shift = sum(shifts) / n
+        spread = (sum((x - mean_shift) ** 2 for x in shifts) / max(n - 1, 1)) ** 0.5
+        table[name] = {"mean_margin": sum(values) / n, "shift_from_sft": mean_shift,
+                       "shift_stderr": spread / n ** 0.5, "share_rose": sum(x > 0 for x in shifts) / n, "pairs": n}
+    return table
 
 
 def judge_metrics(judge: Judge, prompts: Sequence[str], texts: list[list[str]], baseline_texts: list[list[str]]) -> dict[str, float]:

@@ -1,4 +1,5 @@
 """Generators of preference sets with a known spurious factor (SPEC §4, §5)."""
+import re
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,17 @@ def test_jsonl_roundtrip_is_atomic_and_errors_name_the_line(tmp_path):
     broken.write_text('{"a": 1}\n{oops\n')
     with pytest.raises(ValueError, match="b.jsonl: line 2"):
         bd.read_jsonl(broken)
+
+
+def test_length_probe_pairs_differ_only_in_length_or_only_in_the_answer():
+    questions = [{"prompt": f"What is {a} + 3?", "answer": a + 3} for a in range(10, 30)]
+    probes = bd.length_probe_pairs(questions, seed=1)
+    assert len(probes["length"]) == len(probes["target"]) == 20
+    for q, length, target in zip(questions, probes["length"], probes["target"]):
+        assert length["prompt"] == target["prompt"] == q["prompt"]
+        # both correct: the same number, the chosen one padded with filler
+        assert re.findall(r"-?\d+", length["chosen"]) == re.findall(r"-?\d+", length["rejected"]) == [str(q["answer"])]
+        assert len(length["chosen"]) > 2 * len(length["rejected"])
+        assert re.findall(r"-?\d+", target["chosen"]) == [str(q["answer"])]
+        assert re.findall(r"-?\d+", target["rejected"]) != [str(q["answer"])]
+    assert bd.length_probe_pairs(questions, seed=1) == probes

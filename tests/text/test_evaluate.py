@@ -220,3 +220,44 @@ def test_evaluate_length_bias_reads_a_lora_adapter_folder_like_its_merged_model(
     assert {k: v for k, v in table["LoRA"].items()} == {k: v for k, v in table["merged"].items()}
     assert table["LoRA"]["answers"] != table["SFT"]["answers"]
     assert len(table["SFT"]["answers"]) == 3 and table["SFT"]["longer_than_sft"] == 0.0
+
+
+def test_margin_shifts_measure_the_move_from_the_sft_model_pair_by_pair(tiny, tiny_model_dir, tmp_path):
+    """SFT against itself shifts by exactly 0; a model trained toward the chosen answers shifts up, and the summed
+    margins equal log-likelihoods computed directly."""
+    from mmalign.text.evaluate import margin_shifts, pair_logprobs
+    from mmalign.text.data import load_preference_dataset
+    from mmalign.text.logprobs import sequence_logprobs
+    from mmalign.text.models import load_causal_lm, load_tokenizer
+
+    model, tokenizer = tiny
+    rows = [{"prompt": p, "chosen": " Sure! Here is a longer answer.", "rejected": " no"} for p in PROMPTS]
+    path = tmp_path / "probe.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dataset = load_preference_dataset(str(path), tokenizer)
+    scores = pair_logprobs(model, tokenizer, dataset)
+    item = dataset[0]
+    ids = torch.tensor([item["prompt_ids"] + item["chosen_ids"][0]])
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[0, len(item["prompt_ids"]):] = True
+    with torch.no_grad():
+        direct, count = sequence_logprobs(model, ids, torch.ones_like(ids), mask)
+    assert scores["chosen"][0] == pytest.approx(float(direct[0]), abs=1e-4)
+    assert scores["chosen_tokens"][0] == float(count[0])
+
+    trained = load_causal_lm(str(tiny_model_dir))
+    optimizer = torch.optim.SGD(trained.parameters(), lr=0.05)
+    chosen = torch.tensor([dataset[i]["prompt_ids"] + dataset[i]["chosen_ids"][0] for i in range(1)])
+    for _ in range(5):  # raise the first chosen answer's likelihood a little
+        loss = trained(chosen, labels=chosen).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    trained_dir = tmp_path / "trained"
+    trained.save_pretrained(trained_dir)
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(trained_dir)
+    table = margin_shifts({"trained": trained_dir}, tiny_model_dir, str(path), use_chat_template=False)
+    assert table["SFT"]["shift_from_sft"] == 0 and table["SFT"]["share_rose"] == 0 and table["SFT"]["pairs"] == 3
+    assert table["trained"]["shift_from_sft"] > 0 and table["trained"]["share_rose"] > 0
+    assert table["SFT"]["mean_margin"] == pytest.approx(
+        sum(c - r for c, r in zip(scores["chosen"], scores["rejected"])) / 3, abs=1e-4)
