@@ -449,6 +449,13 @@ def run_cnrpo(cfg: CNRPOConfig | Mapping[str, Any] | str | Path, *, stage: Liter
                                   initial_adapter=str(start) if cfg.lora.enabled else None)
         logger.info("CNRPO stage 2 (main): %d pairs, alphas %s, gamma %s, beta %s", len(main_rows), section.alphas,
                     section.gamma, section.beta)
+        entropy_weight = (section.beta if section.gamma is None else section.gamma) + sum(section.alphas) - section.beta
+        if abs(entropy_weight) > 1e-9:
+            # Eq. 8's entropy weight γ − β + Σα: nonzero, a policy equal to its reference already gets
+            # (γ + Σα − β)·h_ref(x) inside the sigmoid, a raw log-likelihood margin that favours the less likely
+            # (e.g. the longer) response when positive (docs/bias-robust.md, length-bias runs)
+            logger.warning("CNRPO: gamma + sum(alphas) - beta = %.3g, not 0: the logit carries an offset of that "
+                           "times the reference's raw margin; gamma + sum(alphas) = beta removes it", entropy_weight)
         results["main"] = train(stage_cfg, extra_inputs_hook=hook)
     return results
 

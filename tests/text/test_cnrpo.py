@@ -1,5 +1,6 @@
 """CNRPO for causal LMs (SPEC §4): both stages on a tiny model, the stop-gradient branch, DPO equivalence, bad input."""
 import json
+import logging
 import math
 import shutil
 
@@ -103,6 +104,16 @@ def test_cnrpo_with_alpha_zero_and_gamma_beta_trains_exactly_like_dpo(tiny, data
     cnrpo_losses, dpo_losses = _losses(run / "main"), _losses(dpo_dir)
     assert len(cnrpo_losses) == len(dpo_losses) == 6
     assert cnrpo_losses == pytest.approx(dpo_losses, rel=1e-5, abs=1e-6)
+
+
+def test_stage_two_warns_when_gamma_plus_alphas_is_not_beta(tiny, data, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="mmalign.text.cnrpo")
+    for alphas, warned in (([0.3], False), ([0.45], True)):  # γ = 0.2, β = 0.5
+        run = tmp_path / str(alphas[0])
+        shutil.copytree(tiny, run / "bias" / "final")
+        caplog.clear()
+        run_cnrpo(_cfg(tiny, data, run, alphas=alphas), stage="main")
+        assert ("gamma + sum(alphas) - beta = 0.15" in caplog.text) == warned, caplog.text
 
 
 def test_stage_two_gradient_ignores_the_triggered_branch(tiny, data):
