@@ -20,7 +20,13 @@ What it does (all under ``--out``, default ``outputs/length-bias-exp``; nothing 
 4. Greedy answers of every model to the held-out questions (:func:`mmalign.text.evaluate.evaluate_length_bias`):
    average answer length in tokens, longer-length ratio against the SFT model, target accuracy (the answer's
    numbers are exactly the correct one) and final-answer accuracy (the last number in the answer is the correct
-   one).
+   one); then every model's log-likelihood margin on held-out probe pairs and its shift from the SFT model's
+   (:func:`mmalign.text.evaluate.margin_shifts`): the correct answer padded long over the same answer short (the
+   learned length preference, no decoding noise) and the correct short answer over a wrong one.
+
+Ablations (``--methods``): ``cnrpo_dpo`` and ``cnrpo_dpo_gamma`` run stage 2 with α = 0 from the same stage-1
+adapter, at CNRPO's β or at β = γ (then only the bias-aversion term separates it from CNRPO). The setting measured
+to work (docs/bias-robust.md): ``--aux-bias-share 1.0 --anchors 32 --alpha 0.3`` (γ + α = β).
 
 Writes ``results.json`` (every metric, hyperparameter, wall time and the trigger report), ``answers.jsonl``
 (every greedy answer) and ``results.md`` (the tables). Run with one torch thread on a shared machine.

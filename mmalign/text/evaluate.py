@@ -310,16 +310,14 @@ def pair_logprobs(model, tokenizer, dataset, *, batch_size: int = 8) -> dict[str
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for start in range(0, len(dataset), batch_size):
-                batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-                logps, counts = sequence_logprobs(model, batch["input_ids"].to(device),
-                                                  batch["attention_mask"].to(device), batch["loss_mask"].to(device),
-                                                  logits_start=batch["logits_start"])
-                for side in ("chosen", "rejected"):
-                    index = batch[f"{side}_index"].to(device)
-                    out[side] += gather_groups(logps, index)[:, 0].tolist()
-                    out[f"{side}_tokens"] += gather_groups(counts.float(), index)[:, 0].tolist()
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            logps, counts = sequence_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                              batch["loss_mask"].to(device), logits_start=batch["logits_start"])
+            for side in ("chosen", "rejected"):
+                index = batch[f"{side}_index"].to(device)
+                out[side] += gather_groups(logps, index)[:, 0].tolist()
+                out[f"{side}_tokens"] += gather_groups(counts.float(), index)[:, 0].tolist()
     finally:
         model.train(was_training)
     return out
