@@ -140,7 +140,8 @@ class MethodConfig:
     pairs: bool = field(default=False, metadata={"help": "cut every group into pairs (chosen i, rejected i)"})
     pairs_per_group: Optional[int] = field(
         default=None,
-        metadata={"help": "with pairs: pairs taken from each group (seeded draw of members); a step takes batch_size "
+        metadata={"help": "with pairs: pairs taken from each group (draw seeded by groups.seed + training.seed); "
+                  "a step takes batch_size "
                   "× this many pairs. null = all k (a step sees the same images as a group step); 1 = the thesis' "
                   "single-sample DPO (one pair per prompt)"},
     )

@@ -189,8 +189,10 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
     pair_files = {}
     for per_group in sorted({m.pairs_per_group for m in config.methods if m.pairs}, key=lambda n: n or 0):
         name = "pairs.jsonl" if per_group is None else f"pairs-{per_group}-per-group.jsonl"
-        pair_files[per_group] = write_groups(pairs_from_groups(groups, per_group, seed=config.groups.seed),
-                                             data_dir / name)
+        # the draw of single-sample pairs is part of that baseline's randomness, like the data order: it follows
+        # the training seed too (training.seed 0 keeps the draw of groups.seed alone)
+        pair_files[per_group] = write_groups(
+            pairs_from_groups(groups, per_group, seed=config.groups.seed + config.training.seed), data_dir / name)
     timings["classify_groups_s"] = time.time() - tick
     logger.info("groups: %s", group_stats)
 
