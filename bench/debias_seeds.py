@@ -1,9 +1,10 @@
 """Experiment (not a test): the debiasing command's methods over several training seeds.
 
 One debias run per training seed (the same occupations, images, groups and held-out evaluation seeds; another
-data order, (t, ε) draw and draw of the single-sample DPO pairs — seed 0 keeps the default run's draw), then per method the mean ± standard deviation over seeds of the averaged Simpson indices, gaps, no-face
-rate and denoising-loss change, and the paired per-occupation differences of mDPO against every other method
-(mean over seeds and occupations, with the standard error over seeds of the per-seed mean difference).
+data order, (t, ε) draw and draw of the single-sample DPO pairs — seed 0 keeps the default run's draw), then per
+method the mean ± standard deviation over seeds of the averaged Simpson indices, gaps, no-face rate and
+denoising-loss change, and the paired per-occupation differences of mDPO against every other method (mean over
+seeds and occupations, with the standard error over seeds of the per-seed mean difference).
 
     .venv/bin/python bench/debias_seeds.py --seeds 0 1 2 [--output outputs/debias-seeds] [--set KEY=VALUE ...]
 

@@ -31,6 +31,7 @@ __all__ = [
     "load_tokenizer",
     "load_causal_lm",
     "apply_lora",
+    "apply_lora_config",
     "fuse_activations",
     "use_direct_lora_forward",
     "adapters_disabled",
@@ -116,6 +117,17 @@ def apply_lora(model, *, r: int = 16, alpha: float = 32.0, dropout: float = 0.05
     if direct_forward:
         use_direct_lora_forward(peft_model)
     return peft_model
+
+
+def apply_lora_config(model, lora, *, gradient_checkpointing: bool = False):
+    """:func:`apply_lora` with the settings of a ``lora:`` config section (:class:`mmalign.text.config.LoraConfig`);
+    under gradient checkpointing the inputs are made to require grad, so the frozen embeddings still pass
+    gradients on to the adapters."""
+    model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+                       initial_adapter=lora.initial_adapter, direct_forward=lora.direct_forward)
+    if gradient_checkpointing:
+        model.enable_input_require_grads()
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

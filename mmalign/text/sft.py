@@ -32,7 +32,7 @@ from mmalign.text.data import (
     parse_preference_rows,
 )
 from mmalign.text.logprobs import sequence_logprobs
-from mmalign.text.models import apply_lora, load_causal_lm, load_tokenizer
+from mmalign.text.models import apply_lora_config, load_causal_lm, load_tokenizer
 
 __all__ = ["SFTDataConfig", "SFTConfig", "parse_sft_rows", "sft_loss", "train", "main"]
 
@@ -168,11 +168,7 @@ def _train(cfg: SFTConfig, resume_from_checkpoint: Any) -> dict[str, Any]:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
-        model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules, initial_adapter=cfg.lora.initial_adapter,
-                           direct_forward=cfg.lora.direct_forward)
-        if cfg.model.gradient_checkpointing:
-            model.enable_input_require_grads()
+        model = apply_lora_config(model, cfg.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
 
     def save_model(unwrapped: torch.nn.Module, directory: Path) -> None:

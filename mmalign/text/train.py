@@ -35,7 +35,7 @@ from mmalign.text.logprobs import batch_logprobs, gather_groups
 from mmalign.text.models import (
     AdapterReference,
     FrozenModelReference,
-    apply_lora,
+    apply_lora_config,
     load_causal_lm,
     load_tokenizer,
     model_fingerprint,
@@ -291,11 +291,7 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.lora.enabled:
-        model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules, initial_adapter=cfg.lora.initial_adapter,
-                           direct_forward=cfg.lora.direct_forward)
-        if cfg.model.gradient_checkpointing:
-            model.enable_input_require_grads()
+        model = apply_lora_config(model, cfg.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
 
     # share_prompt is decided once the model sits on its device (see _resolve_share_prompt below)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
