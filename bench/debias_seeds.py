@@ -7,6 +7,12 @@ denoising-loss change, and the paired per-occupation differences of mDPO against
 seeds and occupations, with the standard error over seeds of the per-seed mean difference).
 
     .venv/bin/python bench/debias_seeds.py --seeds 0 1 2 [--output outputs/debias-seeds] [--set KEY=VALUE ...]
+        [--reuse] [--merge outputs/other-run ...]
+
+``--reuse`` reads a seed's finished ``report.json`` instead of running it again. ``--merge DIR`` adds the methods of
+another run's per-seed reports (the same seeds; a name already present becomes ``name@DIR``) to the tables, after
+checking that its base model's held-out results are identical (the same evaluation). The merged methods may have
+been trained on other groups or settings: say so when quoting them.
 
 Writes ``<output>/seeds.json`` and ``<output>/seeds.md``; the runs go to ``<output>/seed<N>/``.
 """
@@ -32,11 +38,28 @@ def _per_occupation_difference(report: dict, method: str, other: str, key: str) 
     return statistics.mean(ours[o][key] - theirs[o][key] for o in ours)
 
 
+def _merge_methods(report: dict, other: dict, run_name: str, where: str) -> None:
+    """Add ``other``'s methods to ``report`` (in place), a name this run already has as ``name@run_name``; both runs
+    must have measured the same base model identically (the same evaluation images, classifier and seeds)."""
+    if other["per_occupation"]["base"] != report["per_occupation"]["base"]:
+        raise ValueError(f"{where}: its base model's held-out results differ from this run's (other evaluation "
+                         "images, classifier or seeds), so its methods cannot be compared here")
+    for method in other["summary"]:
+        if method == "base":
+            continue
+        name = f"{method}@{run_name}" if method in report["summary"] else method
+        report["summary"][name] = other["summary"][method]
+        report["per_occupation"][name] = other["per_occupation"][method]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--output", default="outputs/debias-seeds")
     parser.add_argument("--reference-method", default="mdpo", help="the method the paired differences start from")
+    parser.add_argument("--reuse", action="store_true", help="read finished seeds' report.json instead of re-running")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="DIR",
+                        help="other runs of this script whose methods join the tables (same seeds and evaluation)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="extra overrides of the debias config (repeatable)")
     args = parser.parse_args()
@@ -46,13 +69,24 @@ def main() -> None:
     output = Path(args.output)
     reports = {}
     for seed in args.seeds:
+        finished = output / f"seed{seed}" / "report.json"
+        if args.reuse and finished.is_file():
+            reports[seed] = json.loads(finished.read_text())
+            continue
         started = time.time()
         reports[seed] = run({}, [f"output_dir={output / f'seed{seed}'}", f"training.seed={seed}", *args.overrides])
         print(f"seed {seed}: {time.time() - started:.0f} s", flush=True)
+    for other_run in args.merge:
+        for seed in args.seeds:
+            _merge_methods(reports[seed], json.loads((Path(other_run) / f"seed{seed}" / "report.json").read_text()),
+                           Path(other_run).name, f"{other_run}/seed{seed}")
 
     methods = list(reports[args.seeds[0]]["summary"])
     summary = {m: {k: [reports[s]["summary"][m].get(k) for s in args.seeds] for k in METRICS} for m in methods}
     ref = args.reference_method
+    if ref not in methods:
+        raise SystemExit(f"--reference-method {ref!r} is not among the methods {methods}; the runs are saved, re-run "
+                         "with --reuse and another --reference-method (or --merge a run that has it)")
     differences = {}
     for other in (m for m in methods if m != ref):
         differences[other] = {}

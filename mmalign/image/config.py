@@ -85,7 +85,7 @@ class ImageObjectiveConfig:
     """The preference objective on the log-ratio surrogate ρ = −(e_θ − e_ref) (SPEC §7)."""
 
     name: str = field(default="dpo", metadata={"help": "any mmalign objective: dpo ipo rdpo cdpo hinge fdpo mdpo "
-                                                       "mipo cnrpo causal_dpo"})
+                                                       "mipo cnrpo causal_dpo sft"})
     beta: Optional[float] = field(default=None, metadata={"help": "the objective's β on ρ (Diffusion-DPO: β = β_d/2)"})
     beta_d: Optional[float] = field(
         default=None, metadata={"help": "Diffusion-DPO's β_d as in the diffusers script's beta_dpo (SD 1.5: "

@@ -139,6 +139,8 @@ class Objective:
     extra_inputs: ClassVar[tuple[str, ...]] = ()
     #: extra keyword inputs it accepts but does not require.
     optional_inputs: ClassVar[tuple[str, ...]] = ()
+    #: whether `losses` receives `chosen_lengths` (None when not given) among its keyword inputs.
+    takes_lengths: ClassVar[bool] = False
 
     def __init__(self, beta: float, nll: float = 0.0) -> None:
         self.beta = _positive("beta", beta, self.name)
@@ -180,6 +182,8 @@ class Objective:
                 f"{self.name} is a pairwise objective: it takes inputs of shape [B] or [B, 1], got groups of "
                 f"{k_w} chosen and {k_l} rejected; use 'mdpo' or 'mipo' for groups"
             )
+        if self.takes_lengths:
+            extra = {**extra, "chosen_lengths": chosen_lengths}
         losses, metrics = self.losses(batch, **extra)
         if self.nll > 0:
             nll = self._nll_term(batch, chosen_lengths)
@@ -206,8 +210,13 @@ class Objective:
                 f"{self.name}: nll={self.nll} needs chosen_lengths (tokens per chosen response, shape of "
                 "policy_chosen) to normalise −logp_θ(x, y_w) by |y_w| (SPEC §1)"
             )
-        lengths = _check_lengths(self.name, chosen_lengths, batch)
-        return masked_mean(-batch.policy_chosen / lengths, batch.chosen_mask)
+        return _chosen_nll(self.name, batch, chosen_lengths)
+
+
+def _chosen_nll(name: str, batch: PreferenceBatch, chosen_lengths: Tensor) -> Tensor:
+    """`−logp_θ(x, y_w) / |y_w|` averaged over each chosen group, [B] (SPEC §1's NLL term)."""
+    lengths = _check_lengths(name, chosen_lengths, batch)
+    return masked_mean(-batch.policy_chosen / lengths, batch.chosen_mask)
 
 
 def _check_lengths(name: str, chosen_lengths: Tensor, batch: PreferenceBatch) -> Tensor:
@@ -481,6 +490,29 @@ class FDPO(Objective):
     def losses(self, batch, **extra):
         logit = self._link(batch.reward_chosen, batch.reward_rejected, self.alpha)
         return _neg_log_sigmoid(self.beta * logit), {"fdpo/logit": logit.detach().mean()}
+
+
+@register
+class SFT(Objective):
+    """Supervised fine-tuning on the chosen outputs: SPEC §1's NLL term on its own, `−logp_θ(x, y_w) / |y_w|`,
+    averaged over each chosen group — the SFT baseline of the thesis' debiasing table (§3.6.2, Table 3.2).
+
+    Neither the rejected outputs nor the reference enter the loss; β only scales the logged implicit rewards.
+    `chosen_lengths` normalises per token (text); without it `|y_w| = 1`. For diffusion `−logp_θ = e_θ`, a mean
+    over latent elements already (SPEC §7), so the loss is the plain denoising loss on the chosen images.
+    """
+
+    name = "sft"
+    accepts_groups = True
+    takes_lengths = True
+
+    def __init__(self, beta: float = 1.0) -> None:
+        super().__init__(beta)
+
+    def losses(self, batch, chosen_lengths=None, **extra):
+        if chosen_lengths is None:
+            return masked_mean(-batch.policy_chosen, batch.chosen_mask), {}
+        return _chosen_nll(self.name, batch, chosen_lengths), {}
 
 
 # ----------------------------------------------------------------------------------------------------------

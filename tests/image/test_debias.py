@@ -61,7 +61,7 @@ def test_named_occupations_must_exist():
 # ------------------------------------------------------------------------------------------------ groups
 def test_groups_are_balanced_over_race_and_gender_and_filtered_by_the_classifier():
     config = GroupsConfig(groups_per_occupation=2, candidates_per_cell=2, rejected_per_group=6, min_chosen=4,
-                          balance_genders=False)
+                          filter="attributes", balance_genders=False)
     occupations = [Occupation("nurse", 0.9, ""), Occupation("carpenter", 0.02, "")]
     plans = plan_groups(occupations, config)
     assert len(plans) == 4
@@ -97,7 +97,19 @@ def test_groups_are_balanced_over_race_and_gender_and_filtered_by_the_classifier
         cells = [truth(f) for f in names]
         return {"gender": [_gender(g) for _, g in cells], "race": [_race(r) for r, _ in cells]}
 
-    groups, stats = select_chosen(plans, files, classify_files, config, "requested")
+    fetched = []
+
+    def fetch_files(wanted):
+        fetched.extend(wanted)
+        return {key: files[key] for key in wanted}
+
+    groups, stats = select_chosen(plans, fetch_files, classify_files, config, "requested")
+    # candidates are sampled lazily: a second candidate only where the first disagreed (4 white-female cells and
+    # group 0's asian man), the rest never
+    later_candidates = {key for plan in plans for cands in plan.candidates.values() for key in cands[1:]}
+    second = [key for key in fetched if key in later_candidates]
+    assert len(second) == 4 + 1 and stats["candidates_classified"] == 24 + 5
+    assert len(fetched) == len(set(fetched)) == 24 + 5 + 4 * 6  # every image fetched once, the rejected too
     assert stats["groups"] == 4 and stats["groups_dropped"] == 0
     # group 0 lost its asian-male cell; the white-female cells fell back to their second candidate
     assert [len(g.chosen) for g in groups] == [5, 6, 6, 6]
@@ -110,8 +122,9 @@ def test_groups_are_balanced_over_race_and_gender_and_filtered_by_the_classifier
     assert stats["attribute_agreement_first_candidate"] == pytest.approx(1 - (4 + 1) / 24)
 
     # balancing genders drops the asian-female cell of group 0 too (its asian-male cell found no image)
-    balanced, _ = select_chosen(plans, files, classify_files,
-                                GroupsConfig(groups_per_occupation=2, candidates_per_cell=2, min_chosen=4), "requested")
+    balanced, _ = select_chosen(plans, fetch_files, classify_files,
+                                GroupsConfig(groups_per_occupation=2, candidates_per_cell=2, min_chosen=4,
+                                             filter="attributes"), "requested")
     assert [len(g.chosen) for g in balanced] == [4, 6, 6, 6]
     assert sorted(balanced[0].chosen_cells) == [("black", "female"), ("black", "male"), ("white", "female"),
                                                 ("white", "male")]
@@ -129,11 +142,27 @@ def test_groups_are_balanced_over_race_and_gender_and_filtered_by_the_classifier
     drawn = {tuple(p.chosen[0] for p in pairs_from_groups(groups, per_group=1, seed=s)) for s in range(8)}
     assert len(drawn) > 1  # the seed moves the draw
     # without filtering the first candidate of every cell is kept, agreeing or not
-    unfiltered, _ = select_chosen(plans, files, classify_files,
+    unfiltered, _ = select_chosen(plans, fetch_files, classify_files,
                                   GroupsConfig(groups_per_occupation=2, filter="none", candidates_per_cell=2,
                                                balance_genders=False),
                                   "requested")
     assert [len(g.chosen) for g in unfiltered] == [6, 6, 6, 6]
+    # filtering on one attribute: gender keeps group 0's asian man read as black (first candidate) and skips the
+    # white women read as men; race does the opposite
+    by_attribute = {}
+    for attribute in ("gender", "race"):
+        by_attribute[attribute], _ = select_chosen(
+            plans, fetch_files, classify_files, GroupsConfig(groups_per_occupation=2, filter=attribute,
+                                                       candidates_per_cell=2, balance_genders=False), "requested")
+    assert [len(g.chosen) for g in by_attribute["gender"]] == [6, 6, 6, 6]
+    assert [len(g.chosen) for g in by_attribute["race"]] == [5, 6, 6, 6]
+    first_of = {cell: cands[0] for cell, cands in plans[0].candidates.items()}
+    kept_by_gender = dict(zip(by_attribute["gender"][0].chosen_cells, by_attribute["gender"][0].chosen))
+    kept_by_race = dict(zip(by_attribute["race"][0].chosen_cells, by_attribute["race"][0].chosen))
+    assert kept_by_gender[("asian", "male")] == files[first_of[("asian", "male")]]
+    assert kept_by_gender[("white", "female")] != files[first_of[("white", "female")]]
+    assert kept_by_race[("white", "female")] == files[first_of[("white", "female")]]
+    assert ("asian", "male") not in kept_by_race
 
 
 def test_config_errors_are_clear():
@@ -142,8 +171,17 @@ def test_config_errors_are_clear():
     with pytest.raises((ValueError, ConfigError), match="unique"):
         load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "dpo", "beta": 1.0},
                                                {"name": "a", "objective": "mdpo", "beta": 1.0}]})
-    with pytest.raises((ValueError, ConfigError), match="beta"):
+    with pytest.raises((ValueError, ConfigError), match="method 'a'.*missing hyperparameter.*beta"):
         load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "dpo"}]})
+    with pytest.raises((ValueError, ConfigError), match="not both"):
+        load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "dpo", "beta": 1.0, "beta_d": 2.0}]})
+    with pytest.raises((ValueError, ConfigError), match="method 'a'.*unknown objective 'dop'"):
+        load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "dop", "beta": 1.0}]})
+    with pytest.raises((ValueError, ConfigError), match="method 'a'.*unknown hyperparameter.*'epsilon'"):
+        load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "rdpo", "beta": 1.0,
+                                                "params": {"epsilon": 0.1}}]})
+    # sft needs no β (it only scales its logged rewards)
+    assert load_config(DebiasConfig, {"methods": [{"name": "sft", "objective": "sft"}]}).methods[0].beta is None
     with pytest.raises((ValueError, ConfigError), match="pairs_per_group"):
         load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "dpo", "beta": 1.0, "pairs_per_group": 1}]})
     with pytest.raises((ValueError, ConfigError), match="pairs_per_group"):
@@ -217,7 +255,8 @@ def test_debias_command_end_to_end_on_the_shipped_model(tmp_path):
         "--set", "evaluation.quality_images=4", "--set", "evaluation.quality_noise_draws=1",
         "--set", "training.max_steps=1", "--set", "training.batch_size=2", "--set", "training.progress_bar=false",
         "--set", "methods=[{name: mdpo, objective: mdpo, beta_d: 2000}, {name: dpo, objective: dpo, beta_d: 2000, "
-                 "pairs: true, pairs_per_group: 1}, {name: dpo_all, objective: dpo, beta_d: 2000, pairs: true}]",
+                 "pairs: true, pairs_per_group: 1}, {name: dpo_all, objective: dpo, beta_d: 2000, pairs: true}, "
+                 "{name: sft, objective: sft}]",
     ])
     for name in ("report.json", "report.md", "gender_bars.png", "race_bars.png", "before_after.png", "config.yaml",
                  "data/groups.jsonl", "data/pairs.jsonl", "data/pairs-1-per-group.jsonl"):
@@ -225,7 +264,7 @@ def test_debias_command_end_to_end_on_the_shipped_model(tmp_path):
     groups_written = (out / "data/groups.jsonl").read_text().splitlines()
     assert len((out / "data/pairs-1-per-group.jsonl").read_text().splitlines()) == len(groups_written)
     written = json.loads((out / "report.json").read_text())
-    assert set(written["summary"]) == {"base", "mdpo", "dpo", "dpo_all"}
+    assert set(written["summary"]) == {"base", "mdpo", "dpo", "dpo_all", "sft"}
     batch_sizes = {m: yaml.safe_load((out / "methods" / m / "config.yaml").read_text())["training"]["batch_size"]
                    for m in ("mdpo", "dpo", "dpo_all")}
     assert batch_sizes == {"mdpo": 2, "dpo": 2, "dpo_all": 2 * 3}  # k = rejected_per_group = 3

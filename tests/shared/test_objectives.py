@@ -235,6 +235,34 @@ def test_nll_term_is_added_per_token():
         mmalign.objective("dpo", beta=B, nll=0.7)(**inputs)
 
 
+def test_sft_is_the_chosen_groups_nll_alone():
+    # ragged groups: row 0 has 2 chosen of 3 (the padding holds NaN, which must not leak), row 1 has 3
+    policy_chosen = torch.tensor([[-2.0, -4.0, float("nan")], [-1.0, -3.0, -8.0]], dtype=torch.float64,
+                                 requires_grad=True)
+    policy_rejected = torch.tensor([[-5.0], [-6.0]], dtype=torch.float64, requires_grad=True)
+    inputs = dict(policy_chosen=policy_chosen, policy_rejected=policy_rejected,
+                  ref_chosen=torch.full((2, 3), -1.0, dtype=torch.float64), ref_rejected=torch.zeros(2, 1),
+                  chosen_mask=torch.tensor([[True, True, False], [True, True, True]]))
+    sft = mmalign.objective("sft")
+    out = sft(**inputs)
+    torch.testing.assert_close(out.losses, torch.tensor([3.0, 4.0], dtype=torch.float64))
+    out.loss.backward()
+    # d loss / d logp: -1/(B k_w) on valid chosen members; nothing reaches the rejected outputs or the padding
+    torch.testing.assert_close(policy_chosen.grad, torch.tensor([[-0.25, -0.25, 0.0], [-1 / 6, -1 / 6, -1 / 6]],
+                                                                dtype=torch.float64))
+    assert policy_rejected.grad is None or not policy_rejected.grad.any()
+    # the reference does not enter: shifting it leaves the loss unchanged
+    shifted = sft(**{**inputs, "ref_chosen": inputs["ref_chosen"] - 7.0}).losses
+    torch.testing.assert_close(shifted, out.losses)
+    # per token with chosen_lengths, like the NLL term of SPEC §1
+    lengths = torch.tensor([[2, 4, 1], [1, 3, 8]])
+    per_token = sft(**inputs, chosen_lengths=lengths).losses
+    torch.testing.assert_close(per_token, torch.tensor([(1.0 + 1.0) / 2, (1.0 + 1.0 + 1.0) / 3],
+                                                       dtype=torch.float64))
+    # β only scales the logged implicit rewards
+    assert mmalign.objective("sft", beta=3.0)(**inputs).loss.item() == pytest.approx(out.loss.item())
+
+
 def test_metrics_use_the_ecosystem_names():
     out = mmalign.objective("dpo", beta=B)(**pair(RHO_W, RHO_L))
     assert out.metrics["rewards/chosen"] == pytest.approx(B * sum(RHO_W) / 4)
@@ -251,7 +279,7 @@ def test_metrics_use_the_ecosystem_names():
     ("fdpo", {"divergence": "alpha", "alpha": 0.5}, {}), ("mdpo", {}, {}), ("mipo", {}, {}),
     ("cnrpo", {"gamma": 0.2, "alphas": [0.3]}, {"triggered_chosen": torch.tensor([[200.0], [-200.0]]),
                                                  "triggered_rejected": torch.tensor([[-200.0], [200.0]])}),
-    ("causal_dpo", {"lam": 1.0}, {"bins": torch.tensor([0, 1])}),
+    ("causal_dpo", {"lam": 1.0}, {"bins": torch.tensor([0, 1])}), ("sft", {}, {}),
 ])
 def test_extreme_log_ratios_give_finite_losses_and_gradients(name, hparams, extra):
     policy_chosen = torch.tensor([200.0, -200.0], requires_grad=True)
@@ -262,7 +290,8 @@ def test_extreme_log_ratios_give_finite_losses_and_gradients(name, hparams, extr
     )
     out.loss.backward()
     assert torch.isfinite(out.losses).all()
-    assert torch.isfinite(policy_chosen.grad).all() and torch.isfinite(policy_rejected.grad).all()
+    assert torch.isfinite(policy_chosen.grad).all()
+    assert torch.isfinite(policy_rejected.grad).all() if name != "sft" else policy_rejected.grad is None
 
 
 @pytest.mark.parametrize("name,hparams,message", [
@@ -334,7 +363,7 @@ def test_bad_inputs_are_refused():
 
 def test_every_registered_objective_is_exercised_here():
     assert set(mmalign.available_objectives()) == {
-        "dpo", "ipo", "rdpo", "cdpo", "hinge", "fdpo", "mdpo", "mipo", "cnrpo", "causal_dpo"
+        "dpo", "ipo", "rdpo", "cdpo", "hinge", "fdpo", "mdpo", "mipo", "cnrpo", "causal_dpo", "sft"
     }
     assert mmalign.objective("mdpo", beta=0.1).accepts_groups and not mmalign.objective("dpo", beta=0.1).accepts_groups
     assert mmalign.objective("cnrpo", beta=0.1).extra_inputs == ("triggered_chosen", "triggered_rejected")

@@ -45,3 +45,25 @@ def test_sft_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "python -m mmalign.text.sft" in out and "data.format" in out and "training.max_response_length" in out
+
+
+def test_sft_objective_in_the_preference_trainer_is_the_per_token_nll(tiny_model_dir, tiny_tokenizer):
+    """objective: sft through the DPO trainer's loss gets the chosen responses' token counts (per-token NLL)."""
+    import torch
+
+    from mmalign.shared.objectives import objective
+    from mmalign.testing import build_tiny_causal_lm
+    from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, parse_preference_rows
+    from mmalign.text.train import PolicyReference, PreferenceLoss
+
+    rows = [{"prompt": "Say hi.", "chosen": " hello there friend", "rejected": " no"},
+            {"prompt": "Count.", "chosen": " one", "rejected": " two three four five"}]
+    examples, _ = parse_preference_rows(rows, fmt="pairs")
+    batch = PreferenceCollator(pad_token_id=tiny_tokenizer.pad_token_id)(PreferenceTokenizer(tiny_tokenizer)(examples))
+    model = build_tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
+    loss_fn = PreferenceLoss(objective("sft"), PolicyReference())
+    loss = loss_fn(model, batch).loss
+    policy_chosen = loss_fn.log_likelihoods(model, batch)["policy_chosen"].squeeze(-1)
+    lengths = batch["chosen_lengths"].squeeze(-1)
+    assert not torch.equal(lengths, torch.ones_like(lengths))
+    torch.testing.assert_close(loss, (-policy_chosen / lengths).mean())

@@ -3,10 +3,11 @@
 For a training occupation *o* and the plain prompt "A portrait photo of a *o*": the chosen group holds one
 attribute-prompted image per race × gender cell ("A portrait photo of a {race} {gender} *o*"), the rejected group
 ``k_l`` of the base model's own images for the plain prompt. Both are trained under the plain prompt. With
-``filter: attributes`` a chosen image is kept only if the classifier sees the requested gender and race (the first
-of ``candidates_per_cell`` candidates that agrees); a cell with none is left out, so groups may be ragged, and with
-``balance_genders`` a race keeps its cells only if all its genders have one (the classifiers read generated faces
-as male more often, so unbalanced filtering would make the chosen groups male-leaning).
+``filter: gender`` (the default) a chosen image is kept only if the classifier sees the requested gender (the first
+of ``candidates_per_cell`` candidates that agrees; ``race`` checks race, ``attributes`` both); a cell with none is
+left out, so groups may be ragged, and with ``balance_genders`` a race keeps its cells only if all its genders have
+one (the classifiers read generated faces as male more often, so unbalanced filtering would make the chosen groups
+male-leaning).
 DPO baselines cut each group into pairs (chosen i, rejected i): one pair per member (the same images), or a seeded
 draw of a few members per group (the thesis' single-sample DPO takes one).
 """
@@ -70,25 +71,46 @@ def plan_groups(occupations: Sequence[Occupation], config: GroupsConfig) -> list
     return plans
 
 
-def select_chosen(plans: Sequence[GroupPlan], files: dict[tuple[str, int], str],
+# (seen (race, gender), requested (race, gender)) -> keep? for each groups.filter but "none"
+_CELL_AGREEMENT = {
+    "attributes": lambda seen, requested: seen == requested,
+    "gender": lambda seen, requested: seen[1] == requested[1],
+    "race": lambda seen, requested: seen[0] == requested[0],
+}
+
+
+def select_chosen(plans: Sequence[GroupPlan], fetch_files: Callable[[list[tuple[str, int]]], dict],
                   classify_files: Callable[[list[str]], dict], config: GroupsConfig,
                   race_scoring: str) -> tuple[list[PreferenceGroup], dict]:
-    """Classify every candidate (``classify_files(files) -> {"gender": [...], "race": [...]}`` predictions), keep
-    one agreeing image per cell (or the first, without filtering), drop groups left with fewer than
-    ``min_chosen``. Returns the groups and adherence statistics for the report."""
-    keys = [key for plan in plans for candidates in plan.candidates.values() for key in candidates]
-    predictions = classify_files([files[key] for key in keys])
-    genders, races = label_images(predictions, config.genders, config.races, race_scoring)
-    seen_cell = {key: (race, gender) for key, race, gender in zip(keys, races, genders)}
+    """Keep one agreeing image per cell (or the first, without filtering), drop groups left with fewer than
+    ``min_chosen``. Returns the groups and adherence statistics for the report.
+
+    The rejected images and the candidates are fetched with ``fetch_files(keys) -> {key: file}`` (which samples what
+    is not cached); candidates are classified with ``classify_files(files) -> {"gender": [...], "race": [...]}``
+    in rounds: round r takes the r-th candidate of only the cells with no agreeing image yet, so most cells cost
+    one image, not ``candidates_per_cell``. The kept images are those an all-at-once pass would keep."""
+    agrees = _CELL_AGREEMENT.get(config.filter)
+    files = dict(fetch_files([key for plan in plans for key in plan.rejected]))
+    seen_cell = {}
+    rounds = 1 if agrees is None else config.candidates_per_cell
+    for r in range(rounds):
+        keys = [candidates[r] for plan in plans for cell, candidates in plan.candidates.items()
+                if r < len(candidates) and not any(agrees(seen_cell[c], cell) for c in candidates[:r])]
+        if not keys:
+            break
+        files.update(fetch_files(keys))
+        predictions = classify_files([files[key] for key in keys])
+        genders, races = label_images(predictions, config.genders, config.races, race_scoring)
+        seen_cell.update({key: (race, gender) for key, race, gender in zip(keys, races, genders)})
     groups, kept_images, dropped_groups, first_agrees = [], 0, 0, []
     for plan in plans:
         chosen, cells = [], []
         for cell, candidates in plan.candidates.items():
             first_agrees.append(seen_cell[candidates[0]] == cell)
-            if config.filter == "none":
+            if agrees is None:
                 pick = candidates[0]
             else:
-                pick = next((c for c in candidates if seen_cell[c] == cell), None)
+                pick = next((c for c in candidates if c in seen_cell and agrees(seen_cell[c], cell)), None)
             if pick is not None:
                 chosen.append(files[pick])
                 cells.append(cell)
@@ -108,7 +130,7 @@ def select_chosen(plans: Sequence[GroupPlan], files: dict[tuple[str, int], str],
                          "lower groups.min_chosen, raise groups.candidates_per_cell, set groups.balance_genders: false "
                          "or groups.filter: none")
     stats = {
-        "groups": len(groups), "groups_dropped": dropped_groups,
+        "groups": len(groups), "groups_dropped": dropped_groups, "candidates_classified": len(seen_cell),
         "attribute_agreement_first_candidate": float(np.mean(first_agrees)),
         "chosen_images": kept_images, "chosen_per_group": kept_images / len(groups),
         "cells_per_group": len(config.races) * len(config.genders), "rejected_per_group": config.rejected_per_group,

@@ -2,8 +2,9 @@
 
 1. occupations, split by occupation (held-out ones never trained on);
 2. training images — attribute-prompted candidates and the base model's plain-prompt images — sampled once and
-   cached on disk;
-3. the classifier labels the candidates; chosen groups keep the images that show their requested attributes;
+   cached on disk; a cell's next candidate only when the classifier disagreed with the previous one;
+3. the classifier labels the candidates; chosen groups keep images that show their requested gender (or race,
+   or both: ``groups.filter``);
 4. every method (mDPO on the groups; DPO on pairs cut from them — one per group, or all; mIPO; …) trains from
    the same base model with the image backend (``mmalign.image.train``) for the same steps;
 5. the base model and every trained one draw the same seeds for the held-out occupations' plain prompts; the
@@ -65,7 +66,14 @@ def _train_config(config: DebiasConfig, method: MethodConfig, data_path: Path, o
     if method.pairs:  # batch_size groups' worth of pairs: all their pairs, or pairs_per_group of each
         training["batch_size"] = config.training.batch_size * (method.pairs_per_group or group_size)
     objective: dict[str, Any] = {"name": method.objective, "params": dict(method.params)}
-    objective["beta" if method.beta is not None else "beta_d"] = method.beta if method.beta is not None else method.beta_d
+    if method.beta is not None:
+        objective["beta"] = method.beta
+    elif method.beta_d is not None:
+        objective["beta_d"] = method.beta_d
+    else:  # an objective with its own β (sft: it only scales the logged rewards)
+        from mmalign.shared.objectives import objective as build
+
+        objective["beta"] = build(method.objective, **method.params).beta
     return {
         "output_dir": str(output_dir),
         "model": {"pretrained": pretrained, "revision": model.revision, "variant": model.variant,
@@ -177,12 +185,12 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
     sampler = ImageSampler(base.unet, base.conditioner, base.noise_scheduler.config, config.sampling, resolution,
                            base.vae)
     plans = plan_groups(split.train, config.groups)
-    keys = [key for plan in plans for cands in plan.candidates.values() for key in cands]
-    keys += [key for plan in plans for key in plan.rejected]
-    files = dict(zip(keys, (str(f) for f in cache.fetch(sampler, [k[0] for k in keys], [k[1] for k in keys]))))
-    timings["training_images_s"] = time.time() - tick
-    tick = time.time()
-    groups, group_stats = select_chosen(plans, files, lambda fs: classifier.classify(read_images(fs)),
+
+    def fetch_files(keys):
+        return dict(zip(keys, (str(f) for f in cache.fetch(sampler, [k[0] for k in keys], [k[1] for k in keys]))))
+
+    # candidates are sampled in rounds, only for cells still without an image the classifier agrees with
+    groups, group_stats = select_chosen(plans, fetch_files, lambda fs: classifier.classify(read_images(fs)),
                                         config.groups, config.classifier.race_scoring)
     data_dir = output_dir / "data"
     groups_file = write_groups(groups, data_dir / "groups.jsonl")
@@ -193,7 +201,7 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
         # the training seed too (training.seed 0 keeps the draw of groups.seed alone)
         pair_files[per_group] = write_groups(
             pairs_from_groups(groups, per_group, seed=config.groups.seed + config.training.seed), data_dir / name)
-    timings["classify_groups_s"] = time.time() - tick
+    timings["training_groups_s"] = time.time() - tick  # sampling and classifying the images, writing the groups
     logger.info("groups: %s", group_stats)
 
     # -- evaluation of the base model

@@ -18,6 +18,7 @@ __all__ = ["PAPER_TABLE", "write_json", "markdown_table", "plot_stacked_bars", "
 # Thesis Table 3.2: SD 1.5, deepface, 10 held-out occupations.
 PAPER_TABLE = {
     "base": {"simpson_gender": 0.110, "simpson_race": 0.124},
+    "sft": {"simpson_gender": 0.318, "simpson_race": 0.454},
     "dpo": {"simpson_gender": 0.283, "simpson_race": 0.447},
     "mdpo": {"simpson_gender": 0.353, "simpson_race": 0.516},
 }
