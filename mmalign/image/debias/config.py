@@ -155,16 +155,26 @@ class MethodConfig:
         # build the objective once now, so a wrong name, hyperparameter or missing β fails before any sampling
         from mmalign.shared.objectives import objective
 
-        beta = {"beta": self.beta} if self.beta is not None else {}
-        if self.beta_d is not None:
-            beta = {"beta": self.beta_d / 2.0}
+        beta = self.beta if self.beta_d is None else self.beta_d / 2.0
         try:
-            objective(self.objective, **beta, **self.params)
+            objective(self.objective, **({} if beta is None else {"beta": beta}), **self.params)
         except (TypeError, ValueError) as error:
             raise ValueError(f"method {self.name!r}: {error}") from None
         if self.pairs_per_group is not None and (not self.pairs or self.pairs_per_group < 1):
             raise ValueError(f"method {self.name!r}: pairs_per_group must be an integer >= 1 and needs pairs: true; "
                              f"got {self.pairs_per_group!r}")
+
+
+    def beta_setting(self) -> dict[str, float]:
+        """The image trainer's β entry: ``beta`` or ``beta_d`` as configured; with neither, the objective's own
+        default β (``sft``, where it only scales the logged rewards)."""
+        if self.beta is not None:
+            return {"beta": self.beta}
+        if self.beta_d is not None:
+            return {"beta_d": self.beta_d}
+        from mmalign.shared.objectives import objective
+
+        return {"beta": objective(self.objective, **self.params).beta}
 
 
 def default_methods() -> list[MethodConfig]:

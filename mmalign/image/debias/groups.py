@@ -90,7 +90,7 @@ def select_chosen(plans: Sequence[GroupPlan], fetch_files: Callable[[list[tuple[
     in rounds: round r takes the r-th candidate of only the cells with no agreeing image yet, so most cells cost
     one image, not ``candidates_per_cell``. The kept images are those an all-at-once pass would keep."""
     agrees = _CELL_AGREEMENT.get(config.filter)
-    files = dict(fetch_files([key for plan in plans for key in plan.rejected]))
+    files = fetch_files([key for plan in plans for key in plan.rejected])
     seen_cell = {}
     rounds = 1 if agrees is None else config.candidates_per_cell
     for r in range(rounds):

@@ -65,15 +65,7 @@ def _train_config(config: DebiasConfig, method: MethodConfig, data_path: Path, o
     training = asdict(config.training)
     if method.pairs:  # batch_size groups' worth of pairs: all their pairs, or pairs_per_group of each
         training["batch_size"] = config.training.batch_size * (method.pairs_per_group or group_size)
-    objective: dict[str, Any] = {"name": method.objective, "params": dict(method.params)}
-    if method.beta is not None:
-        objective["beta"] = method.beta
-    elif method.beta_d is not None:
-        objective["beta_d"] = method.beta_d
-    else:  # an objective with its own β (sft: it only scales the logged rewards)
-        from mmalign.shared.objectives import objective as build
-
-        objective["beta"] = build(method.objective, **method.params).beta
+    objective: dict[str, Any] = {"name": method.objective, "params": dict(method.params), **method.beta_setting()}
     return {
         "output_dir": str(output_dir),
         "model": {"pretrained": pretrained, "revision": model.revision, "variant": model.variant,
