@@ -2,9 +2,10 @@
 
 One debias run per training seed (the same occupations, images, groups and held-out evaluation seeds; another
 data order, (t, ε) draw and draw of the single-sample DPO pairs — seed 0 keeps the default run's draw), then per
-method the mean ± standard deviation over seeds of the averaged Simpson indices, gaps, no-face rate and
-denoising-loss change, and the paired per-occupation differences of mDPO against every other method (mean over
-seeds and occupations, with the standard error over seeds of the per-seed mean difference).
+method the mean ± standard deviation over seeds of the averaged Simpson indices, gaps, no-face rate, the
+classifiers' mean confidence and the denoising-loss change, and the paired per-occupation differences of mDPO
+against every other method (mean over seeds and occupations, with the standard error over seeds of the per-seed
+mean difference).
 
     .venv/bin/python bench/debias_seeds.py --seeds 0 1 2 [--output outputs/debias-seeds] [--set KEY=VALUE ...]
         [--reuse] [--merge outputs/other-run ...]
@@ -24,7 +25,8 @@ import statistics
 import time
 from pathlib import Path
 
-METRICS = ("simpson_gender", "simpson_race", "gender_gap", "race_gap", "no_face_rate", "denoising_loss_change")
+METRICS = ("simpson_gender", "simpson_race", "gender_gap", "race_gap", "no_face_rate", "mean_confidence_gender",
+           "mean_confidence_race", "denoising_loss_change")
 
 
 def _mean_sd(values: list[float]) -> str:
