@@ -91,6 +91,10 @@ def _where(source: str, path: str) -> str:
     return f"{source}: {path}" if path else source
 
 
+_YAML_FALSE_WORDS = ("no", "off", "false")
+_YAML_TRUE_WORDS = ("yes", "on", "true")
+
+
 def _convert(value: Any, tp: Any, *, path: str, source: str) -> Any:
     """Checks/coerces ``value`` against the annotation ``tp``; raises ConfigError naming ``path``."""
 
@@ -120,7 +124,14 @@ def _convert(value: Any, tp: Any, *, path: str, source: str) -> Any:
             raise errors[0]
         raise fail()
     if origin is Literal:
-        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+        if isinstance(value, bool) and not any(isinstance(a, bool) for a in args):
+            # YAML 1.1 reads no/off/false (yes/on/true) as booleans: give back the one word this choice accepts,
+            # so that `mixed_precision: no` means "no" as it does for accelerate.
+            words = [w for w in (_YAML_TRUE_WORDS if value else _YAML_FALSE_WORDS) if w in args]
+            if len(words) == 1:
+                return words[0]
+            raise fail()
+        if value in args:
             return value
         raise fail()
     if _is_dataclass_type(tp):

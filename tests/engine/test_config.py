@@ -136,3 +136,16 @@ def test_a_partial_section_keeps_the_parents_default_for_that_section():
     config = load_config(ImageTrainConfig, {**required, "objective": {"beta": 2.0, "params": {"eps": 0.1}},
                                             "training": {"learning_rate": 3e-4}})
     assert config.objective.params == {"eps": 0.1} and config.training.learning_rate == 3e-4
+
+
+def test_yaml_boolean_words_read_back_as_the_choice_they_spell(tmp_path):
+    # YAML 1.1 turns `no` into False; `mixed_precision: no` must still mean accelerate's "no".
+    path = tmp_path / "train.yaml"
+    path.write_text("mixed_precision: no\n")
+    assert load_config(TrainingConfig, path).mixed_precision == "no"
+    assert load_config(TrainingConfig, {}, ["mixed_precision=no"]).mixed_precision == "no"
+    # a boolean where the choices spell no yes/no word is still an error, naming the value
+    with pytest.raises(ConfigError, match=r"mixed_precision: invalid value True; expected one of 'no', 'fp16'"):
+        load_config(TrainingConfig, {}, ["mixed_precision=yes"])
+    with pytest.raises(ConfigError, match=r"inner.mode: invalid value False; expected one of 'a', 'b'"):
+        load_config(Outer, {"name": "x", "inner": {"mode": False}})
