@@ -1,16 +1,24 @@
 """Experiment (not a test): pool ``bench/debias_seeds.py`` runs made on several occupation splits.
 
 Each run of ``debias_seeds.py`` writes, per training seed, the paired per-occupation difference of the reference
-method (mDPO) against every other method. This script takes those per-run differences from one or more
-``seeds.json`` files (one per split), and per compared method and attribute reports the mean ± standard error over
-all runs, how many runs are positive, and the exact two-sided sign-test p-value (no distributional assumption:
-under "no difference" each run is positive with probability 1/2). Per split too, since runs on one split share its
-held-out occupations.
+method (mDPO) against every other method. This script reads those from one ``seeds.json`` per split.
+
+The unit of the pooled analysis is the **training seed**, not the run. Runs on different splits at one seed
+share that seed's randomness: the draw of the single-sample pairs (seeded by ``groups.seed + training.seed``), the
+data-order and (t, ε) generators. Their differences are correlated, so counting them as independent would
+overstate the evidence. Per seed the splits' differences are averaged; over seeds the script reports:
+
+- the mean ± standard error and the t ratio;
+- how many seeds are positive;
+- the exact two-sided sign test (seeds with a difference of exactly zero are dropped, as the test requires, and
+  counted apart).
+
+It also gives each split alone, and the correlation across splits of the per-seed differences.
 
     .venv/bin/python bench/debias_pool.py outputs/debias-filter-gender outputs/debias-filter-gender-split1
         [--seeds 6 7 8 9 10 11] [--output outputs/debias-pooled.json]
 
-``--seeds`` keeps only those seeds (e.g. a replication on fresh seeds); by default every seed each file holds.
+``--seeds`` keeps only those seeds (e.g. a replication on fresh seeds); by default the seeds every split holds.
 """
 from __future__ import annotations
 
@@ -23,37 +31,47 @@ from pathlib import Path
 ATTRIBUTES = ("simpson_gender", "simpson_race")
 
 
-def sign_test_p(positives: int, runs: int) -> float:
-    """Exact two-sided sign test: the probability, if each run were positive with probability 1/2, of a count at
-    least as far from runs/2 as ``positives``."""
-    extreme = max(positives, runs - positives)
-    tail = sum(math.comb(runs, k) for k in range(extreme, runs + 1)) / 2 ** runs
+def sign_test_p(positives: int, negatives: int) -> float:
+    """Exact two-sided sign test over the non-zero differences: the probability, if each were positive with
+    probability 1/2, of a split at least as uneven as ``positives`` : ``negatives``."""
+    n = positives + negatives
+    if n == 0:
+        return 1.0
+    extreme = max(positives, negatives)
+    tail = sum(math.comb(n, k) for k in range(extreme, n + 1)) / 2 ** n
     return min(1.0, 2 * tail)
 
 
 def summarise(differences: list[float]) -> dict:
+    """Mean, standard error (None for a single value), t ratio, counts and sign test of paired differences."""
     mean = statistics.mean(differences)
-    se = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
+    se = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else None
     positives = sum(d > 0 for d in differences)
-    return {"runs": len(differences), "mean": mean, "se": se, "positive": positives,
-            "sign_test_p": sign_test_p(positives, len(differences))}
+    negatives = sum(d < 0 for d in differences)
+    return {"n": len(differences), "mean": mean, "se": se, "t": mean / se if se else None, "positive": positives,
+            "zero": len(differences) - positives - negatives, "sign_test_p": sign_test_p(positives, negatives)}
 
 
-def load_runs(folders: list[str], seeds: list[int] | None) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """{split folder: {other method: {attribute: per-run differences}}}, in seed order."""
-    runs = {}
+def load_splits(folders: list[str], seeds: list[int] | None) -> tuple[list[int], dict]:
+    """(the seeds used, {split folder: {other method: {attribute: {seed: difference}}}})."""
+    splits, held = {}, []
     for folder in folders:
         path = Path(folder) / "seeds.json"
         if not path.is_file():
             raise SystemExit(f"{path}: no seeds.json (run bench/debias_seeds.py --output {folder} first)")
         data = json.loads(path.read_text())
-        keep = [i for i, s in enumerate(data["seeds"]) if seeds is None or s in seeds]
-        if seeds is not None and len(keep) != len(seeds):
-            missing = sorted(set(seeds) - set(data["seeds"]))
-            raise SystemExit(f"{path}: seeds {missing} are missing (it holds {data['seeds']})")
-        runs[folder] = {other: {a: [d[a]["per_seed"][i] for i in keep] for a in ATTRIBUTES}
-                        for other, d in data["differences"].items()}
-    return runs
+        held.append(set(data["seeds"]))
+        splits[folder] = {other: {a: dict(zip(data["seeds"], d[a]["per_seed"])) for a in ATTRIBUTES}
+                          for other, d in data["differences"].items()}
+    common = set.intersection(*held)
+    if seeds is not None:
+        missing = {f: sorted(set(seeds) - h) for f, h in zip(folders, held) if set(seeds) - h}
+        if missing:
+            raise SystemExit(f"seeds missing: {missing}")
+        common = set(seeds)
+    if not common:
+        raise SystemExit(f"the splits share no seed: {dict(zip(folders, map(sorted, held)))}")
+    return sorted(common), splits
 
 
 def main() -> None:
@@ -63,30 +81,38 @@ def main() -> None:
     parser.add_argument("--output", help="also write the table as JSON here")
     args = parser.parse_args()
 
-    runs = load_runs(args.folders, args.seeds)
-    others = [m for m in next(iter(runs.values())) if all(m in r for r in runs.values())]
+    seeds, splits = load_splits(args.folders, args.seeds)
+    others = [m for m in next(iter(splits.values())) if all(m in s for s in splits.values())]
     table = {}
     for other in others:
         table[other] = {}
         for attribute in ATTRIBUTES:
-            per_split = {folder: summarise(r[other][attribute]) for folder, r in runs.items()}
-            pooled = summarise([d for r in runs.values() for d in r[other][attribute]])
-            table[other][attribute] = {"pooled": pooled, "per_split": per_split}
+            per_split = {f: [s[other][attribute][seed] for seed in seeds] for f, s in splits.items()}
+            per_seed = [statistics.mean(values) for values in zip(*per_split.values())]
+            entry = {"per_seed": summarise(per_seed), "per_split": {f: summarise(v) for f, v in per_split.items()}}
+            if len(per_split) == 2 and len(seeds) > 2:
+                first, second = per_split.values()
+                entry["correlation_across_splits"] = statistics.correlation(first, second)
+            table[other][attribute] = entry
 
     def cell(s: dict) -> str:
-        return f"{s['mean']:+.3f} ± {s['se']:.3f} ({s['positive']}/{s['runs']} > 0, sign test p = {s['sign_test_p']:.3g})"
+        spread = f" ± {s['se']:.3f} (t = {s['t']:.1f})" if s["se"] else ""
+        zeros = f", {s['zero']} zero" if s["zero"] else ""
+        return f"{s['mean']:+.3f}{spread}; {s['positive']}/{s['n']} > 0{zeros}, sign test p = {s['sign_test_p']:.3g}"
 
-    print(f"Paired mean differences, reference − other (± standard error over runs); splits: {', '.join(runs)}; "
-          f"seeds: {args.seeds or 'all'}\n")
+    print(f"Paired differences, reference − other; seeds {seeds}; the unit is the seed (splits averaged)\n")
     print("| other | where | Simpson gender | Simpson race |\n|---|---|---|---|")
     for other, by_attribute in table.items():
-        print(f"| {other} | all runs | " + " | ".join(cell(by_attribute[a]["pooled"]) for a in ATTRIBUTES) + " |")
-        for folder in runs:
-            print(f"| | {folder} | " + " | ".join(cell(by_attribute[a]["per_split"][folder]) for a in ATTRIBUTES)
-                  + " |")
+        print(f"| {other} | per seed, splits averaged | "
+              + " | ".join(cell(by_attribute[a]["per_seed"]) for a in ATTRIBUTES) + " |")
+        for folder in splits:
+            print(f"| | {folder} alone | "
+                  + " | ".join(cell(by_attribute[a]["per_split"][folder]) for a in ATTRIBUTES) + " |")
+        if "correlation_across_splits" in by_attribute[ATTRIBUTES[0]]:
+            print("| | correlation of the splits' per-seed differences | "
+                  + " | ".join(f"{by_attribute[a]['correlation_across_splits']:+.2f}" for a in ATTRIBUTES) + " |")
     if args.output:
-        Path(args.output).write_text(json.dumps({"folders": args.folders, "seeds": args.seeds, "table": table},
-                                                indent=1))
+        Path(args.output).write_text(json.dumps({"folders": args.folders, "seeds": seeds, "table": table}, indent=1))
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _convert(value: Any, tp: Any, *, path: str, source: str) -> Any:
             words = [w for w in (_YAML_TRUE_WORDS if value else _YAML_FALSE_WORDS) if w in args]
             if len(words) == 1:
                 return words[0]
-            raise fail()
+            raise fail(" (YAML reads yes/no/on/off/true/false as booleans; quote the value to keep it a word)")
         if value in args:
             return value
         raise fail()

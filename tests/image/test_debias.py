@@ -309,12 +309,29 @@ def test_shipped_sd15_recipe_validates():
         ("dpo", True, 1), ("dpo_all_pairs", True, None)]
 
 
-def test_sd15_recipe_runs_end_to_end_on_a_tiny_sd_layout_pipeline(tmp_path, tiny_sd_path):
+def test_sd15_recipe_runs_end_to_end_on_a_tiny_sd_layout_pipeline(tmp_path, tiny_sd_path, monkeypatch):
     """The recipe's own code path (latent UNet + VAE + CLIP, LoRA with the adapter-disabled base as reference,
     cached latents, gradient checkpointing, DPM-Solver, every method it lists) on a tiny SD-1.x-layout pipeline.
     Only what cannot run here is overridden: the weights, deepface (no weights offline; the tiny model draws no
     faces, so no filter), fp16 (CPU) and the scale."""
+    from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
+
+    from mmalign.image import data as image_data
     from mmalign.image.debias.cli import main
+
+    calls = {"dpm_solver": 0, "checkpointing": 0, "latent_cache": 0}
+
+    def counting(key, original):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(DPMSolverMultistepScheduler, "set_timesteps",
+                        counting("dpm_solver", DPMSolverMultistepScheduler.set_timesteps))
+    monkeypatch.setattr(UNet2DConditionModel, "enable_gradient_checkpointing",
+                        counting("checkpointing", UNet2DConditionModel.enable_gradient_checkpointing))
+    monkeypatch.setattr(image_data.LatentCache, "__init__", counting("latent_cache", image_data.LatentCache.__init__))
 
     recipe = Path(__file__).resolve().parents[2] / "configs/image/debias-sd15.yaml"
     out = tmp_path / "run"
@@ -339,3 +356,5 @@ def test_sd15_recipe_runs_end_to_end_on_a_tiny_sd_layout_pipeline(tmp_path, tiny
         assert not (out / "methods" / method / "final" / "unet").exists()
     for name in ("report.md", "gender_bars.png", "race_bars.png", "before_after.png"):
         assert (out / name).is_file(), name
+    # the recipe's sampler, memory savers and latent cache were used, once per trained method at least
+    assert calls["dpm_solver"] >= 5 and calls["checkpointing"] >= 4 and calls["latent_cache"] >= 4, calls
