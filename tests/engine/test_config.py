@@ -144,7 +144,7 @@ def test_yaml_boolean_words_read_back_as_the_choice_they_spell(tmp_path):
     path.write_text("mixed_precision: no\n")
     assert load_config(TrainingConfig, path).mixed_precision == "no"
     assert load_config(TrainingConfig, {}, ["mixed_precision=no"]).mixed_precision == "no"
-    # a boolean where the choices spell no yes/no word is still an error, naming the value
+    # a boolean whose words are not among the choices is still an error, naming the value and the cause
     with pytest.raises(ConfigError, match=r"mixed_precision: invalid value True; expected one of 'no', 'fp16'.*"
                                           r"YAML reads yes/no/on/off/true/false as booleans"):
         load_config(TrainingConfig, {}, ["mixed_precision=yes"])
