@@ -137,7 +137,7 @@ def make_compute_loss(objective):
     from mmalign.shared.objectives import masked_mean
 
     beta = objective.beta
-    needs_lengths = getattr(objective, "nll", 0) > 0
+    needs_lengths = objective.uses_chosen_lengths
 
     def compute_loss(model: nn.Module, batch: Mapping[str, Any]) -> StepOutput:
         surrogates = model(batch)

@@ -149,6 +149,11 @@ class Objective:
             raise ValueError(f"{self.name}: nll (the weight of the NLL term) must be >= 0; got {self.nll}")
 
     @property
+    def uses_chosen_lengths(self) -> bool:
+        """Whether `chosen_lengths` enters the loss: the NLL term (nll > 0) or an objective built on it (sft)."""
+        return self.nll > 0 or self.takes_lengths
+
+    @property
     def hparams(self) -> dict[str, object]:
         return {key: getattr(self, key) for key in inspect.signature(type(self).__init__).parameters if key != "self"}
 

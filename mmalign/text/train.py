@@ -95,8 +95,8 @@ class PreferenceLoss:
         if batch.get("ragged"):
             inputs["chosen_mask"] = batch["chosen_mask"]
             inputs["rejected_mask"] = batch["rejected_mask"]
-        if getattr(self.objective, "nll", 0) or getattr(self.objective, "takes_lengths", False):
-            inputs["chosen_lengths"] = batch["chosen_lengths"]  # per-token NLL (the nll term, sft)
+        if self.objective.uses_chosen_lengths:  # per-token NLL (the nll term, sft)
+            inputs["chosen_lengths"] = batch["chosen_lengths"]
         extra = {k: v for k, v in batch.get("extra", {}).items() if k in self._input_names}
         if self.extra_inputs_hook is not None:
             extra.update(self.extra_inputs_hook(model, batch))
