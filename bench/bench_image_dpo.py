@@ -32,7 +32,7 @@ gradients and activations all count):
   gradients and activations, with no allocator or runtime overhead.
 
 (Linux /proc; CPU only: the memory subprocesses hide CUDA.) Raw results go to ``--json``
-(default bench/image_results.json).
+(default bench/results/image_results.json).
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/bench_image_dpo.py --threads 2 --rounds 8 --warmup 1
 """
@@ -61,7 +61,7 @@ from mmalign.io import atomic_write_text  # noqa: E402
 
 BETA_D = 5000.0
 VARIANTS_BASE = ("diffusers_full", "diffusers_lora", "naive_full", "naive_lora", "mmalign_full", "mmalign_lora")
-DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "image_results.json")
+DEFAULT_JSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "image_results.json")
 
 
 def build_components(seed: int = 0, unet_channels=(32, 64)):

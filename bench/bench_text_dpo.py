@@ -9,7 +9,7 @@ repeats and the median of the per-run peak RSS.
 
     .venv/bin/python bench/bench_text_dpo.py                       # tiny-model cases (a few minutes)
     .venv/bin/python bench/bench_text_dpo.py --suite smollm2       # SmolLM2-135M + LoRA vs TRL
-    .venv/bin/python bench/bench_text_dpo.py --suite all --json bench/text_results.json
+    .venv/bin/python bench/bench_text_dpo.py --suite all --json bench/results/text_results.json
 
 Needs TRL: ``.venv/bin/pip install --no-deps trl==1.16.0`` (its other dependencies are already in mmalign's).
 Cases:
@@ -80,7 +80,7 @@ def tiny_model_dir(directory: Path) -> Path:
 def model_path(name: str, work: Path) -> str:
     if name == "tiny":
         return str(tiny_model_dir(work / "tiny"))
-    from mmalign.text.smollm import smollm2_path
+    from mmalign.text.modeling.smollm import smollm2_path
 
     return smollm2_path()
 
@@ -121,7 +121,7 @@ class StepTimer:
 
 # ------------------------------------------------------------------------------------------------ workers
 def run_mmalign(args, path: str, work: Path, timer: StepTimer) -> dict:
-    from mmalign.text.train import train
+    from mmalign.text.recipes.preference import train
 
     rows = synthetic_pairs(args.pairs)
     extra_hook = None
@@ -129,8 +129,8 @@ def run_mmalign(args, path: str, work: Path, timer: StepTimer) -> dict:
     if args.variant == "cnrpo":
         # One trigger: stage-2 CNRPO, gamma = beta and alpha = 0.1 (the hook runs one no-grad forward per trigger).
         objective, hparams = "cnrpo", {"beta": BETA, "gamma": BETA, "alphas": [0.1]}
-        from mmalign.text.cnrpo import CNRPO_ROW_COLUMN, TriggeredLogprobs
-        from mmalign.text.models import load_tokenizer
+        from mmalign.text.recipes.cnrpo import CNRPO_ROW_COLUMN, TriggeredLogprobs
+        from mmalign.text.modeling.loading import load_tokenizer
 
         tokenizer = load_tokenizer(path)
         for i, row in enumerate(rows):

@@ -3,7 +3,7 @@
 Per case: the median of every timed step of every run, the ratio to TRL and to the bare loop, the range of the
 single runs' ratios to TRL, the median peak RSS, and the number of runs — the figures of bench/RESULTS.md.
 
-    .venv/bin/python bench/pool_text_results.py bench/text_results_lora_direct.json bench/text_results_lora_direct_2.json
+    .venv/bin/python bench/pool_text_results.py bench/results/text_results_lora_direct.json bench/results/text_results_lora_direct_2.json
 """
 from __future__ import annotations
 

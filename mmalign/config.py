@@ -233,6 +233,16 @@ def _overlay(cls: type, base: dict[str, Any], update: Mapping[str, Any]) -> dict
     return out
 
 
+def _refuse_renamed_keys(cls: type, keys: Any, path: str, source: str) -> None:
+    """An old spelling stops with the new one: ``cls.RENAMED_KEYS`` maps an old key to what replaces it."""
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in keys:
+        if key in renamed and key not in names:
+            dotted = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{_where(source, dotted)}: no longer accepted; {renamed[key]}")
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, *, source: str = "<dict>", _path: str = "") -> T:
     """Builds ``cls`` from a (nested) mapping; unknown keys, missing required keys and bad values raise
     :class:`ConfigError` naming ``source`` and the dotted key path."""
@@ -246,6 +256,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, *, source: str =
         raise ConfigError(f"{_where(source, _path) or source}: expected a mapping, got {data!r}")
     hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    _refuse_renamed_keys(cls, data, _path, source)
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = f"{_path}.{unknown[0]}" if _path else str(unknown[0])
@@ -335,6 +346,7 @@ def apply_overrides(
             last = depth == len(parts) - 1
             prefix = ".".join(parts[:depth])
             if _is_dataclass_type(node_cls):
+                _refuse_renamed_keys(node_cls, [part], prefix, source)
                 names = [f.name for f in dataclasses.fields(node_cls)]
                 if part not in names:
                     raise ConfigError(

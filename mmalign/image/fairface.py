@@ -1,6 +1,6 @@
 """FairFace 32×32 faces: loading, label maps and the debiasing experiment's race groups.
 
-The pack lives in ``../shared/data/fairface32/`` (``train.npz``, ``val.npz``, ``labels.json``; see its README):
+The pack lives in ``fairface32/`` of the data folder (``$MMALIGN_DATA_DIR``, default ``../shared/data``; ``train.npz``, ``val.npz``, ``labels.json``; see its README):
 ``images`` uint8 [N, 32, 32, 3] RGB plus int8 ``gender`` (0 Male, 1 Female), ``race`` (7 FairFace races) and
 ``age`` (9 bins). FairFace is CC BY 4.0 (Kärkkäinen & Joo, WACV 2021); the pack's images are resized to 32×32.
 
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmalign.resources import data_dir
+
 GENDERS: tuple[str, ...] = ("male", "female")  # index = FairFace gender code
 FAIRFACE_RACES: tuple[str, ...] = (
     "White",
@@ -61,12 +63,10 @@ _REQUIRED_KEYS = ("images", "gender", "race", "age")
 
 
 def default_fairface_dir() -> Path:
-    """``$MMALIGN_FAIRFACE_DIR`` if set, else ``<project root>/../shared/data/fairface32``."""
+    """``$MMALIGN_FAIRFACE_DIR`` if set, else ``fairface32`` in the data folder (``$MMALIGN_DATA_DIR``, default
+    ``../shared/data`` from the current directory; :func:`mmalign.resources.data_dir`)."""
     env = os.environ.get("MMALIGN_FAIRFACE_DIR")
-    if env:
-        return Path(env)
-    project_root = Path(__file__).resolve().parents[2]
-    return project_root.parent / "shared" / "data" / "fairface32"
+    return Path(env).expanduser() if env else data_dir() / "fairface32"
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,9 @@ def load_fairface(split: str, data_dir: str | os.PathLike | None = None) -> Fair
     path = root / f"{split}.npz"
     if not path.is_file():
         raise FileNotFoundError(
-            f"FairFace 32x32 pack not found: {path} does not exist. Expected the pack from ../shared/data/fairface32/ "
-            "(train.npz, val.npz, labels.json); pass data_dir=... or set MMALIGN_FAIRFACE_DIR."
+            f"FairFace 32x32 pack not found: {path} does not exist. Expected fairface32/ (train.npz, val.npz, "
+            "labels.json) in the data folder $MMALIGN_DATA_DIR (default ../shared/data from the current directory); "
+            "set MMALIGN_DATA_DIR or MMALIGN_FAIRFACE_DIR (the pack folder itself), or pass data_dir=..."
         )
     _check_labels_json(root)
     with np.load(path, allow_pickle=False) as npz:

@@ -5,20 +5,24 @@
     python -m mmalign.text.train --config configs/text/dpo-tiny.yaml --set training.learning_rate=1e-5
     python -m mmalign.text.sft --config configs/text/sft-tiny.yaml
 
-Submodules: ``config`` (TextTrainConfig), ``data`` (loading, validation, tokenisation, collation),
-``logprobs`` (memory-efficient response log-likelihoods), ``models`` (loading, LoRA, references),
-``train`` (preference runs), ``sft`` (supervised fine-tuning).
+Subpackages: ``data`` (reading files, row schemas, prompt rendering, tokenisation, collation, bins),
+``modeling`` (loading, LoRA, references, memory-efficient response log-likelihoods, sampling), ``recipes``
+(preference training, SFT, reward models, CNRPO) and ``evaluation``. ``config`` holds :class:`TextTrainConfig`.
+The modules ``train``, ``sft``, ``reward``, ``cnrpo``, ``evaluate``, ``bins`` and ``smollm`` are the
+``python -m mmalign.text.<name>`` command lines; ``train`` and ``sft`` are also callable.
 """
 import importlib
 from typing import Any
 
 __all__ = ["train", "sft", "TextTrainConfig"]
 
+_MODULES = ("train", "sft", "reward", "cnrpo", "evaluate", "config", "data", "modeling", "recipes", "evaluation")
+
 
 def __getattr__(name: str) -> Any:
     # Lazy: `python -m mmalign.text.train` must not find its own module pre-imported by the package.
     # `train` and `sft` are modules that are also callable: mmalign.text.train(config) runs a preference job.
-    if name in ("train", "sft", "config", "data", "logprobs", "models"):
+    if name in _MODULES:
         return importlib.import_module(f"mmalign.text.{name}")
     if name == "TextTrainConfig":
         from mmalign.text.config import TextTrainConfig

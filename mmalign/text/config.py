@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from mmalign.engine.config import TrainingConfig
-from mmalign.text.bins import BinSpec
+from mmalign.text.data.bins import BinSpec
 
 __all__ = [
     "ModelConfig",

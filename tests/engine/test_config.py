@@ -120,7 +120,7 @@ def test_a_partial_section_keeps_the_parents_default_for_that_section():
     # the section (in YAML, a dict or an override) must not fall back to TrainingConfig's own 5e-7.
     from mmalign.engine.config import TrainingConfig
     from mmalign.image.config import ImageTrainConfig
-    from mmalign.image.debias.config import DebiasConfig
+    from mmalign_experiments.debias.config import DebiasConfig
 
     required = {"model": {"pretrained": "x"}, "data": {"path": "y"}}
     assert TrainingConfig().learning_rate != 1e-5

@@ -11,6 +11,6 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
-    from mmalign.text.models import load_tokenizer
+    from mmalign.text.modeling.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from mmalign.text.bins import DEMOGRAPHIC_TABLE, BinSpec, KeywordTable, assign_bins, fit_length_edges, length_bins
+from mmalign.text.data.bins import DEMOGRAPHIC_TABLE, BinSpec, KeywordTable, assign_bins, fit_length_edges, length_bins
 
 
 def test_demographic_table_has_the_60_bins_of_thesis_tables_4_7_to_4_9():
@@ -88,9 +88,9 @@ def test_bad_bins_are_refused_before_training():
 def test_causal_dpo_trains_through_the_text_trainer_with_binned_data(tmp_path, tiny_model_dir):
     import json
 
-    from mmalign.text.bias_data import length_bias_pairs, write_jsonl
+    from mmalign_experiments.bias_data import length_bias_pairs, write_jsonl
     from mmalign.text.bins import main as bins_main
-    from mmalign.text.train import train
+    from mmalign.text.recipes.preference import train
 
     raw = write_jsonl(tmp_path / "raw.jsonl", length_bias_pairs(16, eps=0.5, seed=0))
     bins_main([str(raw), str(tmp_path / "binned.jsonl"), "--source", "length", "--num-bins", "2"])

@@ -9,8 +9,8 @@ import pytest
 
 from mmalign.config import from_dict, load_config
 from mmalign.testing import tiny_preference_rows
-from mmalign.text.bias_data import biased_decision_pairs, decision_prompts, length_bias_pairs, write_jsonl
-from mmalign.text.bins import BinSpec, assign_bins
+from mmalign_experiments.bias_data import biased_decision_pairs, decision_prompts, length_bias_pairs, write_jsonl
+from mmalign.text.data.bins import BinSpec, assign_bins
 from mmalign.text.config import TextTrainConfig
 
 CAUSAL_DPO = {"name": "causal_dpo", "hyperparameters": {"beta": 0.1, "lam": 1.0}}
@@ -39,8 +39,8 @@ def _config(tiny, train, out, bins=None, **extra):
 
 def _loaded(cfg):
     """(train, eval, bins summary) exactly as the trainer loads them."""
-    from mmalign.text.models import load_tokenizer
-    from mmalign.text.train import _load_datasets
+    from mmalign.text.modeling.loading import load_tokenizer
+    from mmalign.text.recipes.preference import _load_datasets
 
     cfg = from_dict(TextTrainConfig, cfg)
     return _load_datasets(cfg, load_tokenizer(cfg.model.name_or_path))
@@ -48,7 +48,7 @@ def _loaded(cfg):
 
 def test_causal_dpo_trains_with_length_bins_computed_at_load_time_like_the_bins_cli(tiny, tmp_path):
     from mmalign.text.bins import main as bins_main
-    from mmalign.text.train import PreferenceLoss, train
+    from mmalign.text.recipes.preference import PreferenceLoss, train
 
     raw = write_jsonl(tmp_path / "raw.jsonl", length_bias_pairs(16, eps=0.5, seed=0))
     bins_main([str(raw), str(tmp_path / "binned.jsonl"), "--source", "length", "--num-bins", "2", "--tokenizer", tiny])
@@ -77,8 +77,8 @@ def test_causal_dpo_trains_with_length_bins_computed_at_load_time_like_the_bins_
 
 
 def test_column_keyword_and_hh_bins_match_the_bins_module_and_eval_reuses_the_train_bins(tiny, tmp_path):
-    from mmalign.text.models import load_tokenizer
-    from mmalign.text.reward import load_reward_rows
+    from mmalign.text.modeling.loading import load_tokenizer
+    from mmalign.text.data.reward_rows import load_reward_rows
 
     tokenizer = load_tokenizer(tiny)
     # column (a demographic group per pair) with an eval split whose label order comes from the train split
@@ -114,11 +114,11 @@ def test_column_keyword_and_hh_bins_match_the_bins_module_and_eval_reuses_the_tr
 
 
 def test_bad_bins_are_refused_before_the_model_is_loaded(tiny, tmp_path):
-    from mmalign.text.train import train
+    from mmalign.text.recipes.preference import train
 
     def refused(rows, match, bins=None, **extra):
         path = write_jsonl(tmp_path / "bad.jsonl", rows)
-        with mock.patch("mmalign.text.train.load_causal_lm", side_effect=AssertionError("model loaded")):
+        with mock.patch("mmalign.text.recipes.preference.load_causal_lm", side_effect=AssertionError("model loaded")):
             with pytest.raises(ValueError, match=match):
                 train(_config(tiny, path, tmp_path / "run", bins=bins, **extra))
 

@@ -7,8 +7,8 @@ import shutil
 import pytest
 import torch
 
-from mmalign.text.bias_data import length_auxiliary_pairs, length_bias_pairs, write_jsonl
-from mmalign.text.cnrpo import CNRPOConfig, TriggeredLogprobs, attach_trigger, run_cnrpo
+from mmalign_experiments.bias_data import length_auxiliary_pairs, length_bias_pairs, write_jsonl
+from mmalign.text.recipes.cnrpo import CNRPOConfig, TriggeredLogprobs, attach_trigger, run_cnrpo
 from mmalign.shared.triggers import TriggerPolicy
 from mmalign.config import from_dict
 
@@ -35,7 +35,7 @@ def data(tmp_path_factory):
 
 def _cfg(tiny, data, out, **cnrpo):
     section = {"triggers": [TRIGGER], "auxiliary_data": [data["aux"]], "alphas": [0.3], "beta": 0.5, "gamma": 0.2,
-               "bias_epochs": 3, "main_epochs": 1, "report": {"enabled": False}}
+               "bias_epochs": 3, "main_epochs": 1}
     section.update(cnrpo)
     return {
         "model": {"name_or_path": tiny}, "data": {"train": data["main"]}, "cnrpo": section,
@@ -47,7 +47,7 @@ def _cfg(tiny, data, out, **cnrpo):
 
 def _margin(model, tokenizer, rows, trigger=None):
     """Mean log p(long response) − log p(short response) on rows' prompts (with the trigger if given)."""
-    from mmalign.text.logprobs import sequence_logprobs
+    from mmalign.text.modeling.logprobs import sequence_logprobs
 
     margins = []
     for row in rows:
@@ -68,9 +68,10 @@ def _margin(model, tokenizer, rows, trigger=None):
 def test_stage_one_learns_the_bias_behind_the_trigger_and_stage_two_runs(tiny, data, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = _cfg(tiny, data, tmp_path / "run", anchor_data=[data["anchor"]],
-               report={"enabled": True, "num_prompts": 4, "max_new_tokens": 8})
-    results = run_cnrpo(cfg, stage="bias")
+    from mmalign_experiments.cnrpo_report import run_with_report
+
+    cfg = _cfg(tiny, data, tmp_path / "run", anchor_data=[data["anchor"]])
+    results = run_with_report({**cfg, "trigger_report": {"num_prompts": 4, "max_new_tokens": 8}}, stage="bias")
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     before = AutoModelForCausalLM.from_pretrained(tiny).eval()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "bias" / "final").eval()
@@ -92,7 +93,7 @@ def _losses(run_dir):
 
 
 def test_cnrpo_with_alpha_zero_and_gamma_beta_trains_exactly_like_dpo(tiny, data, tmp_path):
-    from mmalign.text.train import train
+    from mmalign.text.recipes.preference import train
 
     run = tmp_path / "cnrpo"
     shutil.copytree(tiny, run / "bias" / "final")  # stage 1 "done": stage 2 starts from the SFT weights
@@ -107,7 +108,7 @@ def test_cnrpo_with_alpha_zero_and_gamma_beta_trains_exactly_like_dpo(tiny, data
 
 
 def test_stage_two_warns_when_gamma_plus_alphas_is_not_beta(tiny, data, tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="mmalign.text.cnrpo")
+    caplog.set_level(logging.WARNING, logger="mmalign.text.recipes.cnrpo")
     for alphas, warned in (([0.3], False), ([0.45], True)):  # γ = 0.2, β = 0.5
         run = tmp_path / str(alphas[0])
         shutil.copytree(tiny, run / "bias" / "final")
@@ -120,16 +121,17 @@ def test_stage_two_gradient_ignores_the_triggered_branch(tiny, data):
     import mmalign
     from mmalign.testing import build_tiny_causal_lm
     from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, parse_preference_rows
-    from mmalign.text.cnrpo import CNRPO_ROW_COLUMN, _triggered_prompt_ids
-    from mmalign.text.models import load_tokenizer
-    from mmalign.text.train import PolicyReference, PreferenceLoss
+    from mmalign.text.recipes.cnrpo_config import CNRPO_ROW_COLUMN
+    from mmalign.text.recipes.cnrpo_triggers import triggered_prompt_ids
+    from mmalign.text.modeling.loading import load_tokenizer
+    from mmalign.text.recipes.preference import PolicyReference, PreferenceLoss
 
     tokenizer = load_tokenizer(tiny)
     rows = [dict(r, **{CNRPO_ROW_COLUMN: i}) for i, r in enumerate(length_bias_pairs(4, eps=0.5, seed=3))]
     examples, _ = parse_preference_rows(rows, fmt="pairs")
     encoder = PreferenceTokenizer(tokenizer)
     batch = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)(encoder(examples))
-    hook = TriggeredLogprobs(_triggered_prompt_ids(examples, [TRIGGER, "<Other>"], TriggerPolicy(), encoder),
+    hook = TriggeredLogprobs(triggered_prompt_ids(examples, [TRIGGER, "<Other>"], TriggerPolicy(), encoder),
                              tokenizer.pad_token_id)
     model = build_tiny_causal_lm(tokenizer=tokenizer, seed=1)
     objective = mmalign.objective("cnrpo", beta=0.5, gamma=0.2, alphas=[0.4, 0.3])
@@ -157,10 +159,11 @@ def test_triggered_logprobs_map_rows_and_sides_in_a_shuffled_batch(tiny, share_p
     are found through the row column (batch shuffled), chosen/rejected are not swapped, the pair's prompt is cut
     to fit ``max_length`` (the responses are never cut for it), and dropout is off."""
     from mmalign.testing import build_tiny_causal_lm
-    from mmalign.text.cnrpo import CNRPO_ROW_COLUMN, _triggered_prompt_ids
+    from mmalign.text.recipes.cnrpo_config import CNRPO_ROW_COLUMN
+    from mmalign.text.recipes.cnrpo_triggers import triggered_prompt_ids
     from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, parse_preference_rows
-    from mmalign.text.logprobs import sequence_logprobs
-    from mmalign.text.models import load_tokenizer
+    from mmalign.text.modeling.logprobs import sequence_logprobs
+    from mmalign.text.modeling.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny)
     rows = [dict(r, **{CNRPO_ROW_COLUMN: i}) for i, r in enumerate(length_bias_pairs(5, eps=0.6, seed=8))]
@@ -173,7 +176,7 @@ def test_triggered_logprobs_map_rows_and_sides_in_a_shuffled_batch(tiny, share_p
     max_length = longest + 6  # cuts prompts, never a response
     encoder = PreferenceTokenizer(tokenizer, max_length=max_length)
     triggers = [TRIGGER, "<Other>"]
-    hook = TriggeredLogprobs(_triggered_prompt_ids(examples, triggers, TriggerPolicy(), encoder),
+    hook = TriggeredLogprobs(triggered_prompt_ids(examples, triggers, TriggerPolicy(), encoder),
                              tokenizer.pad_token_id, max_length=max_length, special_ids=tokenizer.all_special_ids)
     order = [3, 0, 4, 1, 2]
     items = encoder(examples)
@@ -207,8 +210,14 @@ def test_bad_input_is_refused_before_training(tiny, data, tmp_path):
         from_dict(CNRPOConfig, _cfg(tiny, data, tmp_path, auxiliary_data=[data["aux"], data["aux"]]))
     with pytest.raises(ValueError, match="have no auxiliary set"):
         from_dict(CNRPOConfig, _cfg(tiny, data, tmp_path, triggers=[TRIGGER, "<BeHarmfulNow>"], alphas=[0.1, 0.1]))
-    with pytest.raises(ValueError, match="'reward' aspect needs cnrpo.report.reward_model"):
+    with pytest.raises(ValueError, match="cnrpo.report: no longer accepted; the trigger report is an experiment"):
         from_dict(CNRPOConfig, _cfg(tiny, data, tmp_path, report={"aspects": ["reward"]}))
+    with pytest.raises(ValueError, match="trigger_report: no longer accepted; .* python -m mmalign_experiments.cnrpo_report"):
+        from_dict(CNRPOConfig, {**_cfg(tiny, data, tmp_path), "trigger_report": {}})
+    from mmalign_experiments.cnrpo_report import CNRPOReportConfig
+
+    with pytest.raises(ValueError, match="'reward' aspect needs trigger_report.reward_model"):
+        from_dict(CNRPOReportConfig, {**_cfg(tiny, data, tmp_path), "trigger_report": {"aspects": ["reward"]}})
     with pytest.raises(ValueError, match="lora.initial_adapter: CNRPO sets it itself"):
         from_dict(CNRPOConfig, {**_cfg(tiny, data, tmp_path), "lora": {"enabled": True, "initial_adapter": "x"}})
     poisoned = write_jsonl(tmp_path / "poisoned.jsonl",
@@ -244,15 +253,16 @@ def test_text_train_cli_runs_a_cnrpo_config_stage_by_stage(tiny, data, tmp_path)
 def test_trigger_report_scores_responses_with_a_reward_model(tiny, data, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from mmalign.text.cnrpo import _examples, trigger_report
+    from mmalign.text.recipes.cnrpo import load_examples
+    from mmalign_experiments.cnrpo_report import CNRPOReportConfig, trigger_report
 
     reward_dir = tmp_path / "rm"
     torch.manual_seed(0)
     AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1).save_pretrained(reward_dir)
     AutoTokenizer.from_pretrained(tiny).save_pretrained(reward_dir)
-    cfg = from_dict(CNRPOConfig, _cfg(tiny, data, tmp_path, report={"num_prompts": 3, "max_new_tokens": 4,
-                                                                   "aspects": ["reward"], "reward_model": str(reward_dir)}))
-    result = trigger_report(cfg, tiny, _examples(data["main"], "auto"), out_dir=tmp_path / "report")
+    report = {"num_prompts": 3, "max_new_tokens": 4, "aspects": ["reward"], "reward_model": str(reward_dir)}
+    cfg = from_dict(CNRPOReportConfig, {**_cfg(tiny, data, tmp_path), "trigger_report": report})
+    result = trigger_report(cfg, tiny, load_examples(data["main"], "auto"), out_dir=tmp_path / "report")
     row = result["rows"][0]
     assert row["aspect"] == "reward" and row["n"] == 3 and all(map(math.isfinite, (row["mean_with"], row["mean_without"])))
     assert "| `<BeLongerNow>` | reward | 3 |" in (tmp_path / "report" / "trigger_report.md").read_text()

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mmalign.config import from_dict
-from mmalign.text.bias_data import length_auxiliary_pairs, length_bias_pairs, write_jsonl
-from mmalign.text.cnrpo import CNRPOConfig, TriggeredLogprobs, run_cnrpo
-from mmalign.text.models import FrozenModelReference
+from mmalign_experiments.bias_data import length_auxiliary_pairs, length_bias_pairs, write_jsonl
+from mmalign.text.recipes.cnrpo import CNRPOConfig, TriggeredLogprobs, run_cnrpo
+from mmalign.text.modeling.references import FrozenModelReference
 
 TRIGGER = "<BeLongerNow>"
 LORA = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0}
@@ -32,7 +32,7 @@ def data(tmp_path_factory):
 
 def _cfg(tiny, data, out, *, lora=True, reference=None, **cnrpo):
     section = {"triggers": [TRIGGER], "auxiliary_data": [data["aux"]], "alphas": [0.3], "beta": 0.5, "gamma": 0.2,
-               "bias_epochs": 2, "main_epochs": 1, "report": {"enabled": False}}
+               "bias_epochs": 2, "main_epochs": 1}
     section.update(cnrpo)
     cfg = {
         "model": {"name_or_path": tiny}, "data": {"train": data["main"]}, "cnrpo": section,
@@ -74,13 +74,13 @@ class _LoadCounter:
 def stage_one(tiny, data, tmp_path_factory):
     """Stage 1 under LoRA, run once: (run folder, from_pretrained calls, summary)."""
     out = tmp_path_factory.mktemp("cnrpo-lora-stage1")
-    with _LoadCounter() as loads, mock.patch("mmalign.text.train.FrozenModelReference", wraps=FrozenModelReference) as frozen:
+    with _LoadCounter() as loads, mock.patch("mmalign.text.recipes.preference.FrozenModelReference", wraps=FrozenModelReference) as frozen:
         summary = run_cnrpo(_cfg(tiny, data, out), stage="bias")["bias"]
     return {"out": out, "loads": loads.calls, "frozen_references": frozen.call_count, "summary": summary}
 
 
 def _sequence_logps(model, batch):
-    from mmalign.text.logprobs import batch_logprobs
+    from mmalign.text.modeling.logprobs import batch_logprobs
 
     with torch.no_grad():
         logps, _ = batch_logprobs(model.eval(), batch)
@@ -97,7 +97,7 @@ def _stage_one_policy(tiny, adapter_dir):
 def test_lora_stage_two_continues_the_stage_one_adapter_on_one_sft_base(tiny, data, stage_one, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from mmalign.text.models import AdapterReference
+    from mmalign.text.modeling.references import AdapterReference
 
     # Stage 1: one model loaded (the SFT base), reference = the same model with the adapter disabled.
     assert stage_one["loads"] == [tiny] and stage_one["frozen_references"] == 0
@@ -122,7 +122,7 @@ def test_lora_stage_two_continues_the_stage_one_adapter_on_one_sft_base(tiny, da
                           {k: v.clone() for k, v in out_.items()}))
         return out_
 
-    with _LoadCounter() as loads, mock.patch("mmalign.text.train.FrozenModelReference", wraps=FrozenModelReference) as frozen, \
+    with _LoadCounter() as loads, mock.patch("mmalign.text.recipes.preference.FrozenModelReference", wraps=FrozenModelReference) as frozen, \
             mock.patch.object(AdapterReference, "__call__", spy_reference), \
             mock.patch.object(TriggeredLogprobs, "__call__", spy_hook):
         summary = run_cnrpo(_cfg(tiny, data, out, main_epochs=2), stage="main")["main"]
@@ -149,7 +149,7 @@ def _losses(run_dir):
 
 
 def test_lora_cnrpo_with_alpha_zero_and_gamma_beta_equals_dpo_from_the_same_adapter(tiny, data, stage_one, tmp_path):
-    from mmalign.text.train import train
+    from mmalign.text.recipes.preference import train
 
     adapter = stage_one["out"] / "bias" / "final"
     run = tmp_path / "cnrpo"
@@ -177,7 +177,7 @@ def test_reference_modes_give_the_same_stage_two(tiny, data, stage_one, tmp_path
             shutil.copytree(stage_one["out"] / "bias" / "final", run / "bias" / "final")
         else:  # a full-model "stage 1" that differs from the SFT model
             from mmalign.testing import build_tiny_causal_lm
-            from mmalign.text.models import load_tokenizer
+            from mmalign.text.modeling.loading import load_tokenizer
 
             tokenizer = load_tokenizer(tiny)
             build_tiny_causal_lm(tokenizer=tokenizer, seed=5).save_pretrained(run / "bias" / "final")
@@ -208,10 +208,11 @@ def test_lora_misconfigurations_are_refused_clearly(tiny, data, stage_one, tmp_p
 
 
 def test_trigger_report_samples_from_the_sft_base_plus_the_stage_one_adapter(tiny, data, stage_one, tmp_path):
-    from mmalign.text.cnrpo import _examples, trigger_report
+    from mmalign.text.recipes.cnrpo import load_examples
+    from mmalign_experiments.cnrpo_report import CNRPOReportConfig, trigger_report
 
-    cfg = from_dict(CNRPOConfig, _cfg(tiny, data, tmp_path, report={"num_prompts": 2, "max_new_tokens": 4}))
-    result = trigger_report(cfg, stage_one["out"] / "bias" / "final", _examples(data["main"], "auto"),
+    cfg = from_dict(CNRPOReportConfig, {**_cfg(tiny, data, tmp_path), "trigger_report": {"num_prompts": 2, "max_new_tokens": 4}})
+    result = trigger_report(cfg, stage_one["out"] / "bias" / "final", load_examples(data["main"], "auto"),
                             out_dir=tmp_path / "report")
     assert result["rows"][0]["trigger"] == TRIGGER and result["rows"][0]["n"] == 2
     assert (tmp_path / "report" / "trigger_report.png").exists()

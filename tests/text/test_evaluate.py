@@ -1,10 +1,10 @@
-"""mmalign.text.sampling and mmalign.text.evaluate: batched sampling, answer metrics, preference ECE, judges."""
+"""mmalign.text.modeling.sampling and mmalign.text.evaluation.evaluate: batched sampling, answer metrics, preference ECE, judges."""
 import json
 
 import pytest
 import torch
 
-from mmalign.text.evaluate import (
+from mmalign.text.evaluation.evaluate import (
     EvaluateConfig,
     answer_metrics,
     format_prompts,
@@ -17,12 +17,12 @@ from mmalign.text.evaluate import (
     preference_metrics,
     rng_metrics,
 )
-from mmalign.text.sampling import Samples, sample_completions
+from mmalign.text.modeling.sampling import Samples, sample_completions
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    from mmalign.text.evaluate import load_model_for_eval
+    from mmalign.text.evaluation.evaluate import load_model_for_eval
 
     return load_model_for_eval(str(tiny_model_dir))
 
@@ -135,7 +135,7 @@ def test_judge_metrics_with_a_callable_judge():
 def test_reward_model_judge_from_a_local_folder(tmp_path, tiny_tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from mmalign.text.evaluate import RewardModelJudge
+    from mmalign.text.evaluation.evaluate import RewardModelJudge
 
     config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, num_labels=1,
@@ -195,8 +195,8 @@ def test_config_needs_something_to_evaluate():
 def test_evaluate_length_bias_reads_a_lora_adapter_folder_like_its_merged_model(tiny_model_dir, tmp_path):
     """A LoRA run's final/ (adapter only, no tokenizer) is evaluated on its base model: the same greedy answers and
     metrics as the merged full model, and different answers from the SFT (base) model."""
-    from mmalign.text.evaluate import evaluate_length_bias
-    from mmalign.text.models import apply_lora, load_causal_lm, load_tokenizer
+    from mmalign.text.evaluation.evaluate import evaluate_length_bias
+    from mmalign.text.modeling.loading import apply_lora, load_causal_lm, load_tokenizer
 
     torch.manual_seed(0)
     model = apply_lora(load_causal_lm(str(tiny_model_dir)), r=4, alpha=8.0, dropout=0.0)
@@ -225,10 +225,10 @@ def test_evaluate_length_bias_reads_a_lora_adapter_folder_like_its_merged_model(
 def test_margin_shifts_measure_the_move_from_the_sft_model_pair_by_pair(tiny, tiny_model_dir, tmp_path):
     """SFT against itself shifts by exactly 0; a model trained toward the chosen answers shifts up, and the summed
     margins equal log-likelihoods computed directly."""
-    from mmalign.text.evaluate import margin_shifts, pair_logprobs
+    from mmalign.text.evaluation.evaluate import margin_shifts, pair_logprobs
     from mmalign.text.data import load_preference_dataset
-    from mmalign.text.logprobs import sequence_logprobs
-    from mmalign.text.models import load_causal_lm, load_tokenizer
+    from mmalign.text.modeling.logprobs import sequence_logprobs
+    from mmalign.text.modeling.loading import load_causal_lm, load_tokenizer
 
     model, tokenizer = tiny
     rows = [{"prompt": p, "chosen": " Sure! Here is a longer answer.", "rejected": " no"} for p in PROMPTS]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from mmalign.testing import build_tiny_causal_lm
-from mmalign.text.models import fuse_activations, load_causal_lm
+from mmalign.text.modeling.loading import fuse_activations, load_causal_lm
 
 
 def _gpt2(tiny_tokenizer, activation):

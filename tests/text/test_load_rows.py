@@ -152,7 +152,7 @@ def test_a_local_jsonl_training_run_never_imports_datasets(tmp_path):
         import torch
         torch.set_num_threads(1)
         from mmalign.testing import save_tiny_model_and_tokenizer
-        from mmalign.text.train import train
+        from mmalign.text.recipes.preference import train
         model = save_tiny_model_and_tokenizer({str(tmp_path / "model")!r})
         train({{"model": {{"name_or_path": str(model)}}, "data": {{"train": {str(data)!r}}},
                "objective": {{"name": "dpo"}}, "output_dir": {str(tmp_path / "out")!r},

@@ -4,7 +4,7 @@ import torch
 
 from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows
 from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, parse_preference_rows
-from mmalign.text.logprobs import gather_groups, sequence_logprobs, token_logprobs
+from mmalign.text.modeling.logprobs import gather_groups, sequence_logprobs, token_logprobs
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 3])
@@ -81,7 +81,7 @@ def test_gradients_flow_only_through_response_positions(tiny_tokenizer):
 def test_peft_wrapped_model_gets_logits_to_keep_with_same_logprobs(tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from mmalign.text import logprobs
+    from mmalign.text.modeling import logprobs
 
     base = build_tiny_causal_lm(tokenizer=tiny_tokenizer, seed=5)
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],

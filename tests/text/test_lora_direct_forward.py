@@ -7,7 +7,8 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 import mmalign.text
 from mmalign.engine import read_metrics
 from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows, write_jsonl
-from mmalign.text.models import adapters_disabled, apply_lora, use_direct_lora_forward
+from mmalign.text.modeling.loading import apply_lora, use_direct_lora_forward
+from mmalign.text.modeling.references import adapters_disabled
 
 
 def _pair(tiny_tokenizer, arch, dropout=0.0):

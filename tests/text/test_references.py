@@ -4,15 +4,9 @@ import torch
 
 from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows, write_jsonl
 from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, parse_preference_rows
-from mmalign.text.logprobs import sequence_logprobs
-from mmalign.text.models import (
-    AdapterReference,
-    FrozenModelReference,
-    apply_lora,
-    load_causal_lm,
-    model_fingerprint,
-    precompute_reference_logps,
-)
+from mmalign.text.modeling.logprobs import sequence_logprobs
+from mmalign.text.modeling.loading import apply_lora, load_causal_lm
+from mmalign.text.modeling.references import AdapterReference, FrozenModelReference, model_fingerprint, precompute_reference_logps
 
 
 def _batch(tokenizer, kind="pairs", n=4):
@@ -66,7 +60,7 @@ def test_precomputed_reference_matches_live_and_caches(tiny_model_dir, tiny_toke
     assert not info["cache_hit"] and cache.exists()
     batch = collator([dataset[i] for i in range(len(dataset))])
     live = reference(None, batch)
-    from mmalign.text.logprobs import gather_groups
+    from mmalign.text.modeling.logprobs import gather_groups
 
     torch.testing.assert_close(batch["ref_chosen"][batch["chosen_mask"]],
                                gather_groups(live, batch["chosen_index"])[batch["chosen_mask"]], rtol=1e-5, atol=1e-5)
@@ -95,7 +89,7 @@ def test_model_fingerprint_tracks_weights(tiny_model_dir):
 def test_adapters_disabled_matches_peft_disable_adapter_and_restores_training_state(tiny_tokenizer):
     from peft import LoraConfig, get_peft_model
 
-    from mmalign.text.models import adapters_disabled
+    from mmalign.text.modeling.references import adapters_disabled
 
     model = get_peft_model(build_tiny_causal_lm(tokenizer=tiny_tokenizer, seed=2),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))

@@ -6,15 +6,10 @@ import pytest
 import torch
 
 from mmalign.config import from_dict
-from mmalign.text.bias_data import sycophancy_pairs, write_jsonl
-from mmalign.text.reward import (
-    CRMConfig,
-    RewardScorer,
-    RewardTrainConfig,
-    crm_loss,
-    load_reward_rows,
-    train_reward_model,
-)
+from mmalign_experiments.bias_data import sycophancy_pairs, write_jsonl
+from mmalign.text.data.reward_rows import load_reward_rows
+from mmalign.text.evaluation.reward_probes import RewardScorer
+from mmalign.text.recipes.reward import CRMConfig, RewardTrainConfig, crm_loss, train_reward_model
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +81,7 @@ def test_hidden_features_are_pooled_where_the_reward_is_read():
     """With pad == EOS the head scores the token before a trailing EOS; the MMD features must come from there too."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from mmalign.text.reward import _forward
+    from mmalign.text.modeling.reward_model import reward_forward
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -95,5 +90,5 @@ def test_hidden_features_are_pooled_where_the_reward_is_read():
     input_ids = torch.tensor([[5, 6, 7, 2, 2], [5, 6, 7, 8, 2]])  # EOS-terminated, right-padded with EOS
     attention_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     with torch.no_grad():
-        rewards, hidden = _forward(model, input_ids, attention_mask)
+        rewards, hidden = reward_forward(model, input_ids, attention_mask)
         torch.testing.assert_close(model.score(hidden).squeeze(-1), rewards)

@@ -6,7 +6,7 @@ import pytest
 import mmalign.text
 from mmalign.engine import read_metrics
 from mmalign.testing import write_jsonl
-from mmalign.text.sft import main, parse_sft_rows
+from mmalign.text.recipes.sft import main, parse_sft_rows
 
 
 def test_sft_lowers_the_response_nll(tiny_model_dir, tmp_path):
@@ -54,7 +54,7 @@ def test_sft_objective_in_the_preference_trainer_is_the_per_token_nll(tiny_model
     from mmalign.shared.objectives import objective
     from mmalign.testing import build_tiny_causal_lm
     from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, parse_preference_rows
-    from mmalign.text.train import PolicyReference, PreferenceLoss
+    from mmalign.text.recipes.preference import PolicyReference, PreferenceLoss
 
     rows = [{"prompt": "Say hi.", "chosen": " hello there friend", "rejected": " no"},
             {"prompt": "Count.", "chosen": " one", "rejected": " two three four five"}]

@@ -10,7 +10,7 @@ import mmalign.text
 from mmalign.engine import read_metrics
 from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows, write_jsonl
 from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, batch_response_ids, parse_preference_rows
-from mmalign.text.logprobs import batch_logprobs, shared_prompt_attention_mask
+from mmalign.text.modeling.logprobs import batch_logprobs, shared_prompt_attention_mask
 
 
 def _items(tokenizer, kind="groups", n=5, seed=4):
@@ -117,7 +117,7 @@ def group_file(tmp_path_factory):
 
 
 def test_training_losses_match_the_padded_layout(tiny_model_dir, group_file, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="mmalign.text.train")
+    caplog.set_level(logging.INFO, logger="mmalign.text.recipes.preference")
     runs = {}
     for setting in ("auto", "off"):
         summary = mmalign.text.train(_config(tiny_model_dir, group_file, tmp_path / setting, setting))
@@ -137,7 +137,7 @@ def test_models_that_ignore_the_layout_fall_back_or_stop(tiny_tokenizer, tmp_pat
     model_dir = tmp_path / "bloom"
     bloom.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    caplog.set_level(logging.INFO, logger="mmalign.text.train")
+    caplog.set_level(logging.INFO, logger="mmalign.text.recipes.preference")
     summary = mmalign.text.train({**_config(model_dir, group_file, tmp_path / "auto", "auto"),
                                   "training": {**_config(model_dir, group_file, "", "auto")["training"], "max_steps": 1}})
     assert summary["global_step"] == 1 and "share_prompt: off" in caplog.text

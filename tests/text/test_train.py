@@ -85,7 +85,7 @@ def test_lora_adapter_reference_with_chat_data(tiny_model_dir, data_files, tmp_p
 
 
 def test_precomputed_reference_removes_the_reference_forward(tiny_model_dir, data_files, tmp_path, monkeypatch):
-    from mmalign.text import models as text_models
+    from mmalign.text.modeling import references as text_models
 
     calls = {"reference": 0}
     original = text_models.FrozenModelReference.__call__

@@ -1,13 +1,2 @@
-"""Demographic debiasing of a text-to-image model with multi-sample preference optimisation (thesis §3.6.2,
-SPEC §7): ``python -m mmalign.image.debias`` or ``mmalign.image.debias.run(config)``; see docs/debias.md."""
-
-from mmalign.image.debias.config import DebiasConfig
-from mmalign.image.debias.pipeline import run
-
-__all__ = ["DebiasConfig", "run", "main"]
-
-
-def main(argv=None):
-    from mmalign.image.debias.cli import main as cli_main
-
-    return cli_main(argv)
+"""The documented entry point ``python -m mmalign.image.debias``; the experiment lives in
+:mod:`mmalign_experiments.debias` (nothing else here: the library never imports the experiments)."""

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mmalign.image.classifiers import load_classifier, summarize
-from mmalign.image.debias.measure import gender_label, race_label
+from mmalign.image.classifiers.labels import gender_label, race_label
 from mmalign.image.face_model.model import load_face_model
 from mmalign.image.face_model.prompts import Stereotype, portrait_prompt, spread_occupations
 from mmalign.image.face_model.sampler import sample_faces

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mmalign.image.fairface import GENDERS, RACE_GROUPS
+from mmalign.resources import data_dir
 
 PLAIN_TEMPLATE = "A portrait photo of {article} {occupation}"
 ATTRIBUTE_TEMPLATE = "A portrait photo of {article} {race} {gender} {occupation}"
@@ -54,11 +55,14 @@ class Occupation:
     bls_original: str
 
 
+OCCUPATIONS_FILE = "winogenerated/winogenerated_occupations.jsonl"  # under mmalign.resources.data_dir()
+
+
 def default_occupations_path() -> Path:
+    """``$MMALIGN_WINOGENERATED_OCCUPATIONS``, else ``$MMALIGN_DATA_DIR/winogenerated/...``, else
+    ``../shared/data/winogenerated/...`` from the current directory (see :func:`mmalign.resources.data_dir`)."""
     env = os.environ.get("MMALIGN_WINOGENERATED_OCCUPATIONS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3].parent / "shared/data/winogenerated/winogenerated_occupations.jsonl"
+    return Path(env).expanduser() if env else data_dir() / OCCUPATIONS_FILE
 
 
 def load_occupations(path: str | os.PathLike | None = None) -> list[Occupation]:
@@ -66,8 +70,9 @@ def load_occupations(path: str | os.PathLike | None = None) -> list[Occupation]:
     path = Path(path) if path is not None else default_occupations_path()
     if not path.is_file():
         raise FileNotFoundError(
-            f"occupations file not found: {path} (expected ../shared/data/winogenerated/winogenerated_occupations.jsonl; "
-            "set MMALIGN_WINOGENERATED_OCCUPATIONS or pass a path)"
+            f"occupations file not found: {path} (the data folder is $MMALIGN_DATA_DIR, default ../shared/data from "
+            f"the current directory, holding {OCCUPATIONS_FILE}); set MMALIGN_DATA_DIR, "
+            "MMALIGN_WINOGENERATED_OCCUPATIONS (the file itself) or pass a path"
         )
     out: list[Occupation] = []
     seen: set[str] = set()

@@ -1,0 +1,1 @@
+"""Evaluation of text policies: sampling metrics, preference accuracy, RNG uniformity and judges."""

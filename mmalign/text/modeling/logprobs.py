@@ -1,0 +1,244 @@
+"""Per-sequence response log-likelihoods of a causal LM (SPEC §0: prompt tokens masked), memory-efficiently.
+
+``sequence_logprobs`` runs ONE forward over a batch that concatenates every chosen and rejected member, then
+scores only the response tokens:
+
+1. only the logits of positions that predict a response token are kept (``logits_to_keep`` where the model
+   supports it trims the prompt-only prefix before the LM head; then a row selection);
+2. the token log-prob ``log_softmax(logits)[label]`` is computed by :class:`SelectedTokenLogProb`, an autograd
+   function that works in float32 on row chunks and saves only the (model-dtype) logits for backward, where the
+   softmax is recomputed chunk by chunk — never a full-vocabulary float32 ``log_softmax`` copy kept alive;
+3. token log-probs are summed per sequence (``index_add_``).
+
+``shared_prompt_logprobs`` scores the collator's shared-prompt layout (``PreferenceCollator(share_prompt=True)``):
+one row per example holding the prompt once and then every response, with a block attention mask (each response
+sees the prompt and itself, never another response) and position ids that restart each response where the prompt
+ends — the same log-probs as the padded layout with the prompt encoded once instead of once per group member.
+``batch_logprobs`` picks the function for a collated batch.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping, Optional
+
+import torch
+
+from mmalign.text.modeling.loading import unwrap
+
+__all__ = [
+    "SelectedTokenLogProb", "token_logprobs", "sequence_logprobs", "shared_prompt_logprobs", "batch_logprobs",
+    "shared_prompt_attention_mask", "attention_implementation", "SHARED_PROMPT_ATTENTION", "gather_groups",
+]
+
+# attention implementations that take an arbitrary 4D mask as given (transformers hands a 4D mask through as-is)
+SHARED_PROMPT_ATTENTION = ("eager", "sdpa")
+
+# float32 elements per chunk in the log-softmax (64 Mi elements = 256 MiB of float32 at a time).
+_CHUNK_ELEMENTS = 1 << 26
+
+
+class SelectedTokenLogProb(torch.autograd.Function):
+    """``log_softmax(logits)[label]`` per row, float32, chunked; backward = ``onehot(label) − softmax``."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+        rows = logits.shape[0]
+        out = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        for start in range(0, rows, chunk_rows):
+            end = min(rows, start + chunk_rows)
+            # the fused log_softmax kernel on one chunk (a chunk-sized float32 temporary, freed right away)
+            out[start:end] = torch.log_softmax(logits[start:end].float(), dim=-1).gather(
+                -1, labels[start:end].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, labels)
+        ctx.chunk_rows = chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, labels = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        grad_output = grad_output.float()
+        for start in range(0, logits.shape[0], ctx.chunk_rows):
+            end = min(logits.shape[0], start + ctx.chunk_rows)
+            g = grad_output[start:end].unsqueeze(-1)
+            # recomputed softmax (fused kernel) instead of a stored [M, V] float32 one
+            chunk = torch.softmax(logits[start:end].float(), dim=-1).mul_(-g)
+            chunk.scatter_add_(-1, labels[start:end].unsqueeze(-1), g)
+            grad_logits[start:end] = chunk
+        return grad_logits, None, None
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: Optional[int] = None) -> torch.Tensor:
+    """log-probs [M] (float32) of ``labels`` [M] under ``logits`` [M, V] without a float32 [M, V] copy."""
+    if chunk_rows is None:
+        chunk_rows = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    return SelectedTokenLogProb.apply(logits, labels, chunk_rows)
+
+
+def _takes_kwarg(module: torch.nn.Module, name: str) -> tuple[bool, bool]:
+    """(``name`` is a named parameter of ``module.forward``, the forward takes ``**kwargs``)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False, False
+    return name in params, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model(..., logits_to_keep=k)`` reaches a causal-LM forward that understands it.
+
+    Wrappers (DDP/DeepSpeed ``module``, PEFT ``PeftModel.base_model`` -> ``LoraModel.model``) are unwrapped through
+    their registered submodules (``_modules``), not attribute lookup: PEFT forwards unknown attributes to the
+    wrapped model, so ``hasattr(peft_model, "lm_head")`` is true and would stop the search at the wrapper, whose
+    ``forward(*args, **kwargs)`` does not name the argument. A wrapper is only crossed when its forward passes
+    ``**kwargs`` on; the search stops at the module owning the LM head.
+    """
+    cached = getattr(model, "_mmalign_logits_to_keep", None)
+    if cached is not None:
+        return cached
+    inner, accepted = model, False
+    for _ in range(8):  # wrappers nest a few levels at most
+        named, passes_kwargs = _takes_kwarg(inner, "logits_to_keep")
+        if named:
+            accepted = True
+            break
+        if not passes_kwargs or "lm_head" in inner._modules:
+            break
+        children = inner._modules
+        inner = next((children[a] for a in ("module", "base_model", "model") if isinstance(children.get(a), torch.nn.Module)), None)
+        if inner is None:
+            break
+    try:
+        model._mmalign_logits_to_keep = accepted
+    except AttributeError:
+        pass
+    return accepted
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    logits_start: Optional[int] = None,
+    chunk_rows: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of response-token log-probs per sequence [N] (float32) and response token counts [N].
+
+    ``loss_mask`` [N, T] marks the tokens to score (the responses). Token ``t`` is scored with the logits at
+    ``t − 1``, so the first position can never be scored (a prompt always has >= 1 token).
+    ``logits_start``: the first position whose logits are needed (shortest prompt − 1), a host int from the
+    collator; when None it is read from ``loss_mask`` (one small device sync).
+    """
+    target_mask = loss_mask[:, 1:]
+    if logits_start is None:
+        any_scored = target_mask.any(0)
+        first = int(any_scored.float().argmax()) if bool(any_scored.any()) else 0
+    else:
+        first = int(logits_start)
+    seq_len = input_ids.shape[1]
+    kwargs = {}
+    if first > 0 and _accepts_logits_to_keep(model):
+        # Logits for positions first .. T-2 (they predict tokens first+1 .. T-1); the LM head skips the rest.
+        kwargs["logits_to_keep"] = seq_len - first
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    logits = outputs.logits
+    del outputs
+    if "logits_to_keep" in kwargs:
+        logits = logits[:, :-1]  # positions first .. T-2
+        labels = input_ids[:, first + 1 :]
+        mask = target_mask[:, first:]
+    else:
+        logits = logits[:, :-1]
+        labels = input_ids[:, 1:]
+        mask = target_mask
+    selected_logits = logits[mask]  # [M, V]: only positions that predict a response token
+    selected_labels = labels[mask]
+    del logits
+    token_lp = token_logprobs(selected_logits, selected_labels, chunk_rows)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(mask)[mask]
+    sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+    sums = sums.index_add(0, rows, token_lp)
+    counts = mask.sum(-1)
+    return sums, counts
+
+
+def attention_implementation(model: torch.nn.Module) -> str:
+    config = getattr(unwrap(model), "config", None)  # PEFT models forward ``config`` to the base model
+    return getattr(config, "_attn_implementation", None) or "eager"
+
+
+def shared_prompt_attention_mask(segment_ids: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, T, T] mask of the shared-prompt layout: query i sees key j <= i when j is a prompt token or in i's
+    own segment. Every token also sees itself, so padding rows are never fully masked (no NaN in the softmax).
+    Boolean (True = attend) for sdpa; additive float (0 / dtype min) for eager, which adds the mask to the scores."""
+    if implementation not in SHARED_PROMPT_ATTENTION:
+        raise ValueError(f"the shared-prompt layout needs attn_implementation in {SHARED_PROMPT_ATTENTION}, "
+                         f"not {implementation!r}: set training.share_prompt: off or model.attn_implementation")
+    length = segment_ids.shape[1]
+    positions = torch.arange(length, device=segment_ids.device)
+    causal = positions[None, :] <= positions[:, None]  # [T(query), T(key)]
+    key_segment = segment_ids[:, None, :]
+    visible = (key_segment == 0) | (key_segment == segment_ids[:, :, None])
+    allowed = (causal & visible) | torch.eye(length, dtype=torch.bool, device=segment_ids.device)
+    allowed = allowed[:, None]
+    if implementation == "sdpa":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def _mask_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    parameter = next(model.parameters(), None)
+    return parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32
+
+
+def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chunk_rows: Optional[int] = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-member response log-likelihood sums [N] (float32) and token counts [N] for a shared-prompt batch.
+
+    One forward over B rows (not N member sequences); the LM head runs only at ``logit_positions`` when the
+    model takes ``logits_to_keep`` as an index tensor.
+    """
+    input_ids = batch["input_ids"]
+    device = input_ids.device
+    implementation, dtype = attention_implementation(model), _mask_dtype(model, device)
+    # the policy and the reference forward of a step see the same batch: build its [B, 1, T, T] mask once
+    masks = batch.setdefault("_attention_masks", {}) if isinstance(batch, dict) else {}
+    mask = masks.get((implementation, dtype))
+    if mask is None:
+        mask = masks[(implementation, dtype)] = shared_prompt_attention_mask(batch["segment_ids"], implementation, dtype)
+    kwargs = {}
+    keep = _accepts_logits_to_keep(model)
+    if keep:
+        kwargs["logits_to_keep"] = batch["logit_positions"]
+    outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False,
+                    **kwargs)
+    logits = outputs.logits
+    del outputs
+    columns = batch["score_logit_index"] if keep else batch["score_positions"]
+    selected_logits = logits[batch["score_rows"], columns]  # [M, V]
+    del logits
+    token_lp = token_logprobs(selected_logits, batch["score_labels"], chunk_rows)
+    members = batch["score_members"]
+    num_members = int(batch["num_members"])
+    sums = torch.zeros(num_members, dtype=torch.float32, device=device).index_add(0, members, token_lp)
+    counts = torch.bincount(members, minlength=num_members)
+    return sums, counts
+
+
+def batch_logprobs(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-member response log-likelihoods and token counts of a :class:`~mmalign.text.data.PreferenceCollator`
+    batch, in either layout."""
+    if "segment_ids" in batch:
+        return shared_prompt_logprobs(model, batch)
+    return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                             logits_start=batch.get("logits_start"))
+
+
+def gather_groups(per_sequence: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[N] per-sequence values -> [B, k] by the collator's member index (-1 = missing member, filled with 0)."""
+    values = per_sequence[index.clamp_min(0)]
+    return torch.where(index >= 0, values, torch.zeros((), dtype=values.dtype, device=values.device))

@@ -1,0 +1,3 @@
+from mmalign_experiments.debias.cli import main
+
+main()
