@@ -171,7 +171,8 @@ def run_trl(args, path: str, work: Path, timer: StepTimer) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # bench/gpu sets args.dtype, args.rows (long sequences) and args.trl_overrides (CUDA, bf16, max_length); the CPU bench does not
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(args, "dtype", torch.float32))
     loss_type, divergence = TRL_LOSS[args.loss]
     peft_config, ref_model = None, None
     if args.lora:
@@ -185,12 +186,13 @@ def run_trl(args, path: str, work: Path, timer: StepTimer) -> dict:
     config = DPOConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=args.batch_size, max_steps=args.warmup + args.steps,
         learning_rate=LR, lr_scheduler_type="constant", beta=BETA, loss_type=loss_type, f_divergence_type=divergence,
-        logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, bf16=False, fp16=False,
+        logging_steps=10_000, save_strategy="no", report_to=[], disable_tqdm=True,
+        **getattr(args, "trl_overrides", {"use_cpu": True, "bf16": False, "fp16": False}),
         dataloader_num_workers=0, seed=0, max_grad_norm=1.0, precompute_ref_log_probs=args.variant == "precomputed",
         # TRL's DPOConfig turns gradient checkpointing ON by default (less memory, ~1.5x the compute).
         **({} if args.gradient_checkpointing == "default" else {"gradient_checkpointing": args.gradient_checkpointing == "on"}),
     )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=Dataset.from_list(synthetic_pairs(args.pairs)),
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=config, train_dataset=Dataset.from_list(getattr(args, "rows", None) or synthetic_pairs(args.pairs)),
                          processing_class=tokenizer, peft_config=peft_config)
     trainer.train()
     return {}
