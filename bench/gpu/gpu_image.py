@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gpu_common import CaseLog, CaseRunner, median, peak_mib, pick_device, reset_peak, synchronize
 
@@ -178,8 +178,8 @@ def run_pass(attention: str, checkpointing: bool, parts: dict, settings: ImageSe
                     continue
                 if round_index >= settings.warmup:
                     times[name].append(time.perf_counter() - start)
-            if time.time() > runner.deadline_at and round_index > settings.warmup:
-                break  # keep the rounds already timed
+            if time.time() > runner.deadline_at:
+                break  # out of time: keep the rounds already timed
         del steps
         variants = {name: {"step_times_s": values, "median_step_s": median(values),
                            "images_per_step": 2 * settings.pairs * group_size(name),
@@ -192,10 +192,12 @@ def run_pass(attention: str, checkpointing: bool, parts: dict, settings: ImageSe
     runner.run(f"time/{tag}", "time", timing, **labels)
 
 
-def run_section(dry_run: bool, log: CaseLog, deadline_at: float) -> None:
+def run_section(dry_run: bool, log: CaseLog, deadline_at: float, dtype: str | None = None) -> None:
     import torch
 
     settings = DRY if dry_run else GPU
+    if dtype:
+        settings = replace(settings, dtype=dtype)
     device = pick_device(dry_run)
     runner = CaseRunner(log, deadline_at, "image")
     if dry_run:
@@ -203,6 +205,8 @@ def run_section(dry_run: bool, log: CaseLog, deadline_at: float) -> None:
         from bench_image_dpo import build_components
 
         parts = build_components(unet_channels=(32, 64))
+        for module in (parts["unet"], parts["vae"], parts["conditioner"].text_encoder):
+            module.to(getattr(torch, settings.dtype))
         attentions = ["sdpa"]
         log.write({"section": "image", "case": "xformers", "status": "skipped", "reason": "CPU dry run (CUDA only)"})
     else:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -248,10 +248,12 @@ def cases(settings: TextSettings):
                         yield round_index, seq_len, lora, objective, impl
 
 
-def run_section(dry_run: bool, log: CaseLog, deadline_at: float) -> None:
+def run_section(dry_run: bool, log: CaseLog, deadline_at: float, dtype: str | None = None) -> None:
     import torch
 
     settings = DRY if dry_run else GPU
+    if dtype:
+        settings = replace(settings, dtype=dtype)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = pick_device(dry_run)

@@ -76,18 +76,18 @@ def device_section(dry_run: bool, log: CaseLog, deadline_at: float) -> None:
     runner.run("matmul", "matmul", rate)
 
 
-def worker_main(section: str, dry_run: bool, log_path: str, deadline_at: float) -> None:
+def worker_main(section: str, dry_run: bool, log_path: str, deadline_at: float, dtype: str | None) -> None:
     log = CaseLog(log_path)
     if section == "device":
         device_section(dry_run, log, deadline_at)
     elif section == "text":
         from gpu_text import run_section
 
-        run_section(dry_run, log, deadline_at)
+        run_section(dry_run, log, deadline_at, dtype)
     elif section == "image":
         from gpu_image import run_section
 
-        run_section(dry_run, log, deadline_at)
+        run_section(dry_run, log, deadline_at, dtype)
     else:
         raise ValueError(f"unknown section {section!r}")
 
@@ -100,12 +100,13 @@ def tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
-def run_worker(section: str, dry_run: bool, log: CaseLog, deadline_at: float, output: Path, cmd=None) -> dict:
+def run_worker(section: str, dry_run: bool, log: CaseLog, deadline_at: float, output: Path, cmd=None,
+               dtype: str | None = None) -> dict:
     """Runs (and after a crash restarts, past the case it died in) one section's worker until it finishes, its
     deadline passes, or it dies without progress. ``cmd``: another worker command line (tests)."""
     if cmd is None:
         cmd = [sys.executable, __file__, "--worker", section, "--case-log", str(log.path), "--deadline-at",
-               str(deadline_at)] + (["--dry-run"] if dry_run else [])
+               str(deadline_at)] + (["--dry-run"] if dry_run else []) + (["--dtype", dtype] if dtype else [])
     env = dict(os.environ, **WORKER_ENV)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     starts, outcome = 0, "not started: no time left"
@@ -192,17 +193,21 @@ def main() -> None:
                         help="comma-separated subset, e.g. 'device,image' for a shorter rerun")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help=f"global deadline in seconds (default {DEADLINE_S}; dry run {DRY_DEADLINE_S})")
+    parser.add_argument("--budget-scale", type=float, default=1.0,
+                        help="multiply every section budget and the global deadline (e.g. 3 for a slow rehearsal)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="override the weights' dtype (e.g. a bf16 rehearsal of the dry run on the CPU)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case-log", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-at", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker_main(args.worker, args.dry_run, args.case_log, args.deadline_at)
+        worker_main(args.worker, args.dry_run, args.case_log, args.deadline_at, args.dtype)
         return
 
     started = time.time()
-    deadline_at = started + (args.deadline_s or (DRY_DEADLINE_S if args.dry_run else DEADLINE_S))
-    budgets = DRY_BUDGETS if args.dry_run else BUDGETS
+    deadline_at = started + args.budget_scale * (args.deadline_s or (DRY_DEADLINE_S if args.dry_run else DEADLINE_S))
+    budgets = {k: v * args.budget_scale for k, v in (DRY_BUDGETS if args.dry_run else BUDGETS).items()}
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - {"device", "text", "image", "suite"}
     if unknown:
@@ -211,6 +216,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "gpu_bench.json"
     data: dict = {"meta": {"command": " ".join([Path(sys.executable).name, *sys.argv]), "dry_run": args.dry_run,
+                           "dtype_override": args.dtype,
                            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
                            "deadline_s": deadline_at - started, "budgets_s": budgets, "host": platform.node(),
                            "cpus": os.cpu_count()},
@@ -226,7 +232,7 @@ def main() -> None:
             else:
                 section_deadline = min(start + budgets[section], deadline_at)
                 log = CaseLog(Path(tmp) / f"{section}.jsonl")
-                result = run_worker(section, args.dry_run, log, section_deadline, out_dir / "workers.log")
+                result = run_worker(section, args.dry_run, log, section_deadline, out_dir / "workers.log", dtype=args.dtype)
                 data["entries"].extend(log.results())
             result.update(budget_s=round(min(budgets.get(section, 1e9), deadline_at - start), 1),
                           wall_s=round(time.time() - start, 1))
