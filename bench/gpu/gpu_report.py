@@ -109,7 +109,7 @@ def table(data: dict) -> str:
     lines = []
     info = next((e for e in data["entries"] if e.get("case") == "info" and e.get("status") == "ok"), {})
     lines.append(f"device: {info.get('name', '?')}, torch {info.get('torch', '?')}; measured matmul "
-                 f"{_f(data.get('matmul_tflops'), '.0f')} TFLOP/s; dry run: {data['meta']['dry_run']}")
+                 f"{_f(data.get('matmul_tflops'), '.3g')} TFLOP/s; dry run: {data['meta']['dry_run']}")
     lines.append("TEXT  setting            impl     s/step   tok/s    peak GiB  MFU    vs TRL  vs bare")
     for r in data.get("text_summary", []):
         setting = f"{r['objective']}/{r['finetuning']}/L{r['seq_len']}"
