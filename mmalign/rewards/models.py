@@ -1,6 +1,6 @@
 """Model rewards on text: a reward-model folder and an LM judge.
 
-- :class:`RewardModelReward` — the project's Bradley–Terry or causal reward models (``mmalign.text.reward``'s
+- :class:`RewardModelReward` — the project's Bradley–Terry or causal reward models (``python -m mmalign.text.reward``'s
   ``final/`` folders: the text is rendered as in their training) or any transformers sequence-classification model
   with one logit.
 - :class:`JudgeReward` — a causal LM asked whether the answer is good: ``log p(yes) − log p(no)`` for its next
@@ -42,7 +42,7 @@ class RewardModelReward(Reward):
     def __init__(self, path: Optional[str | os.PathLike] = None, *, model=None, tokenizer=None, batch_size: int = 16,
                  max_length: int = 1024, use_chat_template: Optional[bool] = None, device: Optional[str] = None,
                  name: Optional[str] = None):
-        from mmalign.text.reward import RewardScorer
+        from mmalign.text.evaluation.reward_probes import RewardScorer
 
         if path is not None:
             path = Path(os.path.expanduser(str(path)))
@@ -85,7 +85,7 @@ class JudgeReward(Reward):
                  positive: str = " yes", negative: str = " no", batch_size: int = 8, max_length: int = 1024,
                  name: Optional[str] = None):
         if path is not None:
-            from mmalign.text.models import load_causal_lm, load_tokenizer
+            from mmalign.text.modeling.loading import load_causal_lm, load_tokenizer
 
             tokenizer, model = load_tokenizer(path), load_causal_lm(path)
         elif model is None or tokenizer is None:

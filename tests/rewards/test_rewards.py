@@ -88,7 +88,7 @@ def _tiny_classifier_dir(tmp_path, tokenizer):
 def test_reward_model_folder_scores_like_the_project_scorer(tmp_path):
     from mmalign.rewards import RewardModelReward
     from mmalign.testing import build_tiny_tokenizer
-    from mmalign.text.reward import RewardScorer
+    from mmalign.text.evaluation.reward_probes import RewardScorer
 
     path, _ = _tiny_classifier_dir(tmp_path, build_tiny_tokenizer())
     reward = RewardModelReward(path)

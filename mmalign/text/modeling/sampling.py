@@ -8,7 +8,7 @@ records each sampled token's predictive entropy (SPEC §6) at no extra cost.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,12 +20,17 @@ class Samples:
     """``texts[i][j]``: the j-th completion for prompt i (decoded, special tokens dropped);
     ``num_tokens[i][j]``: its length in tokens (the end-of-sequence token not counted);
     ``token_entropy[i][j]``: mean entropy (nats) of the sampling distribution over its tokens (0 if empty);
-    ``finished[i][j]``: whether it ended with an end-of-sequence token within ``max_new_tokens``."""
+    ``finished[i][j]``: whether it ended with an end-of-sequence token within ``max_new_tokens``;
+    ``token_ids[i][j]``: the sampled ids, the end-of-sequence token included when finished (online training);
+    ``logprob[i][j]``: their summed log-probability under the sampling distribution (temperature applied,
+    before top-p)."""
 
     texts: list[list[str]]
     num_tokens: list[list[int]]
     token_entropy: list[list[float]]
     finished: list[list[bool]]
+    token_ids: list[list[list[int]]] = field(default_factory=list)
+    logprob: list[list[float]] = field(default_factory=list)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -96,7 +101,7 @@ def sample_completions(
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"sample_completions: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
     if not prompts:
-        return Samples([], [], [], [])
+        return Samples([], [], [], [], [], [])
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(model.parameters()).device
@@ -108,6 +113,8 @@ def sample_completions(
     num_tokens = [[] for _ in prompts]
     entropies = [[] for _ in prompts]
     finished_flags = [[] for _ in prompts]
+    token_ids = [[] for _ in prompts]
+    logprob_sums = [[] for _ in prompts]
     was_training = model.training
     model.eval()
     padding_side = tokenizer.padding_side
@@ -134,6 +141,7 @@ def sample_completions(
             num_rows = rows.numel()
             generated = torch.full((num_rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
             entropy_sum = torch.zeros(num_rows, device=device)
+            logprob_sum = torch.zeros(num_rows, device=device)
             lengths = torch.zeros(num_rows, dtype=torch.long, device=device)
             done = torch.zeros(num_rows, dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
@@ -149,6 +157,7 @@ def sample_completions(
                 step_entropy = -(log_probs.exp() * log_probs).nan_to_num().sum(-1)
                 is_stop = torch.isin(token, stop_tensor)
                 active = ~done
+                logprob_sum += torch.where(active, log_probs.gather(-1, token[:, None]).squeeze(-1), 0.0)
                 token = torch.where(active, token, torch.full_like(token, pad_id))
                 generated[:, step] = token
                 counts_now = active & ~is_stop
@@ -175,8 +184,10 @@ def sample_completions(
                     num_tokens[prompt_index].append(length)
                     entropies[prompt_index].append(float(entropy_sum[row]) / length if length else 0.0)
                     finished_flags[prompt_index].append(bool(done[row]))
+                    token_ids[prompt_index].append(generated[row, :length + int(done[row])].tolist())
+                    logprob_sums[prompt_index].append(float(logprob_sum[row]))
                     row += 1
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return Samples(texts, num_tokens, entropies, finished_flags)
+    return Samples(texts, num_tokens, entropies, finished_flags, token_ids, logprob_sums)
