@@ -4,6 +4,7 @@ on the denoising surrogate ρ = −(e_θ − e_ref).
 Entry points (imported lazily, so ``import mmalign.image`` stays light):
 
 - :func:`train` — ``mmalign.image.train(config)``; CLI ``python -m mmalign.image.train --config ...``.
+- :func:`online` — rounds of generate → score with an image reward → group → train (``mmalign.image.online``).
 - :class:`DiffusionPreferenceModel` — policy/reference denoising errors for pairs and groups.
 - :func:`generate_images`, :func:`save_image_grid` — seeded evaluation sampling.
 - :func:`load_group_records`, :class:`ImagePreferenceDataset` — preference data.
@@ -13,6 +14,7 @@ from importlib import import_module
 
 _LAZY = {
     "train": "mmalign.image.training",
+    "online": "mmalign.image.online",
     "ImageTrainConfig": "mmalign.image.config",
     "DiffusionPreferenceModel": "mmalign.image.diffusion",
     "DiffusionLogLikelihoods": "mmalign.image.diffusion",
