@@ -18,6 +18,7 @@ is part of the checkpoint, so a resumed run continues it exactly.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -130,11 +131,15 @@ class OnlineLoss:
         algo = self.cfg.algorithm
         metrics: dict[str, torch.Tensor] = {}
         if self.calls % algo.updates_per_rollout == 0:
+            start = time.perf_counter()
             self.rollout = generate_rollout(
                 model, self.tokenizer, batch, k=self.cfg.sampling.k, sampling=self.cfg.sampling,
                 seed=self.sampler_seed(self.calls // algo.updates_per_rollout), reward=self.reward,
                 heldout=self.heldout, normalize=self.cfg.reward_normalize)
             metrics.update(_rollout_metrics(self.rollout))
+            # sampling + scoring wall time; the engine's tokens/s covers the whole step
+            generated = float((self.rollout.lengths + self.rollout.finished).sum())
+            metrics["rollout/tokens_per_s"] = torch.tensor(generated / max(time.perf_counter() - start, 1e-9))
         self.calls += 1
         rollout = self.rollout
         items = [{"prompt_ids": p, "chosen_ids": r, "rejected_ids": []}
