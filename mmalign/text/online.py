@@ -51,17 +51,6 @@ logger = logging.getLogger("mmalign.text.online")
 PLOT_KEYS = ("loss", "reward/mean", "heldout_reward/mean", "kl", "divergence", "response/length", "entropy")
 
 
-class _Prompts(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict[str, Any]]):
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.items[index]
-
-
 def load_prompts(source: str, tokenizer, cfg: OnlineConfig, *, max_samples: Optional[int], context: Optional[int]
                  ) -> list[dict[str, Any]]:
     """Prompt items (``prompt``, rendered ``text``, ``prompt_ids``, ``add_special_tokens``) of a data file; a prompt
@@ -211,7 +200,7 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any, resume_from_checkpoint
     loss = OnlineLoss(cfg, tokenizer, reward, heldout, objective=objective, share_prompt=share)
     repeats = algo.updates_per_rollout
     dataset = (RepeatedBatches(train_items, cfg.training.batch_size, repeats, cfg.training.seed) if repeats > 1
-               else _Prompts(train_items))
+               else train_items)  # a list is a map-style dataset
 
     def save_model(unwrapped: torch.nn.Module, directory: Path) -> None:
         unwrapped.save_pretrained(directory)

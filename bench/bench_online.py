@@ -1,0 +1,144 @@
+"""Online RLOO/GRPO step: mmalign.text.online against TRL 1.16's RLOOTrainer / GRPOTrainer, side by side.
+
+Same tiny model (a 0.6M-parameter Llama built from config), prompts, k, max new tokens, reward (a regex count as a
+Python function), learning rate, β, threads (1), float32; TRL with ``bf16=False`` and
+``gradient_checkpointing=False`` set explicitly, full fine-tuning with a frozen reference copy on both sides.
+Each run is its own subprocess (peak RSS is per run); runs are interleaved mmalign/TRL and repeated. The step
+time is the median gap between consecutive step starts after two warm-up steps (generation + scoring + forward
++ backward + optimizer), taken from a hook on each side's step.
+
+    python bench/bench_online.py --repeats 3 --steps 10 --out bench/online_results.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPTS = ["Say hello.", "How do I bake bread?", "Pick a random number.", "Can you help me?",
+           "What is the capital of France?", "Who walked into the room?", "Tell me a story.", "Thanks!"] * 2
+K, BATCH_PROMPTS, MAX_NEW, LR, BETA = 4, 4, 16, 1e-5, 0.05
+
+
+def count_e(completions, **_):
+    return [float(c.count("e")) for c in completions]
+
+
+def _median_step(starts: list[float]) -> float:
+    gaps = [b - a for a, b in zip(starts[2:], starts[3:])]
+    return statistics.median(gaps)
+
+
+def run_mmalign(algo: str, model_dir: str, steps: int, out: str) -> dict:
+    import mmalign.text
+    from mmalign.rewards import CallableReward
+    from mmalign.text import rollout
+    from mmalign.testing import write_jsonl
+
+    starts: list[float] = []
+    original = rollout.OnlineLoss.__call__
+
+    def timed(self, model, batch):
+        starts.append(time.perf_counter())
+        return original(self, model, batch)
+
+    rollout.OnlineLoss.__call__ = timed
+    prompts = Path(out) / "prompts.jsonl"
+    write_jsonl(prompts, [{"prompt": p} for p in PROMPTS])
+    cfg = {"model": {"name_or_path": model_dir}, "prompts": {"train": str(prompts)},
+           "algorithm": {"name": algo, "beta": BETA, "divergence_in": "reward" if algo == "rloo" else "loss"},
+           "sampling": {"k": K, "max_new_tokens": MAX_NEW},
+           "training": {"batch_size": BATCH_PROMPTS, "max_steps": steps, "learning_rate": LR, "logging_steps": 1,
+                        "progress_bar": False, "plot": False, "num_threads": 1, "lr_scheduler": "constant"},
+           "output_dir": str(Path(out) / "mm")}
+    mmalign.text.online(cfg, reward=CallableReward(lambda prompts, outputs: count_e(outputs), name="count_e"))
+    return {"step_s": _median_step(starts), "steps": len(starts)}
+
+
+def run_trl(algo: str, model_dir: str, steps: int, out: str) -> dict:
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    starts: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            starts.append(time.perf_counter())
+
+    Config, Trainer = (RLOOConfig, RLOOTrainer) if algo == "rloo" else (GRPOConfig, GRPOTrainer)
+    args = Config(output_dir=str(Path(out) / "trl"), use_cpu=True, bf16=False, fp16=False,
+                  gradient_checkpointing=False, per_device_train_batch_size=BATCH_PROMPTS * K, num_generations=K,
+                  max_completion_length=MAX_NEW, max_steps=steps, learning_rate=LR, beta=BETA, logging_steps=1,
+                  report_to=[], save_strategy="no", seed=42, temperature=1.0, lr_scheduler_type="constant",
+                  dataloader_num_workers=0, disable_tqdm=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    trainer = Trainer(model=model, reward_funcs=count_e, args=args, processing_class=tokenizer,
+                      train_dataset=datasets.Dataset.from_list([{"prompt": p} for p in PROMPTS]), callbacks=[Timer()])
+    trainer.train()
+    return {"step_s": _median_step(starts), "steps": len(starts)}
+
+
+def one(side: str, algo: str, model_dir: str, steps: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as out:
+        result = (run_mmalign if side == "mmalign" else run_trl)(algo, model_dir, steps, out)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--algorithms", nargs="+", default=["rloo", "grpo"])
+    parser.add_argument("--out", default="bench/online_results.json")
+    parser.add_argument("--one", nargs=3, metavar=("SIDE", "ALGO", "MODEL_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        one(*args.one, args.steps)
+        return
+    from mmalign.testing import save_tiny_model_and_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    results: dict = {"config": {"k": K, "prompts_per_step": BATCH_PROMPTS, "max_new_tokens": MAX_NEW, "lr": LR,
+                                "beta": BETA, "steps": args.steps, "load_before": os.getloadavg()}, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(save_tiny_model_and_tokenizer(Path(tmp) / "tiny"))
+        for repeat in range(args.repeats):
+            for algo in args.algorithms:
+                for side in ("mmalign", "trl"):
+                    done = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--one", side, algo,
+                                           model_dir], env=env, capture_output=True, text=True)
+                    line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+                    if line is None:
+                        raise RuntimeError(f"{side} {algo} failed:\n{done.stderr[-3000:]}")
+                    run = {"side": side, "algo": algo, "repeat": repeat, **json.loads(line[7:])}
+                    results["runs"].append(run)
+                    print(json.dumps(run), flush=True)
+    results["config"]["load_after"] = os.getloadavg()
+    summary = {}
+    for algo in args.algorithms:
+        med = {side: {key: statistics.median(r[key] for r in results["runs"] if r["side"] == side and r["algo"] == algo)
+                      for key in ("step_s", "peak_rss_mib")} for side in ("mmalign", "trl")}
+        summary[algo] = {**med, "speedup_vs_trl": med["trl"]["step_s"] / med["mmalign"]["step_s"],
+                         "memory_ratio": med["mmalign"]["peak_rss_mib"] / med["trl"]["peak_rss_mib"]}
+    results["summary"] = summary
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
