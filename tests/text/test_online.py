@@ -123,6 +123,11 @@ def test_shared_prompt_sampler_matches_per_sequence_scoring(tiny_model_dir):
     assert torch.allclose(shared, alone, atol=1e-4)
     for texts, ids in zip(samples.texts, samples.token_ids):
         assert texts == [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    # greedy decoding: the k rows expanded from one pre-filled cache equal each prompt generated on its own
+    together = sample_completions(model, tokenizer, PROMPTS, n=3, max_new_tokens=6, temperature=0, batch_size=12)
+    for prompt, rows in zip(PROMPTS, together.token_ids):
+        alone = sample_completions(model, tokenizer, [prompt], n=1, max_new_tokens=6, temperature=0).token_ids[0][0]
+        assert rows == [alone] * 3
 
 
 def test_lora_uses_the_adapter_disabled_reference(tiny_model_dir, prompt_file, tmp_path):
