@@ -7,7 +7,7 @@ Each run is its own subprocess (peak RSS is per run); runs are interleaved mmali
 time is the median gap between consecutive step starts after two warm-up steps (generation + scoring + forward
 + backward + optimizer), taken from a hook on each side's step.
 
-    python bench/bench_online.py --repeats 3 --steps 10 --out bench/online_results.json
+    python bench/bench_online.py --repeats 3 --steps 10 --out bench/results/online_results.json
 """
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--algorithms", nargs="+", default=["rloo", "grpo"], help="rloo, grpo, group (mmalign only)")
-    parser.add_argument("--out", default="bench/online_results.json")
+    parser.add_argument("--out", default="bench/results/online_results.json")
     parser.add_argument("--one", nargs=3, metavar=("SIDE", "ALGO", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

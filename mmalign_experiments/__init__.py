@@ -6,6 +6,7 @@
 - ``bias_data`` — preference sets with a known spurious factor (``python -m mmalign_experiments.bias_data``).
 - ``cnrpo_report`` — CNRPO's two stages with the trigger report after stage 1.
 - ``length_bias``, ``hh_harm`` — the CNRPO length-bias and HH-RLHF harmfulness experiments.
+- ``online_divergence`` — the online divergence trade-off (thesis ch. 2, §2.8.1) on the tiny model.
 - ``sim`` — toy simulations (the cnrpo paper's 20-arm bandit: ``python -m mmalign_experiments.sim.bandit``).
 
 The data they need (FairFace 32x32, winogenerated occupations, HH-RLHF) is found in ``$MMALIGN_DATA_DIR``

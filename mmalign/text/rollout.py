@@ -157,7 +157,7 @@ class OnlineLoss:
         loss = getattr(self, f"_loss_{algo.name}" if algo.name in ("group", "best_of_n", "rejection_sampling")
                        else "_loss_policy_gradient")(logp, ref, rollout, metrics)
         if not bool(torch.isfinite(loss)):  # before backward: a non-finite step must never reach a checkpoint
-            raise FloatingPointError(f"online step {self.calls}: non-finite loss ({float(loss)}); stopping before the "
+            raise FloatingPointError(f"online step {self.calls}: non-finite loss ({float(loss.detach())}); stopping before the "
                                      "update (no checkpoint is written from this step)")
         return StepOutput(loss=loss, metrics=metrics, num_tokens=train_batch["num_tokens"])
 

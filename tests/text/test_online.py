@@ -242,3 +242,12 @@ def test_hh_prompts_and_skipping_long_ones(tiny_model_dir, tmp_path):
                                             prompts={"hh": True, "too_long": "skip"}))
     items = load_prompts(str(rows), load_tokenizer(str(tiny_model_dir)), cfg, max_samples=None, context=512)
     assert [i["prompt"] for i in items] == ["\n\nHuman: Say hello.\n\nAssistant:"]
+
+
+def test_shipped_online_config_validates():
+    from mmalign.config import load_config
+    from mmalign.resources import shipped_config
+    from mmalign.text.online_config import OnlineConfig
+
+    cfg = load_config(OnlineConfig, shipped_config("text/online-rloo-tiny.yaml"))
+    assert cfg.algorithm.name == "rloo" and cfg.prompts.hh and cfg.heldout_reward[0].kind == "length"

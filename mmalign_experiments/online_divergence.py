@@ -7,7 +7,7 @@ Rule fixed before running: for each (divergence, placement, seed) run, report th
 held-out samples drawn with one fixed seed; for the in-reward runs also the largest per-sample penalty β·g(t)
 seen in training. Every number is reported whatever its direction.
 
-    python bench/online_divergence_tradeoff.py --seeds 0 1 --steps 30 --out bench/online_divergence_results.json
+    python -m mmalign_experiments.online_divergence --seeds 0 1 --steps 30 --out bench/results/online_divergence_results.json
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ def evaluate(final_dir: str, reference_dir: str, samples_per_prompt: int) -> dic
     from mmalign.rewards import RegexReward, score
     from mmalign.shared.metrics import distinct_n, self_bleu
     from mmalign.text.data import PreferenceCollator
-    from mmalign.text.logprobs import batch_logprobs
-    from mmalign.text.models import load_causal_lm, load_tokenizer
-    from mmalign.text.sampling import sample_completions
+    from mmalign.text.modeling.logprobs import batch_logprobs
+    from mmalign.text.modeling.loading import load_causal_lm, load_tokenizer
+    from mmalign.text.modeling.sampling import sample_completions
 
     tokenizer = load_tokenizer(final_dir)
     policy, reference = load_causal_lm(final_dir).eval(), load_causal_lm(reference_dir).eval()
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--beta", type=float, default=0.05)
     parser.add_argument("--divergences", nargs="+", default=None, help="a subset, e.g. reverse_kl js")
-    parser.add_argument("--out", default="bench/online_divergence_results.json")
+    parser.add_argument("--out", default="bench/results/online_divergence_results.json")
     args = parser.parse_args()
     import torch
 
