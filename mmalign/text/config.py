@@ -72,9 +72,13 @@ class DataConfig:
     on_invalid: Literal["error", "skip"] = field(
         default="error", metadata={"help": "a malformed row stops the run (error) or is dropped with a warning (skip)"}
     )
+    redraw_members: Optional[int] = field(
+        default=None, metadata={"help": "treat each training group as a pool and use k members drawn from it with "
+                                "replacement, fresh at every epoch (mmalign.text.data.redraw); null = the groups as given"}
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "redraw_members"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"data.{name}: invalid value {value!r}; expected an integer >= 1 or null")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 
-SIMULATIONS = {"bandit": "CNRPO vs DPO on the 20-arm bandit of cnrpo §6.1 (see python -m mmalign_experiments.sim bandit --help)"}
+SIMULATIONS = {
+    "bandit": "CNRPO vs DPO on the 20-arm bandit of cnrpo §6.1 (see python -m mmalign_experiments.sim bandit --help)",
+    "theory": "Props 1-2 (Fig. 3.2), f-DPO Theorem 1, the ECE bound, CNRPO Theorem 2 (mmalign_experiments.sim.theory)",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SIMULATIONS:
         print(f"unknown simulation {name!r}; choose from {', '.join(SIMULATIONS)}", file=sys.stderr)
         return 2
+    if name == "theory":
+        from mmalign_experiments.sim.theory import main as theory_main
+
+        return theory_main(rest)
     from mmalign_experiments.sim.bandit import main as bandit_main
 
     return bandit_main(rest)

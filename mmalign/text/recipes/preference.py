@@ -27,6 +27,8 @@ from mmalign.engine.trainer import torch_threads
 from mmalign.io import atomic_write_text
 from mmalign.text.data.bins import BinAssignment, assign_example_bins, check_bin_column
 from mmalign.text.config import TextTrainConfig
+from mmalign.text.data.redraw import maybe_redraw
+from mmalign.text.evaluation.calibration import CalibrationAccumulator
 from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, batch_to_device, load_preference_dataset
 from mmalign.text.modeling.logprobs import batch_logprobs, gather_groups
 from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm, load_tokenizer
@@ -79,8 +81,8 @@ class PreferenceLoss:
             "ref_rejected": ref_rejected,
         }
 
-    def objective_output(self, model: torch.nn.Module, batch: Mapping[str, Any]):
-        inputs = self.log_likelihoods(model, batch)
+    def objective_output(self, model: torch.nn.Module, batch: Mapping[str, Any], inputs: Optional[dict] = None):
+        inputs = dict(inputs) if inputs is not None else self.log_likelihoods(model, batch)
         if batch.get("ragged"):
             inputs["chosen_mask"] = batch["chosen_mask"]
             inputs["rejected_mask"] = batch["rejected_mask"]
@@ -106,8 +108,11 @@ def _evaluator(trainer: Trainer, loss: PreferenceLoss, dataset: TokenizedPrefere
             state["loader"] = acc.prepare(loader)
         sums: dict[str, torch.Tensor] = {}
         batches = 0
+        calibration = CalibrationAccumulator()
         for batch in state["loader"]:
-            out = loss.objective_output(model, batch)
+            inputs = loss.log_likelihoods(model, batch)
+            calibration.add(inputs, batch)
+            out = loss.objective_output(model, batch, inputs)
             for name, value in {"loss": out.loss.detach(), **out.metric_tensors}.items():
                 sums[name] = sums.get(name, 0) + value.float()
             batches += 1
@@ -115,7 +120,7 @@ def _evaluator(trainer: Trainer, loss: PreferenceLoss, dataset: TokenizedPrefere
         stacked = torch.stack([sums[n] / max(1, batches) for n in names])
         if acc.num_processes > 1:
             stacked = acc.reduce(stacked, reduction="mean")
-        return dict(zip(names, stacked.tolist()))
+        return {**dict(zip(names, stacked.tolist())), "ece": calibration.compute(acc)}
 
     return evaluate
 
@@ -222,6 +227,7 @@ def _load_datasets(cfg: TextTrainConfig, tokenizer):
     transform = _bin_examples(cfg, tokenizer, cfg.data.train, None, train_bins) if cfg.bins is not None else None
     train_ds = load_preference_dataset(cfg.data.train, tokenizer, split=cfg.data.train_split,
                                        max_samples=cfg.data.max_train_samples, transform_examples=transform, **common)
+    train_ds = maybe_redraw(train_ds, cfg.data.redraw_members, cfg.training.seed)
     bins = {"spec": to_dict(cfg.bins), "train": train_bins["summary"]} if cfg.bins is not None else None
     eval_ds = None
     if cfg.data.eval:
@@ -324,7 +330,7 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
             cache = cache_dir / reference_cache_name(dataset.fingerprint(), digest, settings)
             with trainer.accelerator.main_process_first():
                 info = precompute_reference_logps(
-                    ref_fn, model, dataset, collator,
+                    ref_fn, model, getattr(dataset, "pools", dataset), collator,  # every pool member
                     batch_size=cfg.reference.batch_size or cfg.training.batch_size, device=trainer.device,
                     cache_path=cache, show_progress=trainer.is_main_process and cfg.training.progress_bar,
                 )
