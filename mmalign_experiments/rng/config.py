@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from mmalign.text.config import LoraConfig, TextTrainingConfig
 
@@ -23,7 +23,7 @@ class RngDataConfig:
     train_gap_max: int = field(default=10, metadata={"help": "largest training gap m (thesis: 10)"})
     test_gap_min: int = field(default=5, metadata={"help": "smallest held-out gap m"})
     test_gap_max: int = field(default=10, metadata={"help": "largest held-out gap m"})
-    group_size: int = field(default=4, metadata={"help": "k: answers per chosen and per rejected group (<= train_gap_min+1)"})
+    group_size: int = field(default=4, metadata={"help": "k: answers per chosen and per rejected group (<= train_gap_min+1 with member_draws: distinct)"})
     rejected_pool_size: int = field(
         default=16, metadata={"help": "answers sampled from the model per training prompt; rejected groups are drawn from them"}
     )
@@ -40,6 +40,13 @@ class RngDataConfig:
     )
     use_chat_template: bool = field(default=True, metadata={"help": "render the prompt with the tokenizer's chat template"})
     seed: int = field(default=0, metadata={"help": "seed of the intervals and the chosen/rejected draws"})
+    member_draws: Literal["iid", "distinct"] = field(
+        default="iid", metadata={"help": "chosen members: i.i.d. uniform with replacement (mIPO's premise) or distinct"}
+    )
+    redraw_pool_size: Optional[int] = field(
+        default=None, metadata={"help": "chosen pool per prompt; training re-draws k members of each pool every "
+                                "epoch (mmalign_experiments.rng.groups); null = fixed groups"}
+    )
 
     def __post_init__(self) -> None:
         if self.num_train_intervals < 1 or self.num_test_intervals < 1:
@@ -50,10 +57,12 @@ class RngDataConfig:
             lo, hi = getattr(self, f"{kind}_gap_min"), getattr(self, f"{kind}_gap_max")
             if not 1 <= lo <= hi:
                 raise ValueError(f"data: need 1 <= {kind}_gap_min <= {kind}_gap_max, got {lo}, {hi}")
-        if not 1 <= self.group_size <= self.train_gap_min + 1:
+        if self.redraw_pool_size is not None and self.redraw_pool_size < 1:
+            raise ValueError(f"data.redraw_pool_size: invalid value {self.redraw_pool_size}; expected >= 1 or null")
+        if self.group_size < 1 or (self.member_draws == "distinct" and self.group_size > self.train_gap_min + 1):
             raise ValueError(
-                f"data.group_size: invalid value {self.group_size}; chosen groups hold distinct integers, so k must be "
-                f"in [1, train_gap_min + 1 = {self.train_gap_min + 1}]"
+                f"data.group_size: invalid value {self.group_size}; k must be >= 1, and with member_draws: distinct "
+                f"at most train_gap_min + 1 = {self.train_gap_min + 1}"
             )
         if self.rejected_pool_size < self.group_size:
             raise ValueError(f"data.rejected_pool_size ({self.rejected_pool_size}) must be >= group_size ({self.group_size})")

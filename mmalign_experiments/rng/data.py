@@ -7,6 +7,7 @@ from typing import Any
 
 from mmalign.text.evaluation.uniformity import Interval, parse_first_integer
 from mmalign_experiments.rng.config import RngDataConfig
+from mmalign_experiments.rng.groups import build_pool_rows, draw_chosen
 
 logger = logging.getLogger("mmalign_experiments.rng")
 
@@ -60,7 +61,8 @@ def build_preference_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
     """(group rows, pair rows, stats) for the training intervals.
 
-    Chosen group: ``k`` distinct integers drawn uniformly from the interval. Rejected group: ``k`` answers drawn
+    Chosen group: ``k`` integers drawn uniformly from the interval, i.i.d. (``member_draws: iid``) or distinct
+    (see :mod:`mmalign_experiments.rng.groups`). Rejected group: ``k`` answers drawn
     without replacement from the model's own samples that contain an integer (the first integer, as text), topped
     up with its non-numeric answers when fewer than ``k`` contain one; a prompt with fewer than ``k`` non-empty
     answers is skipped. Pairs: ``(chosen_i, rejected_i)`` for ``i < k``, so the
@@ -80,7 +82,7 @@ def build_preference_rows(
         else:
             skipped += 1
             continue
-        chosen = [_answer_text(v) for v in rng.sample(range(interval.low, interval.high + 1), cfg.group_size)]
+        chosen = [_answer_text(v) for v in draw_chosen(rng, interval.low, interval.high, cfg.group_size, cfg.member_draws)]
         meta = {"low": interval.low, "high": interval.high}
         groups.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, **meta})
         pairs.extend({"prompt": prompt, "chosen": c, "rejected": r, **meta} for c, r in zip(chosen, rejected))
@@ -90,3 +92,9 @@ def build_preference_rows(
             "(data.prompt_template, data.answer_prefix) or raise data.rejected_pool_size"
         )
     return groups, pairs, {"train_prompts": len(groups), "skipped_prompts": skipped}
+
+
+def build_pool_preference_rows(prompts: list[str], intervals: list[Interval], model_answers: list[list[str]],
+                               cfg: RngDataConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """Pools re-drawn every epoch (``data.redraw_pool_size``): see :func:`mmalign_experiments.rng.groups.build_pool_rows`."""
+    return build_pool_rows(prompts, intervals, model_answers, cfg, _answer_text, parse_first_integer)

@@ -13,7 +13,7 @@ from mmalign.io import atomic_write_text, write_jsonl
 from mmalign.text.evaluation.uniformity import summarize, uniformity_metrics
 from mmalign.resources import shipped_config
 from mmalign_experiments.rng.config import SMOLLM2, RngConfig, RngMethodConfig, RngSamplingConfig
-from mmalign_experiments.rng.data import build_preference_rows, format_prompt, make_intervals
+from mmalign_experiments.rng.data import build_pool_preference_rows, build_preference_rows, format_prompt, make_intervals
 from mmalign_experiments.rng.report import plot_histograms, results_table, win_rates
 
 logger = logging.getLogger("mmalign_experiments.rng")
@@ -49,11 +49,13 @@ def _training_config(cfg: RngConfig, method: RngMethodConfig, model_path: str, d
         training["batch_size"] = cfg.training.batch_size * cfg.data.group_size
     if cfg.num_threads is not None:
         training["num_threads"] = cfg.num_threads
+    pools = cfg.data.redraw_pool_size is not None  # pools re-drawn every epoch (mmalign_experiments.rng.groups)
     return {
         "model": {"name_or_path": model_path},
         "data": {
             "train": str(data_dir / ("train_groups.jsonl" if accepts_groups else "train_pairs.jsonl")),
-            "format": "groups" if accepts_groups else "pairs",
+            "format": "groups" if accepts_groups or pools else "pairs",
+            "redraw_members": (cfg.data.group_size if accepts_groups else 1) if pools else None,
         },
         "objective": {"name": method.objective, "hyperparameters": dict(method.hyperparameters)},
         "lora": to_dict(cfg.lora),
@@ -96,7 +98,8 @@ def _run_rng(cfg: RngConfig) -> dict[str, Any]:
 
     tick = time.perf_counter()
     pool = _sample_answers(base, tokenizer, train_prompts, cfg.sampling, cfg.data.rejected_pool_size)
-    groups, pairs, data_stats = build_preference_rows(train_prompts, train_intervals, pool, cfg.data)
+    build = build_pool_preference_rows if cfg.data.redraw_pool_size else build_preference_rows
+    groups, pairs, data_stats = build(train_prompts, train_intervals, pool, cfg.data)
     data_dir = out / "data"
     write_jsonl(data_dir / "train_groups.jsonl", groups)
     write_jsonl(data_dir / "train_pairs.jsonl", pairs)

@@ -38,7 +38,7 @@ def test_make_intervals_fails_clearly_when_held_out_intervals_do_not_fit():
 
 
 def test_chosen_groups_are_distinct_in_range_and_uniform_rejected_come_from_the_model():
-    cfg = RngDataConfig(group_size=3, train_gap_min=5, train_gap_max=5, seed=1)
+    cfg = RngDataConfig(group_size=3, train_gap_min=5, train_gap_max=5, seed=1, member_draws="distinct")
     intervals = [Interval(10, 15)] * 3000
     model_answers = [[" 10", " 10\nmore", " 11", "I cannot", " 99"]] * 3000
     groups, pairs, stats = build_preference_rows(["p"] * 3000, intervals, model_answers, cfg)
@@ -92,7 +92,10 @@ def test_win_rates_compare_entropies_prompt_by_prompt():
 
 def test_config_validation_names_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="group_size"):
-        load_config(RngConfig, {"data": {"group_size": 7, "train_gap_min": 5}})
+        load_config(RngConfig, {"data": {"group_size": 7, "train_gap_min": 5, "member_draws": "distinct"}})
+    assert load_config(RngConfig, {"data": {"group_size": 7, "train_gap_min": 5}}).data.group_size == 7  # iid
+    with pytest.raises(ConfigError, match="redraw_pool_size"):
+        load_config(RngConfig, {"data": {"redraw_pool_size": 0}})
     with pytest.raises(ConfigError, match="comparisons"):
         load_config(RngConfig, {"comparisons": [["mDPO", "nope"]]})
     path = tmp_path / "bad.yaml"
