@@ -37,6 +37,17 @@ logger = logging.getLogger("mmalign.engine")
 # parameter dtypes torch's fused AdamW kernel takes (CPU and CUDA)
 _FUSED_ADAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+
+
+def fused_adamw_blocker(params: Sequence[torch.nn.Parameter]) -> Optional[str]:
+    """Why torch's fused AdamW cannot take ``params`` (None: it can): it needs CPU/CUDA floating-point tensors."""
+    if not params:
+        return "no trainable parameters"
+    odd = sorted({f"{p.device.type}/{str(p.dtype).replace('torch.', '')}" for p in params
+                  if p.device.type not in ("cpu", "cuda") or p.dtype not in _FUSED_ADAM_DTYPES})
+    return f"parameters on {', '.join(odd)} (the fused kernel takes CPU/CUDA floating point)" if odd else None
+
+
 TRAINER_STATE_NAME = "trainer_state.json"
 WINDOW_STATE_NAME = "metric_window_{}.json"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -258,9 +269,12 @@ class Trainer:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         kwargs = {}
-        if self._params and all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_ADAM_DTYPES for p in self._params):
+        blocker = fused_adamw_blocker(self._params)
+        if blocker is None:
             # one kernel over all parameters (CPU too: 4x faster than the per-tensor loop, the CPU default)
             kwargs["fused"] = True
+        elif self._params:
+            logger.warning("fast path fused AdamW not taken: %s", blocker)
         return torch.optim.AdamW(
             groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, **kwargs
         )

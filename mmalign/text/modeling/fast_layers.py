@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["fuse_activations", "use_direct_lora_forward"]
+__all__ = ["fuse_activations", "use_direct_lora_forward", "is_python_tanh_gelu"]
 
 # transformers' Python-level tanh-approximate GELUs (GPT-2, GPT-J, GPT-Neo, CodeGen, Phi-1/2: "gelu_new",
 # "gelu_fast", "gelu_python_tanh") compute 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in ~8 elementwise ops forward
@@ -30,12 +30,24 @@ def fuse_activations(model: torch.nn.Module) -> int:
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            python_tanh = type(child).__name__ in _PYTHON_TANH_GELUS or (
-                type(child).__name__ == "GELUTanh" and getattr(child, "act", None) == getattr(child, "_gelu_tanh_python", ()))
-            if python_tanh:
+            if is_python_tanh_gelu(child):
                 setattr(parent, name, torch.nn.GELU(approximate="tanh"))
                 replaced += 1
     return replaced
+
+
+def is_python_tanh_gelu(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is one of transformers' Python-level tanh-GELUs (what :func:`fuse_activations` replaces)."""
+    return type(module).__name__ in _PYTHON_TANH_GELUS or (
+        type(module).__name__ == "GELUTanh" and getattr(module, "act", None) == getattr(module, "_gelu_tanh_python", ()))
+
+
+def _peft_forward(layer, reason: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """peft's own forward for a call the direct forward does not cover; counted and warned once per reason."""
+    from mmalign.text.modeling.fast_paths import lora_fallback
+
+    lora_fallback(reason)
+    return type(layer).forward(layer, x, *args, **kwargs)
 
 
 def _base_has_hooks(base: torch.nn.Module) -> bool:
@@ -54,18 +66,23 @@ def _direct_lora_linear_forward(layer, x: torch.Tensor, *args: Any, **kwargs: An
     autocast. Everything else — including any change of adapter state during training — goes through peft's own
     forward."""
     base = layer.base_layer
-    if args or kwargs or layer.merged_adapters or _base_has_hooks(base):
-        return type(layer).forward(layer, x, *args, **kwargs)
+    if args or kwargs:
+        return _peft_forward(layer, "extra forward arguments", x, *args, **kwargs)
+    if layer.merged_adapters or _base_has_hooks(base):
+        return _peft_forward(layer, "merged adapter" if layer.merged_adapters else "hooks on the base layer", x)
     if layer._disable_adapters:
         return base(x)
     active_adapters = layer.active_adapters
     active = active_adapters[0] if len(active_adapters) == 1 else None
-    if (active is None or active in layer.lora_variant or active not in layer.lora_A
-            or torch.is_autocast_enabled(x.device.type)):
-        return type(layer).forward(layer, x, *args, **kwargs)
+    if active is None or active in layer.lora_variant or active not in layer.lora_A:
+        why = (f"{len(active_adapters)} active adapters" if active is None else
+               "adapter variant (DoRA, ...)" if active in layer.lora_variant else "no LoRA weights for the active adapter")
+        return _peft_forward(layer, why, x)
+    if torch.is_autocast_enabled(x.device.type):
+        return _peft_forward(layer, "autocast", x)
     lora_a, lora_b = layer.lora_A[active], layer.lora_B[active]
     if lora_b.bias is not None or not (x.dtype == lora_a.weight.dtype == lora_b.weight.dtype == base.weight.dtype):
-        return type(layer).forward(layer, x, *args, **kwargs)
+        return _peft_forward(layer, "LoRA bias" if lora_b.bias is not None else "mixed dtypes", x)
     flat = x.reshape(-1, x.shape[-1])
     if type(base) is torch.nn.Linear:
         result = torch.nn.functional.linear(flat, base.weight, base.bias)

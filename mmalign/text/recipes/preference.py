@@ -23,13 +23,14 @@ import torch
 import mmalign
 from mmalign.config import load_config, to_dict
 from mmalign.engine import StepOutput, Trainer
-from mmalign.engine.trainer import torch_threads
+from mmalign.engine.trainer import fused_adamw_blocker, torch_threads
 from mmalign.io import atomic_write_text
 from mmalign.text.data.bins import BinAssignment, assign_example_bins, check_bin_column
 from mmalign.text.config import TextTrainConfig
 from mmalign.text.data.redraw import maybe_redraw
 from mmalign.text.evaluation.calibration import CalibrationAccumulator
 from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, batch_to_device, load_preference_dataset
+from mmalign.text.modeling.fast_paths import fast_path_report
 from mmalign.text.modeling.logprobs import batch_logprobs, gather_groups
 from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm, load_tokenizer
 from mmalign.text.modeling.references import AdapterReference, FrozenModelReference, model_fingerprint, precompute_reference_logps, reference_cache_name
@@ -309,6 +310,11 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
     )
 
     collator.share_prompt = _resolve_share_prompt(cfg.training.share_prompt, model, train_ds, collator, trainer.device)
+    fast_paths = fast_path_report(
+        model, direct_forward=cfg.lora.direct_forward if cfg.lora.enabled else None,
+        fused_activations=cfg.model.fused_activations, share_prompt_setting=cfg.training.share_prompt,
+        share_prompt=collator.share_prompt, adamw_blocker=fused_adamw_blocker([p for p in model.parameters() if p.requires_grad]))
+    logger.info("fast paths: %s", fast_paths.summary())
     if mode == "adapter":
         loss.reference = AdapterReference(model)
     elif mode == "model":
@@ -350,6 +356,7 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
     summary["output_dir"] = str(output_dir)
     summary["reference_mode"] = mode
     summary["num_train_examples"] = len(train_ds)
+    summary["fast_paths"] = fast_paths.as_dict()
     if bins is not None:
         summary["bins"] = bins
     return summary

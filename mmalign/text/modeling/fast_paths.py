@@ -1,0 +1,114 @@
+"""Which of the text trainer's fast paths a run takes, and why not when one is not taken.
+
+The fast paths (``lora.direct_forward``, ``training.share_prompt``, ``model.fused_activations``, fused AdamW)
+each fall back to the plain code when their conditions do not hold, so a dependency change (a renamed
+transformers activation class, a new peft layer attribute, a parameter dtype) could disable one without an error;
+only a benchmark would notice, weeks later. Instead: every fallback logs a warning once (naming the fast path and
+the reason), :func:`fast_path_report` says at start what the run uses, and tests assert that the tiny GPT-2 and
+the SmolLM2 (Llama) layouts take all of them.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+__all__ = ["FastPathReport", "fast_path_report", "warn_not_taken", "LORA_FALLBACK_CALLS"]
+
+logger = logging.getLogger("mmalign.text.modeling.fast_paths")
+
+# Calls of a direct-forward LoRA layer that went through peft's forward instead, by reason (tests read it).
+LORA_FALLBACK_CALLS: Counter = Counter()
+_warned: set[tuple[str, str]] = set()
+
+# transformers' activation names that are a Python tanh-GELU (what fuse_activations replaces)
+_PYTHON_TANH_GELU_NAMES = ("gelu_new", "gelu_fast", "gelu_python_tanh")
+
+
+def warn_not_taken(fast_path: str, why: str) -> None:
+    """Logs ``fast path <fast_path> not taken: <why>`` once per (fast path, reason) in this process."""
+    if (fast_path, why) not in _warned:
+        _warned.add((fast_path, why))
+        logger.warning("fast path %s not taken: %s", fast_path, why)
+
+
+def lora_fallback(reason: str) -> None:
+    """Counts one call of a direct-forward LoRA layer that took peft's forward, and warns once per reason."""
+    LORA_FALLBACK_CALLS[reason] += 1
+    warn_not_taken("lora.direct_forward", f"{reason}; this call goes through peft's forward")
+
+
+@dataclass
+class FastPathReport:
+    """What a run uses. ``not_taken``: fast path -> why, for each one enabled in the config but not in use."""
+
+    layout: str  # model type and attention implementation, e.g. "gpt2, sdpa attention"
+    lora_layers: int = 0  # peft LoRA layers in the model
+    lora_direct_layers: int = 0  # of which run the direct forward
+    fused_gelus: int = 0  # torch GELU(approximate="tanh") modules
+    python_gelus: int = 0  # Python tanh-GELU modules left
+    share_prompt: bool = False
+    fused_adamw: bool = False
+    not_taken: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lora = f"{self.lora_direct_layers}/{self.lora_layers} LoRA layers direct" if self.lora_layers else "no LoRA"
+        gelu = f"{self.fused_gelus} fused GELU" + (f", {self.python_gelus} Python GELU left" if self.python_gelus else "")
+        return (f"{self.layout}; {lora}; {gelu}; share_prompt {'on' if self.share_prompt else 'off'}; "
+                f"fused AdamW {'on' if self.fused_adamw else 'off'}")
+
+
+def _is_direct(module: torch.nn.Module) -> bool:
+    from mmalign.text.modeling.fast_layers import _direct_lora_linear_forward
+
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _direct_lora_linear_forward
+
+
+def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], fused_activations: bool,
+                     share_prompt_setting: str, share_prompt: bool, adamw_blocker: Optional[str]) -> FastPathReport:
+    """Inspects ``model`` (after LoRA and activation fusing) and the decisions taken. ``direct_forward``: the
+    ``lora.direct_forward`` setting, None without LoRA; ``adamw_blocker``: why fused AdamW cannot be used, or None
+    (:func:`mmalign.engine.trainer.fused_adamw_blocker`). Logs a warning for every enabled fast path not taken."""
+    from mmalign.text.modeling.fast_layers import is_python_tanh_gelu
+
+    config = getattr(model, "config", None)
+    layout = (f"{getattr(config, 'model_type', type(model).__name__)}, "
+              f"{getattr(config, '_attn_implementation', None) or 'default'} attention")
+    report = FastPathReport(layout=layout, share_prompt=share_prompt, fused_adamw=adamw_blocker is None)
+    slow_bases = Counter()
+    for module in model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
+            report.lora_layers += 1
+            if _is_direct(module):
+                report.lora_direct_layers += 1
+            else:
+                slow_bases[f"{type(module).__name__} over {type(module.base_layer).__name__}"] += 1
+        elif isinstance(module, torch.nn.GELU) and module.approximate == "tanh":
+            report.fused_gelus += 1
+        elif is_python_tanh_gelu(module):
+            report.python_gelus += 1
+    if direct_forward and slow_bases:
+        report.not_taken["lora.direct_forward"] = (
+            f"{sum(slow_bases.values())} of {report.lora_layers} LoRA layers keep peft's forward "
+            f"({', '.join(f'{n}× {k}' for k, n in slow_bases.items())}: only peft's plain lora.Linear over "
+            "nn.Linear/Conv1D has the direct forward)")
+    activation = getattr(config, "activation_function", None) or getattr(config, "hidden_act", None)
+    if fused_activations and (report.python_gelus or (activation in _PYTHON_TANH_GELU_NAMES and not report.fused_gelus)):
+        report.not_taken["model.fused_activations"] = (
+            f"the model's activation {activation!r} is a Python tanh-GELU but {report.python_gelus} such module(s) "
+            f"are left and {report.fused_gelus} fused (transformers' activation classes changed?)")
+    if share_prompt_setting != "off" and not share_prompt:
+        report.not_taken["training.share_prompt"] = ("the check against the padded layout failed (see the warning "
+                                                      "above); every response is encoded with its own prompt copy")
+    if adamw_blocker is not None:
+        report.not_taken["fused AdamW"] = adamw_blocker
+    for name, why in report.not_taken.items():
+        warn_not_taken(name, why)
+    return report
