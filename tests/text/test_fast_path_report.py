@@ -58,7 +58,7 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
         })
     report = summary["fast_paths"]
     assert report["not_taken"] == {}
-    assert report["share_prompt"] and report["fused_adamw"]
+    assert report["share_prompt"] and report["fused_adamw"] and report["logits_to_keep"]
     if layout == "gpt2":
         assert report["layout"].startswith("gpt2")
         assert report["fused_gelus"] == 2 and report["python_gelus"] == 0  # one MLP GELU per block

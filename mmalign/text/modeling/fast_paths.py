@@ -1,11 +1,12 @@
 """Which of the text trainer's fast paths a run takes, and why not when one is not taken.
 
-The fast paths (``lora.direct_forward``, ``training.share_prompt``, ``model.fused_activations``, fused AdamW)
-each fall back to the plain code when their conditions do not hold, so a dependency change (a renamed
-transformers activation class, a new peft layer attribute, a parameter dtype) could disable one without an error;
-only a benchmark would notice, weeks later. Instead: every fallback logs a warning once (naming the fast path and
-the reason), :func:`fast_path_report` says at start what the run uses, and tests assert that the tiny GPT-2 and
-the SmolLM2 (Llama) layouts take all of them.
+The fast paths (``lora.direct_forward``, ``training.share_prompt``, ``model.fused_activations``, fused AdamW, and
+the LM head run only at scored positions through transformers' ``logits_to_keep``) each fall back to the plain
+code when their conditions do not hold, so a dependency change (a renamed transformers activation class, a new
+peft layer attribute, a parameter dtype) could disable one without an error; only a benchmark would notice, weeks
+later. Instead: every fallback logs a warning once (naming the fast path and the reason),
+:func:`fast_path_report` says at start what the run uses, and tests assert that the tiny GPT-2 and the SmolLM2
+(Llama) layouts take all of them.
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class FastPathReport:
     python_gelus: int = 0  # Python tanh-GELU modules left
     share_prompt: bool = False
     fused_adamw: bool = False
+    logits_to_keep: bool = False  # the LM head runs only where a response token is scored
     not_taken: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -61,7 +63,7 @@ class FastPathReport:
         lora = f"{self.lora_direct_layers}/{self.lora_layers} LoRA layers direct" if self.lora_layers else "no LoRA"
         gelu = f"{self.fused_gelus} fused GELU" + (f", {self.python_gelus} Python GELU left" if self.python_gelus else "")
         return (f"{self.layout}; {lora}; {gelu}; share_prompt {'on' if self.share_prompt else 'off'}; "
-                f"fused AdamW {'on' if self.fused_adamw else 'off'}")
+                f"fused AdamW {'on' if self.fused_adamw else 'off'}; logits_to_keep {'on' if self.logits_to_keep else 'off'}")
 
 
 def _is_direct(module: torch.nn.Module) -> bool:
@@ -77,11 +79,13 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
     ``lora.direct_forward`` setting, None without LoRA; ``adamw_blocker``: why fused AdamW cannot be used, or None
     (:func:`mmalign.engine.trainer.fused_adamw_blocker`). Logs a warning for every enabled fast path not taken."""
     from mmalign.text.modeling.fast_layers import is_python_tanh_gelu
+    from mmalign.text.modeling.logprobs import _accepts_logits_to_keep
 
     config = getattr(model, "config", None)
     layout = (f"{getattr(config, 'model_type', type(model).__name__)}, "
               f"{getattr(config, '_attn_implementation', None) or 'default'} attention")
-    report = FastPathReport(layout=layout, share_prompt=share_prompt, fused_adamw=adamw_blocker is None)
+    report = FastPathReport(layout=layout, share_prompt=share_prompt, fused_adamw=adamw_blocker is None,
+                            logits_to_keep=_accepts_logits_to_keep(model))
     slow_bases = Counter()
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
@@ -107,6 +111,9 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
     if share_prompt_setting != "off" and not share_prompt:
         report.not_taken["training.share_prompt"] = ("the check against the padded layout failed (see the warning "
                                                       "above); every response is encoded with its own prompt copy")
+    if not report.logits_to_keep:
+        report.not_taken["logits_to_keep"] = ("the model's forward does not take logits_to_keep: the LM head runs at "
+                                              "every position, prompt tokens included")
     if adamw_blocker is not None:
         report.not_taken["fused AdamW"] = adamw_blocker
     for name, why in report.not_taken.items():
