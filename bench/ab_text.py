@@ -8,6 +8,7 @@ this script mean anything (medians over the interleaved repeats), never the abso
     python bench/ab_text.py --arm pinned=.venv/bin/python --arm old=/work/venvs/old/bin/python \\
         --repeats 3 --json /tmp/ab.json -- --only tiny/dpo/lora/live --steps 10 --warmup 3
     python bench/ab_text.py --arm new=.venv/bin/python:. --arm base=.venv/bin/python:/tmp/base-tree -- --only /live/
+    python bench/ab_text.py --arm two=.venv/bin/python --arm one=.venv/bin/python --arm-args "one=--threads 1" -- ...
 
 Arguments after ``--`` go to every ``bench_text_dpo.py`` run (``--repeats`` and ``--json`` are set here).
 """
@@ -39,8 +40,10 @@ def arm_versions(python: str, tree: str) -> dict[str, str]:
     code = ("import importlib.metadata as m, json; print(json.dumps({n: m.version(n) for n in %r}))" % (VERSIONS,))
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=tree))
     versions = json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-300:]}
-    versions["git"] = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip() or "not a git tree"
+    git = lambda *a: subprocess.run(["git", "-C", tree, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    versions["git"] = (git("rev-parse", "--short", "HEAD") + ("+uncommitted" if git("status", "--porcelain") else "")
+                       if os.path.isdir(os.path.join(tree, ".git")) or os.path.isfile(os.path.join(tree, ".git"))
+                       else "not a git tree")
     return versions
 
 
@@ -54,10 +57,13 @@ def main() -> None:
     own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", action="append", required=True, help="NAME=PYTHON[:SOURCE_TREE]; two or more")
+    parser.add_argument("--arm-args", action="append", default=[],
+                        help="NAME=ARGS: extra bench arguments for one arm only, e.g. 'one=--threads 1'")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(own)
     arms = [parse_arm(a) for a in args.arm]
+    extra = {k: v.split() for k, _, v in (a.partition("=") for a in args.arm_args)}
     versions = {name: arm_versions(python, tree) for name, python, tree in arms}
     for name, v in versions.items():
         print(f"arm {name}: {v}", flush=True)
@@ -68,7 +74,8 @@ def main() -> None:
             for name, python, tree in arms:
                 out = Path(tmp) / f"{name}-{repeat}.json"
                 before = load1()
-                cmd = [python, str(ROOT / "bench" / "bench_text_dpo.py"), *bench_args, "--repeats", "1", "--json", str(out)]
+                cmd = [python, str(ROOT / "bench" / "bench_text_dpo.py"), *bench_args, *extra.get(name, []), "--repeats", "1",
+                       "--json", str(out)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=tree))
                 if proc.returncode != 0:
                     raise SystemExit(f"arm {name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
@@ -97,7 +104,7 @@ def main() -> None:
         print(f"load average (1 min) around arm {name}'s runs: " + ", ".join(f"{a:.1f}->{b:.1f}" for a, b in loads[name]))
     if args.json:
         Path(args.json).write_text(json.dumps({"versions": versions, "summary": summary, "loads": loads, "raw": raw,
-                                               "bench_args": bench_args, "arms": arms}, indent=1))
+                                               "bench_args": bench_args, "arms": arms, "arm_args": extra}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 self CPU time, and the fast-path report of the run. Compare environments by running it with each venv's python.
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/profile_text_step.py --lora --steps 5 --warmup 3
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/profile_text_step.py --model smollm2 --lora --steps 1 --warmup 1
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_text_dpo import LR, lora_targets, synthetic_pairs, tiny_model_dir  # noqa: E402
+from bench_text_dpo import LR, lora_targets, model_path, synthetic_pairs  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps")
     parser.add_argument("--warmup", type=int, default=3)
@@ -49,10 +51,10 @@ def main() -> None:
         data = work / "pairs.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(8)))
         summary = train({
-            "model": {"name_or_path": str(tiny_model_dir(work / "tiny"))},
+            "model": {"name_or_path": model_path(args.model, work)},
             "data": {"train": str(data), "format": "pairs"},
             "objective": {"name": "dpo", "hyperparameters": {"beta": 0.1}},
-            "lora": {"enabled": args.lora, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": lora_targets("tiny")},
+            "lora": {"enabled": args.lora, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": lora_targets(args.model)},
             "reference": {"mode": "adapter" if args.lora else "model"},
             "training": {"batch_size": 8, "learning_rate": LR, "lr_scheduler": "constant", "num_threads": args.threads,
                          "max_steps": args.warmup + args.steps + 1, "progress_bar": False, "logging_steps": 10_000,
@@ -62,7 +64,7 @@ def main() -> None:
     handle.remove()
     print("fast paths:", json.dumps(summary["fast_paths"]))
     table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
-    print(f"top operators over {args.steps} steps ({'LoRA' if args.lora else 'full'}):\n{table}")
+    print(f"top operators over {args.steps} steps ({args.model}, {'LoRA' if args.lora else 'full'}):\n{table}")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ ends — the same log-probs as the padded layout with the prompt encoded once in
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
+
+from mmalign.text.modeling.scored_head import lm_head_on_rows
 
 from mmalign.text.modeling.loading import unwrap
 
@@ -142,18 +144,17 @@ def sequence_logprobs(
     if first > 0 and _accepts_logits_to_keep(model):
         # Logits for positions first .. T-2 (they predict tokens first+1 .. T-1); the LM head skips the rest.
         kwargs["logits_to_keep"] = seq_len - first
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+    if "logits_to_keep" in kwargs:  # logits for positions first .. T-2 (the last one predicts nothing)
+        labels, mask = input_ids[:, first + 1 :], target_mask[:, first:]
+    else:
+        labels, mask = input_ids[:, 1:], target_mask
+    # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on every kept position, then a gather
+    shape = (input_ids.shape[0], kwargs.get("logits_to_keep", seq_len))
+    with lm_head_on_rows(model, lambda hidden: hidden[:, :-1][mask], shape) as hook:
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits = outputs.logits
     del outputs
-    if "logits_to_keep" in kwargs:
-        logits = logits[:, :-1]  # positions first .. T-2
-        labels = input_ids[:, first + 1 :]
-        mask = target_mask[:, first:]
-    else:
-        logits = logits[:, :-1]
-        labels = input_ids[:, 1:]
-        mask = target_mask
-    selected_logits = logits[mask]  # [M, V]: only positions that predict a response token
+    selected_logits = _scored_logits(logits, hook, labels[mask].shape[0], lambda: logits[:, :-1][mask])  # [M, V]
     selected_labels = labels[mask]
     del logits
     token_lp = token_logprobs(selected_logits, selected_labels, chunk_rows)
@@ -214,12 +215,15 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     keep = _accepts_logits_to_keep(model)
     if keep:
         kwargs["logits_to_keep"] = batch["logit_positions"]
-    outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"], use_cache=False,
-                    **kwargs)
+    rows, columns = batch["score_rows"], batch["score_logit_index"] if keep else batch["score_positions"]
+    # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on B x K positions then a gather
+    shape = (input_ids.shape[0], batch["logit_positions"].shape[0] if keep else input_ids.shape[1])
+    with lm_head_on_rows(model, lambda hidden: hidden[rows, columns], shape) as hook:
+        outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"],
+                        use_cache=False, **kwargs)
     logits = outputs.logits
     del outputs
-    columns = batch["score_logit_index"] if keep else batch["score_positions"]
-    selected_logits = logits[batch["score_rows"], columns]  # [M, V]
+    selected_logits = _scored_logits(logits, hook, rows.shape[0], lambda: logits[rows, columns])  # [M, V]
     del logits
     token_lp = token_logprobs(selected_logits, batch["score_labels"], chunk_rows)
     members = batch["score_members"]
@@ -227,6 +231,20 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     sums = torch.zeros(num_members, dtype=torch.float32, device=device).index_add(0, members, token_lp)
     counts = torch.bincount(members, minlength=num_members)
     return sums, counts
+
+
+def _scored_logits(logits: torch.Tensor, hook, rows: int, gather: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The [M, V] scored logits: the output as is when the LM head ran on the scored rows, else ``gather()``."""
+    if hook is not None and hook.calls == 1 and logits.dim() == 2 and logits.shape[0] == rows:
+        return logits
+    if hook is not None and hook.calls:
+        raise RuntimeError(f"the output layer ran {hook.calls} times in one forward on hidden states of the hooked "
+                           f"shape (logits {tuple(logits.shape)}): cannot tell which are the scored rows")
+    from mmalign.text.modeling.fast_paths import warn_not_taken
+
+    warn_not_taken("LM head on the scored rows", "the model's output layer did not receive the hidden states "
+                   "(get_output_embeddings); the full logits are computed, then the scored rows gathered")
+    return gather()
 
 
 def batch_logprobs(model: torch.nn.Module, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
