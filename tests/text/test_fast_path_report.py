@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 import mmalign.text
 from mmalign.engine.trainer import fused_adamw_blocker
 from mmalign.testing import build_tiny_tokenizer, tiny_preference_rows, write_jsonl
-from mmalign.text.modeling import fast_paths
+from mmalign.text.modeling import fallbacks
 from mmalign.text.modeling.fast_paths import fast_path_report
 from mmalign.text.modeling.loading import apply_lora, fuse_activations
 
@@ -43,7 +43,7 @@ def layout_dir(request, tmp_path_factory):
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, tmp_path, caplog):
     layout, directory = layout_dir
-    fast_paths.LORA_FALLBACK_CALLS.clear()
+    fallbacks.reset_warnings()
     train_file = str(write_jsonl(tmp_path / "pairs.jsonl", tiny_preference_rows(8, kind="pairs", seed=3)))
     with caplog.at_level(logging.WARNING, logger="mmalign"):
         summary = mmalign.text.train({
@@ -68,7 +68,7 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
     expected_lora = (4 if layout == "gpt2" else 7) * 2 if lora else 0  # adapted projections per block × 2 blocks
     assert report["lora_layers"] == report["lora_direct_layers"] == expected_lora
     # during training (policy, adapter-disabled reference, share_prompt check) no call fell back to peft's forward
-    assert not fast_paths.LORA_FALLBACK_CALLS
+    assert not fallbacks.LORA_FALLBACK_CALLS
     assert not [r for r in caplog.records if "fast path" in r.getMessage()]
 
 
@@ -76,7 +76,7 @@ def test_a_path_not_taken_is_reported_once_with_the_reason(caplog):
     tokenizer = build_tiny_tokenizer()
     model = AutoModelForCausalLM.from_config(layout_config("gpt2", tokenizer))  # GELUs left in Python
     model = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=GPT2_TARGETS, direct_forward=False)
-    fast_paths._warned.clear()
+    fallbacks.reset_warnings()
     with caplog.at_level(logging.WARNING, logger="mmalign"):
         for _ in range(2):
             report = fast_path_report(model, direct_forward=True, fused_activations=True, share_prompt_setting="auto",
@@ -99,12 +99,12 @@ def test_a_per_call_fallback_is_counted_and_warned_once(caplog):
     tokenizer = build_tiny_tokenizer()
     model = apply_lora(AutoModelForCausalLM.from_config(layout_config("smollm2", tokenizer)), r=4, alpha=8,
                        dropout=0.0, target_modules=LLAMA_TARGETS)
-    fast_paths.LORA_FALLBACK_CALLS.clear()
-    fast_paths._warned.clear()
+    fallbacks.reset_warnings()
+    fallbacks.reset_warnings()
     ids = torch.randint(0, len(tokenizer), (2, 7))
     with caplog.at_level(logging.WARNING, logger="mmalign"), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids)
         model(ids)
-    assert fast_paths.LORA_FALLBACK_CALLS == {"autocast": 2 * 14}
+    assert fallbacks.LORA_FALLBACK_CALLS == {"autocast": 2 * 14}
     warnings = [r.getMessage() for r in caplog.records if "fast path" in r.getMessage()]
     assert warnings == ["fast path lora.direct_forward not taken: autocast; this call goes through peft's forward"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows
-from mmalign.text.modeling import fast_paths, scored_head
+from mmalign.text.modeling import fallbacks, scored_head
 from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, parse_preference_rows
 from mmalign.text.modeling.logprobs import batch_logprobs
 from mmalign.text.modeling.loading import apply_lora
@@ -43,7 +43,7 @@ def test_scored_rows_head_matches_the_full_logits(tiny_tokenizer, share_prompt, 
     direct = _logprobs_and_grads(model, batch)
     assert len(calls) == 1  # the head saw the scored rows, once
     monkeypatch.setattr(scored_head._RowsHook, "__call__", lambda self, module, args: None)  # hook never applies
-    fast_paths._warned.clear()
+    fallbacks.reset_warnings()
     gathered = _logprobs_and_grads(model, batch)
     torch.testing.assert_close(direct[0], gathered[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(direct[1], gathered[1])
@@ -56,7 +56,7 @@ def test_an_unhookable_head_falls_back_to_the_gather_with_a_warning(tiny_tokeniz
     batch = _batch(tiny_tokenizer, True)
     expected, _ = batch_logprobs(model, batch)
     monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: None)
-    fast_paths._warned.clear()
+    fallbacks.reset_warnings()
     with caplog.at_level(logging.WARNING, logger="mmalign"):
         got, _ = batch_logprobs(model, batch)
         batch_logprobs(model, batch)

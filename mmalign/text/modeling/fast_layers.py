@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["fuse_activations", "use_direct_lora_forward", "is_python_tanh_gelu"]
+from mmalign.text.modeling.fallbacks import lora_fallback
+
+__all__ = ["fuse_activations", "use_direct_lora_forward", "is_python_tanh_gelu", "is_direct_lora_forward"]
 
 # transformers' Python-level tanh-approximate GELUs (GPT-2, GPT-J, GPT-Neo, CodeGen, Phi-1/2: "gelu_new",
 # "gelu_fast", "gelu_python_tanh") compute 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in ~8 elementwise ops forward
@@ -44,8 +46,6 @@ def is_python_tanh_gelu(module: torch.nn.Module) -> bool:
 
 def _peft_forward(layer, reason: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's own forward for a call the direct forward does not cover; counted and warned once per reason."""
-    from mmalign.text.modeling.fast_paths import lora_fallback
-
     lora_fallback(reason)
     return type(layer).forward(layer, x, *args, **kwargs)
 
@@ -109,3 +109,9 @@ def use_direct_lora_forward(model: torch.nn.Module) -> int:
             module.forward = types.MethodType(_direct_lora_linear_forward, module)
             replaced += 1
     return replaced
+
+
+def is_direct_lora_forward(module: torch.nn.Module) -> bool:
+    """Whether ``module`` runs :func:`_direct_lora_linear_forward` (given by :func:`use_direct_lora_forward`)."""
+    forward = module.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is _direct_lora_linear_forward

@@ -10,36 +10,20 @@ later. Instead: every fallback logs a warning once (naming the fast path and the
 """
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import torch
 
-__all__ = ["FastPathReport", "fast_path_report", "warn_not_taken", "LORA_FALLBACK_CALLS"]
+from mmalign.text.modeling.fallbacks import warn_not_taken
+from mmalign.text.modeling.fast_layers import is_direct_lora_forward, is_python_tanh_gelu
+from mmalign.text.modeling.logprobs import accepts_logits_to_keep
 
-logger = logging.getLogger("mmalign.text.modeling.fast_paths")
-
-# Calls of a direct-forward LoRA layer that went through peft's forward instead, by reason (tests read it).
-LORA_FALLBACK_CALLS: Counter = Counter()
-_warned: set[tuple[str, str]] = set()
+__all__ = ["FastPathReport", "fast_path_report"]
 
 # transformers' activation names that are a Python tanh-GELU (what fuse_activations replaces)
 _PYTHON_TANH_GELU_NAMES = ("gelu_new", "gelu_fast", "gelu_python_tanh")
-
-
-def warn_not_taken(fast_path: str, why: str) -> None:
-    """Logs ``fast path <fast_path> not taken: <why>`` once per (fast path, reason) in this process."""
-    if (fast_path, why) not in _warned:
-        _warned.add((fast_path, why))
-        logger.warning("fast path %s not taken: %s", fast_path, why)
-
-
-def lora_fallback(reason: str) -> None:
-    """Counts one call of a direct-forward LoRA layer that took peft's forward, and warns once per reason."""
-    LORA_FALLBACK_CALLS[reason] += 1
-    warn_not_taken("lora.direct_forward", f"{reason}; this call goes through peft's forward")
 
 
 @dataclass
@@ -66,31 +50,22 @@ class FastPathReport:
                 f"fused AdamW {'on' if self.fused_adamw else 'off'}; logits_to_keep {'on' if self.logits_to_keep else 'off'}")
 
 
-def _is_direct(module: torch.nn.Module) -> bool:
-    from mmalign.text.modeling.fast_layers import _direct_lora_linear_forward
-
-    forward = module.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _direct_lora_linear_forward
-
-
 def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], fused_activations: bool,
                      share_prompt_setting: str, share_prompt: bool, adamw_blocker: Optional[str]) -> FastPathReport:
     """Inspects ``model`` (after LoRA and activation fusing) and the decisions taken. ``direct_forward``: the
     ``lora.direct_forward`` setting, None without LoRA; ``adamw_blocker``: why fused AdamW cannot be used, or None
     (:func:`mmalign.engine.trainer.fused_adamw_blocker`). Logs a warning for every enabled fast path not taken."""
-    from mmalign.text.modeling.fast_layers import is_python_tanh_gelu
-    from mmalign.text.modeling.logprobs import _accepts_logits_to_keep
 
     config = getattr(model, "config", None)
     layout = (f"{getattr(config, 'model_type', type(model).__name__)}, "
               f"{getattr(config, '_attn_implementation', None) or 'default'} attention")
     report = FastPathReport(layout=layout, share_prompt=share_prompt, fused_adamw=adamw_blocker is None,
-                            logits_to_keep=_accepts_logits_to_keep(model))
+                            logits_to_keep=accepts_logits_to_keep(model))
     slow_bases = Counter()
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
             report.lora_layers += 1
-            if _is_direct(module):
+            if is_direct_lora_forward(module):
                 report.lora_direct_layers += 1
             else:
                 slow_bases[f"{type(module).__name__} over {type(module.base_layer).__name__}"] += 1

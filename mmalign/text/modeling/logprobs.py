@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from mmalign.text.modeling.fallbacks import warn_not_taken
 from mmalign.text.modeling.scored_head import lm_head_on_rows
 
 from mmalign.text.modeling.loading import unwrap
@@ -117,6 +118,11 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return accepted
 
 
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Public form of :func:`_accepts_logits_to_keep` (the fast-path report asks it)."""
+    return _accepts_logits_to_keep(model)
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -150,7 +156,7 @@ def sequence_logprobs(
         labels, mask = input_ids[:, 1:], target_mask
     # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on every kept position, then a gather
     shape = (input_ids.shape[0], kwargs.get("logits_to_keep", seq_len))
-    with lm_head_on_rows(model, lambda hidden: hidden[:, :-1][mask], shape) as hook:
+    with lm_head_on_rows(unwrap(model), lambda hidden: hidden[:, :-1][mask], shape) as hook:
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits = outputs.logits
     del outputs
@@ -218,7 +224,7 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     rows, columns = batch["score_rows"], batch["score_logit_index"] if keep else batch["score_positions"]
     # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on B x K positions then a gather
     shape = (input_ids.shape[0], batch["logit_positions"].shape[0] if keep else input_ids.shape[1])
-    with lm_head_on_rows(model, lambda hidden: hidden[rows, columns], shape) as hook:
+    with lm_head_on_rows(unwrap(model), lambda hidden: hidden[rows, columns], shape) as hook:
         outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, **kwargs)
     logits = outputs.logits
@@ -240,8 +246,6 @@ def _scored_logits(logits: torch.Tensor, hook, rows: int, gather: Callable[[], t
     if hook is not None and hook.calls:
         raise RuntimeError(f"the output layer ran {hook.calls} times in one forward on hidden states of the hooked "
                            f"shape (logits {tuple(logits.shape)}): cannot tell which are the scored rows")
-    from mmalign.text.modeling.fast_paths import warn_not_taken
-
     warn_not_taken("LM head on the scored rows", "the model's output layer did not receive the hidden states "
                    "(get_output_embeddings); the full logits are computed, then the scored rows gathered")
     return gather()

@@ -32,12 +32,10 @@ class _RowsHook:
 @contextmanager
 def lm_head_on_rows(model: torch.nn.Module, select: Callable[[torch.Tensor], torch.Tensor],
                     expected_shape: tuple[int, ...]) -> Iterator[Optional[_RowsHook]]:
-    """While active, the model's output layer gets ``select(hidden)`` ([M, H]) in place of its input ``hidden``
+    """``model``: unwrapped of DDP/compile wrappers (PEFT models pass the call on). While active, the model's output layer gets ``select(hidden)`` ([M, H]) in place of its input ``hidden``
     when that has shape ``expected_shape + (H,)``; yields the hook (``.calls``: how often it applied; the logits
     are [M, V] only when it applied exactly once) or None when the model has no output layer to hook."""
-    from mmalign.text.modeling.loading import unwrap
-
-    getter = getattr(unwrap(model), "get_output_embeddings", None)
+    getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if not isinstance(head, torch.nn.Module):
         yield None
