@@ -74,7 +74,9 @@ def main() -> None:
             for name, python, tree in arms:
                 out = Path(tmp) / f"{name}-{repeat}.json"
                 before = load1()
-                cmd = [python, str(ROOT / "bench" / "bench_text_dpo.py"), *bench_args, *extra.get(name, []), "--repeats", "1",
+                # the tree's own bench script: it imports that tree's mmalign layout
+                script = Path(tree) / "bench" / "bench_text_dpo.py"
+                cmd = [python, str(script if script.exists() else ROOT / "bench" / "bench_text_dpo.py"), *bench_args, *extra.get(name, []), "--repeats", "1",
                        "--json", str(out)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=tree))
                 if proc.returncode != 0:
