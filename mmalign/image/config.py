@@ -40,6 +40,21 @@ class ImageModelConfig:
     text_conditioner_kwargs: dict[str, Any] = field(default_factory=dict,
                                                     metadata={"help": "keyword arguments of text_conditioner"})
 
+    # SDXL / SD3 / FLUX and memory (mmalign.image.families; docs/image.md "Model families")
+    family: Literal["auto", "sd", "sdxl", "sd3", "flux"] = field(
+        default="auto", metadata={"help": "model family; auto = detected from model_index.json"})
+    weights_dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32", metadata={"help": "dtype of the backbone's frozen base weights (LoRA parameters stay "
+                                             "float32); sdxl/sd3/flux"})
+    vae: Optional[str] = field(default=None, metadata={"help": "another VAE folder, e.g. an fp16-safe SDXL VAE"})
+    vae_tiling: bool = field(default=False, metadata={"help": "encode/decode large images in VAE tiles"})
+    cache_text_embeddings: bool = field(
+        default=False, metadata={"help": "encode every prompt once, then unload the text encoders (sdxl/sd3/flux)"})
+    use_t5: bool = field(default=True, metadata={"help": "sd3: load the optional T5 encoder (false = zeros)"})
+    max_sequence_length: Optional[int] = field(default=None, metadata={"help": "T5 tokens (null = pipeline's)"})
+    optimizer: Literal["adamw", "adamw_8bit"] = field(
+        default="adamw", metadata={"help": "adamw_8bit needs bitsandbytes (optional extra 'bnb')"})
+
     def __post_init__(self) -> None:
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1; got {self.lora_rank}")
@@ -123,6 +138,15 @@ class DiffusionConfig:
     vae_batch_size: Optional[int] = field(default=4, metadata={"help": "images per VAE encoder call (bounds the "
                                                                        "encoder's full-resolution activations); null "
                                                                        "= the whole batch at once"})
+
+    # flow matching (sd3, flux): timestep density, shift, FLUX guidance (mmalign.image.families.flow)
+    weighting_scheme: Literal["logit_normal", "mode", "uniform"] = field(
+        default="logit_normal", metadata={"help": "flow matching: timestep density"})
+    logit_mean: float = field(default=0.0, metadata={"help": "logit_normal mean"})
+    logit_std: float = field(default=1.0, metadata={"help": "logit_normal std"})
+    mode_scale: float = field(default=1.29, metadata={"help": "mode sampling scale"})
+    shift: Optional[float] = field(default=None, metadata={"help": "timestep shift; null = the scheduler's"})
+    guidance_scale: float = field(default=1.0, metadata={"help": "flux: value fed to the guidance embedding"})
 
     def __post_init__(self) -> None:
         if self.vae_batch_size is not None and self.vae_batch_size < 1:

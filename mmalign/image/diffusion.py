@@ -260,6 +260,11 @@ class DiffusionPreferenceModel(nn.Module):
         low, high = self.timestep_range
         return torch.randint(low, high, (batch_size,), device=device, dtype=torch.long)
 
+    def _noise_and_target(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_t, target)`` of the scheduler (DDPM here; flow-matching families override it)."""
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        return noisy, denoising_target(self.noise_scheduler, latents, noise, timesteps)
+
     def _unet_error(self, unet: nn.Module, noisy: Tensor, timesteps: Tensor, conditions: tuple[Tensor, Optional[Tensor]],
                     target: Tensor) -> Tensor:
         dtype = next(unet.parameters()).dtype
@@ -314,8 +319,7 @@ class DiffusionPreferenceModel(nn.Module):
                              f"{[batch_size] + list(latents.shape[1:])}; got {list(timesteps.shape)}, {list(noise.shape)}")
         member_t = timesteps[group_index]
         member_noise = noise[group_index]
-        noisy = self.noise_scheduler.add_noise(latents, member_noise, member_t)
-        target = denoising_target(self.noise_scheduler, latents, member_noise, member_t)
+        noisy, target = self._noise_and_target(latents, member_noise, member_t)
 
         conditions = self._per_member(self.encode_prompts(self._drop_captions(prompts)), group_index)
 

@@ -37,6 +37,10 @@ def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mod
     from mmalign.image.models import add_lora, configure_attention, frozen_copy, load_diffusion_components
 
     model_config = config.model
+    from mmalign.image.families.build import build_family_model, resolve_family
+
+    if resolve_family(model_config) != "sd":  # SDXL / SD3 / FLUX: mmalign.image.families
+        return build_family_model(config, triggers=triggers, trigger_mode=trigger_mode)
     components = load_diffusion_components(
         model_config.pretrained,
         revision=model_config.revision,
@@ -169,6 +173,13 @@ def save_trained_unet(model, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     unet = model.unet
+    family = getattr(model, "family", None)
+    if family is not None:  # SDXL / SD3 / FLUX: the family's pipeline writes its LoRA (or the full backbone)
+        if model.reference_unet is None:
+            family.save_lora(unet, directory)
+        else:
+            unet.save_pretrained(directory / family.backbone_name)
+        return directory
     if model.reference_unet is None:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -196,12 +207,20 @@ def _make_evaluate(config: ImageTrainConfig, output_dir: Path):
         inner = getattr(model, "module", model)
         prompts = [p for p in generation.prompts for _ in range(generation.images_per_prompt)]
         size = generation.resolution or config.data.resolution
-        images = generate_images(
-            inner.unet, inner.conditioner, inner.noise_scheduler.config, prompts, vae=inner.vae,
-            seeds=[generation.seed + i for i in range(len(prompts))], scheduler=generation.scheduler,
-            num_inference_steps=generation.num_inference_steps, guidance_scale=generation.guidance_scale,
-            height=size, width=size,
-        )
+        if getattr(inner, "family", None) is not None:
+            from mmalign.image.families.sampling import generate_family_images
+
+            images = generate_family_images(
+                inner, prompts, seeds=[generation.seed + i for i in range(len(prompts))],
+                num_inference_steps=generation.num_inference_steps, guidance_scale=generation.guidance_scale,
+                height=size, width=size)
+        else:
+            images = generate_images(
+                inner.unet, inner.conditioner, inner.noise_scheduler.config, prompts, vae=inner.vae,
+                seeds=[generation.seed + i for i in range(len(prompts))], scheduler=generation.scheduler,
+                num_inference_steps=generation.num_inference_steps, guidance_scale=generation.guidance_scale,
+                height=size, width=size,
+            )
         counter["calls"] += 1
         save_image_grid(images, output_dir / "samples" / f"eval-{counter['calls']:04d}.png",
                         columns=generation.images_per_prompt)
@@ -217,7 +236,6 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike, over
     :class:`~mmalign.image.diffusion.DiffusionPreferenceModel`.
     """
     from mmalign.config import load_config
-    from mmalign.engine import Trainer
 
     config = load_config(ImageTrainConfig, config, overrides)
     spec = config.objective
@@ -225,11 +243,19 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike, over
     if torch.cuda.is_available():
         model.to("cuda")
     dataset = build_dataset(config, model)
+    if getattr(model, "family", None) is not None:  # text-embedding cache, features used (SDXL / SD3 / FLUX)
+        from mmalign.image.families.build import prepare_family_training
+
+        prepare_family_training(model, config, dataset)
+    elif config.model.cache_text_embeddings or config.model.weights_dtype != "float32":
+        raise ValueError("model.cache_text_embeddings / weights_dtype are for sdxl, sd3 and flux pipelines")
     objective = build_objective(config, dataset)
     output_dir = Path(config.output_dir)
     from mmalign.image.data import collate_groups
 
-    trainer = Trainer(
+    from mmalign.image.families.memory import trainer_class
+
+    trainer = trainer_class(config.model.optimizer)(
         model,
         config=config.training,
         output_dir=output_dir,
