@@ -283,6 +283,10 @@ def test_dtypes_fp16_safe_vae_and_bf16_weights_with_fp32_lora(tiny_family_paths)
     out = model(_latent_batch(model))
     out.policy_chosen.sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora)
+    from mmalign.image.families.sampling import generate_family_images
+
+    assert next(model.vae.parameters()).dtype == torch.float32  # bf16 backbone, float32 VAE: sampling decodes
+    assert generate_family_images(model, ["a"], num_inference_steps=1, height=64, width=64)[0].size == (64, 64)
 
 
 def test_8bit_adamw_without_bitsandbytes_is_a_clear_error(tiny_family_paths):

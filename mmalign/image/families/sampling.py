@@ -39,7 +39,19 @@ def generate_family_images(model, prompts: Sequence[str], *, seeds: Optional[Seq
     was_training = model.unet.training
     model.unet.eval()
     try:
-        return pipe(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
-                    width=width, generator=generators, output_type="pil", **kwargs).images
+        latents = pipe(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                       width=width, generator=generators, output_type="latent", **kwargs).images
     finally:
         model.unet.train(was_training)
+    return decode_latents(pipe, model.vae, latents, height, width)
+
+
+@torch.no_grad()
+def decode_latents(pipe, vae, latents, height: int, width: int) -> list:
+    """The pipeline's latents -> PIL images, decoded in the VAE's own dtype (it may differ from the backbone's:
+    a float32 fp16-unsafe VAE beside a bf16 backbone), which the pipelines' own decode does not handle."""
+    if latents.ndim == 3:  # FLUX: packed [N, h·w/4, 4C]
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    latents = latents.to(next(vae.parameters()).dtype) / vae.config.scaling_factor + shift
+    return pipe.image_processor.postprocess(vae.decode(latents, return_dict=False)[0], output_type="pil")
