@@ -240,7 +240,7 @@ def peak_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64)) ->
             "code_pages_mb": (_status_kib("RssFile") - file_before) / 1024.0}
 
 
-def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64)) -> dict:
+def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64), layout: str = "sd") -> dict:
     """Runs in a fresh process: high-water mark of live CPU-allocator bytes over building the variant and running
     ``steps`` steps (allocation/free events of ``torch.profiler`` with ``profile_memory``; the profiler's own
     bookkeeping is not allocated through torch's allocator, so it does not count)."""
@@ -248,10 +248,15 @@ def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    parts = build_components(unet_channels=unet_channels)
-    batch = make_batch(pairs, group_size(name))
+    if layout == "sd":
+        parts, batch, make = build_components(unet_channels=unet_channels), make_batch(pairs, group_size(name)), make_step
+    else:
+        import image_family_bench
+
+        parts, batch = image_family_bench.build_parts(layout), image_family_bench.make_batch(pairs)
+        make = image_family_bench.make_family_step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        step = make_step(name, parts)
+        step = make(name, parts)
         for _ in range(steps):
             step(batch)
     events = []
@@ -270,6 +275,20 @@ def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 
     return {"peak_tensor_mb": peak / 2 ** 20}
 
 
+def time_rounds(steps: dict, batches: dict, variants, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds per step of each variant, round-robin (one step of every variant per round), warmup rounds dropped."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for round_index in range(warmup + rounds):
+        for name in variants:
+            start = time.perf_counter()
+            steps[name](batches[name])
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                times[name].append(elapsed)
+        print(f"round {round_index + 1}/{warmup + rounds}", file=sys.stderr, flush=True)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
@@ -284,14 +303,26 @@ def main() -> None:
     parser.add_argument("--unet-channels", default="32,64",
                         help="UNet block widths (two); wider = more parameter/optimiser memory relative to activations")
     parser.add_argument("--memory-only", action="store_true", help="skip the timing rounds")
+    parser.add_argument("--layout", choices=("sd", "sdxl", "sd3"), default="sd",
+                        help="sd: the SD 1.x variants below; sdxl / sd3: bench/image_family_bench.py's variants")
     parser.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-measure", choices=("rss", "tensor"), default="rss", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     channels = tuple(int(c) for c in args.unet_channels.split(","))
     if args.memory_variant:
+        if args.layout != "sd":
+            print(json.dumps(peak_tensor_memory_mb(args.memory_variant, args.pairs, args.memory_steps,
+                                                   layout=args.layout)))
+            return
         measure = peak_memory_mb if args.memory_measure == "rss" else peak_tensor_memory_mb
         print(json.dumps(measure(args.memory_variant, args.pairs, args.memory_steps, channels)))
+        return
+    if args.layout != "sd":
+        import image_family_bench
+
+        args.default_json = DEFAULT_JSON
+        image_family_bench.family_main(args)
         return
 
     variants = VARIANTS_BASE + (f"mmalign_mdpo_k{args.k}",)
@@ -300,15 +331,8 @@ def main() -> None:
     parts = build_components(unet_channels=channels)
     steps = {name: make_step(name, parts) for name in variants} if not args.memory_only else {}
     batches = {name: make_batch(args.pairs, group_size(name)) for name in variants}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for round_index in range(0 if args.memory_only else args.warmup + args.rounds):
-        for name in variants:
-            start = time.perf_counter()
-            steps[name](batches[name])
-            elapsed = time.perf_counter() - start
-            if round_index >= args.warmup:
-                times[name].append(elapsed)
-        print(f"round {round_index + 1}/{args.warmup + args.rounds}", file=sys.stderr, flush=True)
+    times = ({name: [] for name in variants} if args.memory_only
+             else time_rounds(steps, batches, variants, args.warmup, args.rounds))
     medians = {name: statistics.median(values) if values else float("nan") for name, values in times.items()}
     for name in variants:
         print(f"{name}: median {medians[name]:.3f} s/step over {len(times[name])} rounds", flush=True)

@@ -95,6 +95,7 @@ def test_detects_each_family_from_folder_and_object(family, tiny_family_paths):
 
 def test_unsupported_family_and_missing_component_errors(tiny_family_paths, tmp_path, tiny_sd_path):
     from mmalign.image.families import UnsupportedFamilyError, detect_family
+    from mmalign.image.families.build import build_family_model
 
     index = {"_class_name": "QwenImagePipeline", "transformer": ["diffusers", "QwenImageTransformer2DModel"],
              "vae": ["diffusers", "AutoencoderKLQwenImage"]}
@@ -110,6 +111,10 @@ def test_unsupported_family_and_missing_component_errors(tiny_family_paths, tmp_
         _model(broken)
     with pytest.raises(ValueError, match="model.family is 'flux'.*'sd3'"):
         _model(tiny_family_paths["sd3"], family="flux")
+    config = _config(tiny_family_paths["sd3"])
+    config.diffusion.timestep_min = 100
+    with pytest.raises(ValueError, match="timestep_min/timestep_max are for DDPM"):
+        build_family_model(config)
     with pytest.raises(ValueError, match="FLUX needs its T5"):
         _model(tiny_family_paths["flux"], use_t5=False)
 

@@ -69,3 +69,28 @@ def test_recipe_runs_end_to_end_on_a_tiny_pipeline_of_its_layout(recipe, tiny_pa
     assert list((tmp_path / "run" / "samples").glob("*.png"))  # a grid sampled with the pipeline's scheduler
     lora = [p for n, p in model.unet.named_parameters() if "lora" in n]
     assert all(p.dtype == torch.float32 for p in lora)
+
+
+def test_adamw_8bit_is_the_optimizer_when_bitsandbytes_is_present(tiny_paths, toy_data, tmp_path, monkeypatch):
+    """The wiring of model.optimizer: adamw_8bit, with a stand-in bitsandbytes module (not installed here)."""
+    import sys
+    import types
+
+    from mmalign.image.training import train
+
+    built = []
+
+    class AdamW8bit(torch.optim.AdamW):
+        def __init__(self, params, **kwargs):
+            built.append(kwargs)
+            super().__init__(params, **kwargs)
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    summary = train({"output_dir": str(tmp_path / "run"),
+                     "model": {"pretrained": str(tiny_paths["sd3"]), "optimizer": "adamw_8bit", "lora_rank": 4},
+                     "data": {"path": str(toy_data), "resolution": 64},
+                     "training": {"max_steps": 1, "batch_size": 2, "progress_bar": False, "learning_rate": 1e-4}})
+    assert len(built) == 1 and built[0]["lr"] == 1e-4
+    assert "adamw_8bit" in summary["model"].memory_features

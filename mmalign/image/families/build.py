@@ -66,6 +66,9 @@ def build_family_model(config, *, triggers=(), trigger_mode: str = "append") -> 
     sampler = None
     timestep_range = None
     if family.flow:
+        if diffusion.timestep_min != 0 or diffusion.timestep_max is not None:
+            raise ValueError(f"diffusion.timestep_min/timestep_max are for DDPM families; {family.name} draws t with "
+                             "diffusion.weighting_scheme, logit_mean, logit_std, mode_scale and shift")
         sampler = FlowTimestepSampler(components.noise_scheduler, diffusion.weighting_scheme, diffusion.logit_mean,
                                       diffusion.logit_std, diffusion.mode_scale, diffusion.shift)
     else:
