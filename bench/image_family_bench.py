@@ -23,6 +23,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
+from bench_image_dpo import MmalignStep
 
 BETA_D = 5000.0
 FAMILY_VARIANTS = {
@@ -66,8 +67,10 @@ def make_batch(pairs: int, seed: int = 0) -> dict:
             "rejected": torch.rand(pairs, 1, 3, 64, 64, generator=generator) * 2 - 1}
 
 
-class MmalignFamilyStep:
-    def __init__(self, parts: dict, finetuning: str):
+class MmalignFamilyStep(MmalignStep):
+    """mmalign's step (the SD bench's ``__call__``) on a family pipeline."""
+
+    def __init__(self, parts: dict, finetuning: str):  # not super().__init__(): that builds an SD model
         import mmalign
         from mmalign.image.families import get_family
         from mmalign.image.families.conditioning import PipelinePromptEncoder
@@ -97,13 +100,6 @@ class MmalignFamilyStep:
         self.model.train()
         self.objective = mmalign.objective("dpo", beta=BETA_D / 2)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
-
-    def __call__(self, batch):
-        out = self.objective(**self.model(batch).objective_inputs())
-        out.loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return out.loss.detach()
 
 
 class BaselineStep:

@@ -172,6 +172,18 @@ def add_lora(
     return unet
 
 
+def apply_finetuning(backbone: nn.Module, model_config) -> Optional[nn.Module]:
+    """``model.finetuning`` on a UNet / transformer: LoRA (returns None: the reference is the adapter-disabled
+    backbone) or full (returns a frozen copy as the reference; every backbone weight trains)."""
+    if model_config.finetuning == "lora":
+        add_lora(backbone, rank=model_config.lora_rank, alpha=model_config.lora_alpha,
+                 dropout=model_config.lora_dropout, target_modules=model_config.lora_target_modules)
+        return None
+    reference = frozen_copy(backbone)
+    backbone.requires_grad_(True)
+    return reference
+
+
 def frozen_copy(unet: nn.Module) -> nn.Module:
     """A frozen deep copy of ``unet`` in eval mode (the reference for full fine-tuning)."""
     reference = copy.deepcopy(unet)

@@ -34,7 +34,7 @@ PLOT_KEYS = ("loss", "implicit_acc", "inside_term", "model_mse", "ref_mse", "rew
 def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mode: str = "append"):
     """Loads the pipeline and wraps it as a :class:`DiffusionPreferenceModel` (LoRA or full fine-tuning)."""
     from mmalign.image.diffusion import DiffusionPreferenceModel
-    from mmalign.image.models import add_lora, configure_attention, frozen_copy, load_diffusion_components
+    from mmalign.image.models import apply_finetuning, configure_attention, load_diffusion_components
 
     model_config = config.model
     from mmalign.image.families.build import build_family_model, resolve_family
@@ -55,13 +55,7 @@ def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mod
     logger.info("attention: %s", attention)
     if model_config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    reference = None
-    if model_config.finetuning == "lora":
-        add_lora(unet, rank=model_config.lora_rank, alpha=model_config.lora_alpha, dropout=model_config.lora_dropout,
-                 target_modules=model_config.lora_target_modules)
-    else:
-        reference = frozen_copy(unet)
-        unet.requires_grad_(True)
+    reference = apply_finetuning(unet, model_config)
     policy = None
     if triggers:
         from mmalign.shared.triggers import TriggerPolicy

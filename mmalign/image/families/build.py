@@ -27,7 +27,7 @@ def build_family_model(config, *, triggers=(), trigger_mode: str = "append") -> 
     """Loads the pipeline of ``config.model`` and wraps it (LoRA: reference = adapters disabled; full: frozen copy)."""
     from diffusers import DiffusionPipeline
 
-    from mmalign.image.models import add_lora, frozen_copy
+    from mmalign.image.models import apply_finetuning
 
     model_config, diffusion = config.model, config.diffusion
     family = get_family(resolve_family(model_config))
@@ -49,15 +49,9 @@ def build_family_model(config, *, triggers=(), trigger_mode: str = "append") -> 
         features.append(enable_gradient_checkpointing(backbone))
     if model_config.vae_tiling:
         features.append(enable_vae_tiling(components.vae))
-    reference = None
-    if model_config.finetuning == "lora":
-        add_lora(backbone, rank=model_config.lora_rank, alpha=model_config.lora_alpha,
-                 dropout=model_config.lora_dropout, target_modules=model_config.lora_target_modules)
-        if model_config.weights_dtype != "float32":
-            features.append(f"{model_config.weights_dtype}_weights_fp32_lora")
-    else:
-        reference = frozen_copy(backbone)
-        backbone.requires_grad_(True)
+    reference = apply_finetuning(backbone, model_config)
+    if reference is None and model_config.weights_dtype != "float32":
+        features.append(f"{model_config.weights_dtype}_weights_fp32_lora")
     policy = None
     if triggers:
         from mmalign.shared.triggers import TriggerPolicy
