@@ -180,7 +180,7 @@ def main() -> None:
             "text_encoders_bf16_gib": sum(encoder_params.values()) * 2 / GIB, "vae_bf16_gib": vae * 2 / GIB,
             "activations_one_pair_1024px": acts}
         print(json.dumps({family: results[family]}, indent=1), flush=True)
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "image_memory_estimate.json")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "image_memory_estimate.json")
     if "--no-write" not in sys.argv:
         from mmalign.io import atomic_write_text
 
