@@ -240,7 +240,8 @@ def peak_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64)) ->
             "code_pages_mb": (_status_kib("RssFile") - file_before) / 1024.0}
 
 
-def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64), layout: str = "sd") -> dict:
+def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64), layout: str = "sd",
+                          sd3_scale: int = 1) -> dict:
     """Runs in a fresh process: high-water mark of live CPU-allocator bytes over building the variant and running
     ``steps`` steps (allocation/free events of ``torch.profiler`` with ``profile_memory``; the profiler's own
     bookkeeping is not allocated through torch's allocator, so it does not count)."""
@@ -253,7 +254,7 @@ def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 
     else:
         import image_family_bench
 
-        parts, batch = image_family_bench.build_parts(layout), image_family_bench.make_batch(pairs)
+        parts, batch = image_family_bench.build_parts(layout, sd3_scale=sd3_scale), image_family_bench.make_batch(pairs)
         make = image_family_bench.make_family_step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step = make(name, parts)
@@ -305,6 +306,7 @@ def main() -> None:
     parser.add_argument("--memory-only", action="store_true", help="skip the timing rounds")
     parser.add_argument("--layout", choices=("sd", "sdxl", "sd3"), default="sd",
                         help="sd: the SD 1.x variants below; sdxl / sd3: bench/image_family_bench.py's variants")
+    parser.add_argument("--sd3-scale", type=int, default=1, help="sd3: multiply the tiny transformer's layers/heads")
     parser.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-measure", choices=("rss", "tensor"), default="rss", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -313,7 +315,7 @@ def main() -> None:
     if args.memory_variant:
         if args.layout != "sd":
             print(json.dumps(peak_tensor_memory_mb(args.memory_variant, args.pairs, args.memory_steps,
-                                                   layout=args.layout)))
+                                                   layout=args.layout, sd3_scale=args.sd3_scale)))
             return
         measure = peak_memory_mb if args.memory_measure == "rss" else peak_tensor_memory_mb
         print(json.dumps(measure(args.memory_variant, args.pairs, args.memory_steps, channels)))

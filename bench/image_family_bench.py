@@ -48,11 +48,11 @@ MEMORY_PAIRS = {
 }
 
 
-def build_parts(layout: str, seed: int = 0) -> dict:
+def build_parts(layout: str, seed: int = 0, sd3_scale: int = 1) -> dict:
     from mmalign.image.families.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tokenizer_dir:
-        pipe = build_tiny_pipeline(layout, tokenizer_dir, seed=seed)
+        pipe = build_tiny_pipeline(layout, tokenizer_dir, seed=seed, sd3_scale=sd3_scale)
     pipe.vae.requires_grad_(False).eval()
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
@@ -229,7 +229,7 @@ def family_main(args) -> None:
     layout, variants = args.layout, FAMILY_VARIANTS[args.layout]
     load_before = os.getloadavg()
     torch.manual_seed(0)
-    parts = build_parts(layout)
+    parts = build_parts(layout, sd3_scale=args.sd3_scale)
     steps = {name: make_family_step(name, parts) for name in variants}
     batch = make_batch(args.pairs)
     times = time_rounds(steps, {name: batch for name in variants}, variants, args.warmup, args.rounds)
@@ -240,7 +240,8 @@ def family_main(args) -> None:
             result = subprocess.run(
                 [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_image_dpo.py"),
                  "--layout", layout, "--memory-variant", name, "--memory-measure", "tensor", "--threads",
-                 str(args.threads), "--pairs", str(args.pairs), "--memory-steps", str(args.memory_steps)],
+                 str(args.threads), "--pairs", str(args.pairs), "--memory-steps", str(args.memory_steps),
+                 "--sd3-scale", str(args.sd3_scale)],
                 capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), check=True)
             tensor_runs[name].append(json.loads(result.stdout.strip().splitlines()[-1])["peak_tensor_mb"])
     tensor = {name: statistics.median(values) for name, values in tensor_runs.items()}
@@ -259,7 +260,8 @@ def family_main(args) -> None:
         print(f"| {name} | {medians[name]:.3f} | {min(times[name]):.3f} | {tensor[name]:.1f} |")
     for label, value in ratios.items():
         print(f"- {label}: {value:.2f}")
-    path = args.json if args.json != args.default_json else args.default_json.replace(".json", f"_{layout}.json")
+    suffix = f"_{layout}" + (f"_x{args.sd3_scale}" if layout == "sd3" and args.sd3_scale != 1 else "")
+    path = args.json if args.json != args.default_json else args.default_json.replace(".json", f"{suffix}.json")
     results = {"layout": layout, "medians_s": medians, "times_s": times, "peak_tensor_memory_mb": tensor,
                "tensor_runs": tensor_runs, "ratios": ratios, "backbone_params": backbone_params(parts),
                "args": {k: v for k, v in vars(args).items() if k != "default_json"}, "torch": torch.__version__,

@@ -59,8 +59,9 @@ def _vae(latent_channels: int, image_size: int, seed: int, **flow_factors):
 
 
 def build_tiny_pipeline(family: str, tokenizer_dir: str | os.PathLike, *, image_size: int = 64,
-                        prediction_type: str = "epsilon", use_t5: bool = True, seed: int = 0):
-    """A randomly initialised pipeline of ``family`` (``sdxl``, ``sd3`` or ``flux``)."""
+                        prediction_type: str = "epsilon", use_t5: bool = True, seed: int = 0, sd3_scale: int = 1):
+    """A randomly initialised pipeline of ``family`` (``sdxl``, ``sd3`` or ``flux``). ``sd3_scale`` multiplies the
+    SD3 transformer's layers and heads (1: 0.08M parameters; 4: 4.7M, for benchmarks where the backbone matters)."""
     from mmalign.image.testing import build_tiny_clip_tokenizer
 
     if family not in TINY_FAMILIES:
@@ -71,7 +72,7 @@ def build_tiny_pipeline(family: str, tokenizer_dir: str | os.PathLike, *, image_
     if family == "sdxl":
         return _tiny_sdxl(clip_tokenizer, image_size, latent_size, prediction_type, seed)
     if family == "sd3":
-        return _tiny_sd3(clip_tokenizer, image_size, latent_size, use_t5, seed)
+        return _tiny_sd3(clip_tokenizer, image_size, latent_size, use_t5, seed, sd3_scale)
     return _tiny_flux(clip_tokenizer, image_size, latent_size, seed)
 
 
@@ -94,13 +95,13 @@ def _tiny_sdxl(tokenizer, image_size, latent_size, prediction_type, seed):
         scheduler=scheduler, force_zeros_for_empty_prompt=True, add_watermarker=False)
 
 
-def _tiny_sd3(tokenizer, image_size, latent_size, use_t5, seed):
+def _tiny_sd3(tokenizer, image_size, latent_size, use_t5, seed, scale=1):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(seed + 2)
     transformer = SD3Transformer2DModel(
-        sample_size=latent_size, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=_T5_WIDTH, caption_projection_dim=32,
+        sample_size=latent_size, patch_size=2, in_channels=16, num_layers=2 * scale, attention_head_dim=8,
+        num_attention_heads=4 * scale, joint_attention_dim=_T5_WIDTH, caption_projection_dim=32 * scale,
         pooled_projection_dim=2 * _CLIP_WIDTH, out_channels=16, pos_embed_max_size=latent_size)
     t5_tokenizer = build_tiny_t5_tokenizer() if use_t5 else None
     return StableDiffusion3Pipeline(
