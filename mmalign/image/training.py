@@ -41,6 +41,13 @@ def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mod
 
     if resolve_family(model_config) != "sd":  # SDXL / SD3 / FLUX: mmalign.image.families
         return build_family_model(config, triggers=triggers, trigger_mode=trigger_mode)
+    family_only = [key for key, used in (("cache_text_embeddings", model_config.cache_text_embeddings),
+                                         ("weights_dtype", model_config.weights_dtype != "float32"),
+                                         ("vae_tiling", model_config.vae_tiling), ("vae", model_config.vae))
+                   if used]
+    if family_only:
+        raise ValueError(f"model.{', model.'.join(family_only)}: for sdxl, sd3 and flux pipelines; "
+                         f"{model_config.pretrained!r} is an sd pipeline")
     components = load_diffusion_components(
         model_config.pretrained,
         revision=model_config.revision,
@@ -241,8 +248,6 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike, over
         from mmalign.image.families.build import prepare_family_training
 
         prepare_family_training(model, config, dataset)
-    elif config.model.cache_text_embeddings or config.model.weights_dtype != "float32":
-        raise ValueError("model.cache_text_embeddings / weights_dtype are for sdxl, sd3 and flux pipelines")
     objective = build_objective(config, dataset)
     output_dir = Path(config.output_dir)
     from mmalign.image.data import collate_groups

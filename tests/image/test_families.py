@@ -115,6 +115,12 @@ def test_unsupported_family_and_missing_component_errors(tiny_family_paths, tmp_
     config.diffusion.timestep_min = 100
     with pytest.raises(ValueError, match="timestep_min/timestep_max are for DDPM"):
         build_family_model(config)
+    with pytest.raises(ValueError, match="xformers is for sd UNets"):
+        _model(tiny_family_paths["sd3"], attention="xformers")
+    with pytest.raises(ValueError, match="model.weights_dtype, model.vae_tiling: for sdxl, sd3 and flux"):
+        from mmalign.image.training import build_preference_model
+
+        build_preference_model(_config(tiny_sd_path, weights_dtype="bfloat16", vae_tiling=True))
     with pytest.raises(ValueError, match="FLUX needs its T5"):
         _model(tiny_family_paths["flux"], use_t5=False)
 

@@ -33,6 +33,9 @@ def build_family_model(config, *, triggers=(), trigger_mode: str = "append") -> 
     family = get_family(resolve_family(model_config))
     if model_config.optimizer == "adamw_8bit":
         require_bitsandbytes()  # fail before loading anything
+    if model_config.attention == "xformers":
+        raise ValueError(f"model.attention: xformers is for sd UNets; {family.name} uses its pipeline's own attention "
+                         "processors (torch SDPA); use auto or sdpa")
     if model_config.text_conditioner:
         raise ValueError(f"model.text_conditioner is for sd pipelines; {family.name} uses its own text encoders")
     index = dict(DiffusionPipeline.load_config(model_config.pretrained, revision=model_config.revision))
