@@ -277,6 +277,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, *, source: str =
                 if isinstance(default, section):
                     value = _overlay(section, to_dict(default), value)
             kwargs[name] = _convert(value, hints[name], path=key, source=source)
+            if not f.metadata.get("allow_nonfinite"):
+                _refuse_nonfinite(kwargs[name], key, source)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             help_text = f.metadata.get("help", "")
             raise ConfigError(
@@ -293,6 +295,23 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, *, source: str =
         if _path and not message.startswith((f"{_path}.", f"{_path}:")):
             message = f"{_path}: {message}"
         raise ConfigError(f"{source}: {message}") from None
+
+
+def _refuse_nonfinite(value: Any, path: str, source: str) -> None:
+    """NaN/inf anywhere in a value (numbers, lists, free-form mappings) is a ConfigError naming its key: no
+    hyperparameter means anything at inf (``learning_rate: .inf`` trains to NaN weights). Nested dataclass
+    sections are checked when they are built."""
+    import math
+
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{_where(source, path)}: invalid value {value!r}: not finite (NaN/inf); expected a "
+                          "finite number")
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _refuse_nonfinite(v, f"{path}.{k}", source)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _refuse_nonfinite(v, f"{path}[{i}]", source)
 
 
 def read_yaml_mapping(path: str | os.PathLike) -> dict[str, Any]:

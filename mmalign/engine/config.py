@@ -46,11 +46,27 @@ class TrainingConfig:
     num_threads: Optional[int] = field(
         default=None, metadata={"help": "torch CPU threads (torch.set_num_threads); null = leave torch's default"}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "start a new run in an output_dir that holds another run's checkpoints, "
+                                         "deleting them (otherwise refused: resume it or choose another folder)"}
+    )
+    allow_inexact_resume: bool = field(
+        default=False, metadata={"help": "resume even when a checkpoint's random-generator state cannot be read "
+                                         "(the run then does not repeat an uninterrupted one); otherwise refused"}
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm progress bar on the main process"})
     plot: bool = field(default=True, metadata={"help": "draw metrics.png (loss, margins, accuracies) at the end"})
 
     def __post_init__(self) -> None:
+        import math
+
+        for name in ("learning_rate", "num_epochs", "max_grad_norm", "weight_decay", "adam_beta1", "adam_beta2",
+                     "adam_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"training.{name}: invalid value {value!r}: not finite (NaN/inf); expected a "
+                                 "finite number")
         positive = {
             "batch_size": self.batch_size,
             "gradient_accumulation_steps": self.gradient_accumulation_steps,

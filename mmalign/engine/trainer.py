@@ -26,7 +26,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from mmalign.config import save_config, to_dict
+from mmalign.engine import checkpoints as ckpt
+from mmalign.engine.checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE_NAME, CheckpointError
 from mmalign.engine.config import TrainingConfig
+from mmalign.engine.guards import NonFiniteGuard
+from mmalign.engine.run_identity import clear_checkpoints, find_latest_checkpoint, resolve_run, write_run_id
 from mmalign.engine.plots import DEFAULT_PLOT_KEYS, plot_metrics
 from mmalign.engine.reporting import MetricsWriter, format_metrics, truncate_jsonl
 
@@ -48,9 +52,7 @@ def fused_adamw_blocker(params: Sequence[torch.nn.Parameter]) -> Optional[str]:
     return f"parameters on {', '.join(odd)} (the fused kernel takes CPU/CUDA floating point)" if odd else None
 
 
-TRAINER_STATE_NAME = "trainer_state.json"
 WINDOW_STATE_NAME = "metric_window_{}.json"
-CHECKPOINT_PREFIX = "checkpoint-"
 CONSOLE_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "lr", "tokens/s")
 
 
@@ -92,21 +94,6 @@ class EpochSampler(Sampler[int]):
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
-
-
-def find_latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
-    """The checkpoint with the highest step under ``output_dir/checkpoints`` (complete ones only), or None."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = []
-    for child in root.iterdir():
-        if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX) and (child / TRAINER_STATE_NAME).exists():
-            try:
-                found.append((int(child.name[len(CHECKPOINT_PREFIX):]), child))
-            except ValueError:
-                continue
-    return max(found)[1] if found else None
 
 
 class _MetricWindow:
@@ -297,21 +284,15 @@ class Trainer:
             generator=generator,
         )
 
-    def _trainable_only_hook(self, models: list, weights: list, output_dir: str) -> None:
-        # Frozen weights (a LoRA base model) are reloaded from their source, so checkpoints keep only what trains.
-        for model, state in zip(models, weights):
-            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-            for key in list(state.keys()):
-                if key not in trainable:
-                    del state[key]
-
     # ------------------------------------------------------------------------------------------ checkpoints
     def _checkpoint_root(self) -> Path:
         return self.output_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Writes ``checkpoints/checkpoint-<step>`` atomically: everything goes to a temp folder, then one rename."""
+        """Writes ``checkpoints/checkpoint-<step>`` atomically (temp folder, manifest last, then a rename that
+        replaces an existing folder of that step only once the new one is complete); see ``checkpoints.py``."""
         acc = self.accelerator
+        self._guard.check(acc, last_checkpoint=self._last_checkpoint, learning_rate=self.config.learning_rate)
         root = self._checkpoint_root()
         final = root / f"{CHECKPOINT_PREFIX}{self.global_step}"
         tmp = root / f".tmp-{CHECKPOINT_PREFIX}{self.global_step}"
@@ -319,8 +300,21 @@ class Trainer:
             root.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)
+            tmp.mkdir()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            model = acc.unwrap_model(self._prepared_model)
+            state = model.state_dict()
+            if self._partial_checkpoint:
+                # frozen weights (a LoRA base model) are reloaded from their source: keep only what trains
+                trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+                state = {k: v for k, v in state.items() if k in trainable}
+            ckpt.save_model_state(state, tmp / ckpt.MODEL_NAME)
+            ckpt.save_optimizer_state(self._optimizer, tmp / ckpt.OPTIMIZER_NAME)
+            ckpt.save_json_state(ckpt.scheduler_state(self._scheduler), tmp / ckpt.SCHEDULER_NAME)
+            if acc.scaler is not None:
+                ckpt.save_json_state(acc.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
+        ckpt.save_rng_state(tmp / ckpt.RNG_NAME.format(acc.process_index))
         # Each process's partial metric window (sums since the last log), so a resume mid-window logs the same
         # averages as an uninterrupted run.
         window = {"window": self._window.state(), "window_tokens": self._window_tokens,
@@ -337,53 +331,56 @@ class Trainer:
                 "batches_per_epoch": self._batches_per_epoch,
                 "total_steps": self._total_steps,
                 "num_processes": acc.num_processes,
+                "run_id": self.run_id,
             }
             with open(tmp / TRAINER_STATE_NAME, "w") as fh:
                 json.dump(state, fh, indent=1)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            ckpt.write_manifest(tmp, {"run_id": self.run_id, "global_step": self.global_step})
+            ckpt.replace_folder(tmp, final)
             self._rotate_checkpoints()
         acc.wait_for_everyone()
+        self._last_checkpoint = str(final)
         return final
 
     def _rotate_checkpoints(self) -> None:
         limit = self.config.save_total_limit
         if limit is None:
             return
-        checkpoints = sorted(
-            (int(p.name[len(CHECKPOINT_PREFIX):]), p)
-            for p in self._checkpoint_root().iterdir()
-            if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-        )
+        # only this run's checkpoints exist here (run_identity refuses to share a folder)
+        checkpoints = ckpt.list_checkpoints(self._checkpoint_root())
         for _, path in checkpoints[: max(0, len(checkpoints) - limit)]:
             shutil.rmtree(path, ignore_errors=True)
 
-    def _resolve_resume(self, resume_from_checkpoint: Any) -> Optional[Path]:
-        if resume_from_checkpoint in (None, False):
-            return None
-        if resume_from_checkpoint in (True, "latest"):
-            latest = find_latest_checkpoint(self.output_dir)
-            if latest is None:
-                logger.warning("resume_from_checkpoint='latest': no checkpoint in %s; starting from scratch",
-                               self._checkpoint_root())
-            return latest
-        path = Path(resume_from_checkpoint)
-        if not (path / TRAINER_STATE_NAME).exists():
-            raise FileNotFoundError(f"resume_from_checkpoint={str(path)!r}: not a checkpoint folder "
-                                    f"(no {TRAINER_STATE_NAME}); expected e.g. {self._checkpoint_root()}/checkpoint-100")
-        return path
-
     def _load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
-        acc.load_state(str(path), strict=not self._partial_checkpoint)
-        with open(path / TRAINER_STATE_NAME) as fh:
-            state = json.load(fh)
+        state = ckpt.read_trainer_state(path)
         if state["batches_per_epoch"] != self._batches_per_epoch:
             raise ValueError(
                 f"{path}: the checkpoint was written with {state['batches_per_epoch']} batches per epoch, this run has "
                 f"{self._batches_per_epoch}; resume with the same data, batch_size and number of processes"
             )
+        model = acc.unwrap_model(self._prepared_model)
+        weights = ckpt.load_model_state(path / ckpt.MODEL_NAME)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or (missing and not self._partial_checkpoint):
+            raise CheckpointError(f"{path}: the weights do not fit this model (missing {missing[:5]}, unexpected "
+                                  f"{unexpected[:5]}); resume with the model the checkpoint was written from")
+        ckpt.load_optimizer_state(self._optimizer, path / ckpt.OPTIMIZER_NAME)
+        ckpt.load_scheduler_state(self._scheduler, ckpt.load_json_state(path / ckpt.SCHEDULER_NAME))
+        if acc.scaler is not None and (path / ckpt.SCALER_NAME).exists():
+            acc.scaler.load_state_dict(ckpt.load_json_state(path / ckpt.SCALER_NAME))
+        rng_file = path / ckpt.RNG_NAME.format(acc.process_index)
+        try:
+            ckpt.load_rng_state(rng_file)
+        except CheckpointError as err:
+            if not self.config.allow_inexact_resume:
+                raise CheckpointError(
+                    f"{err}: the random generator state cannot be restored, so the resumed run would not repeat "
+                    "the uninterrupted one (other dropout masks, noise); resume from another checkpoint, or set "
+                    "training.allow_inexact_resume: true to continue with fresh randomness"
+                ) from None
+            logger.warning("%s; training.allow_inexact_resume: continuing with the current random state (the run "
+                           "will not repeat an uninterrupted one)", err)
         self.global_step = state["global_step"]
         self.epoch = state["epoch"]
         self.batches_in_epoch = state["batches_in_epoch"]
@@ -463,11 +460,23 @@ class Trainer:
 
         acc = self.accelerator
         cfg = self.config
-        resume_path = self._resolve_resume(resume_from_checkpoint)
+        if cfg.eval_steps and self.evaluate_fn is None:
+            raise ValueError(f"training.eval_steps: {cfg.eval_steps} but this run has nothing to evaluate (no eval "
+                             "data / generation prompts); set training.eval_steps: 0 or give evaluation data")
+        # every process decides from the files before the main process changes any
+        resume_path, self.run_id, clear_old = resolve_run(self.output_dir, resume_from_checkpoint,
+                                                          overwrite=cfg.overwrite_output_dir)
+        acc.wait_for_everyone()
         if resume_path is None:
             set_seed(cfg.seed)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            if clear_old:
+                logger.warning("training.overwrite_output_dir: deleting the checkpoints of another run in %s",
+                               self._checkpoint_root())
+                clear_checkpoints(self._checkpoint_root())
+            self._checkpoint_root().mkdir(parents=True, exist_ok=True)
+            write_run_id(self._checkpoint_root(), self.run_id)
             if self.resolved_config is not None:
                 save_config(self.resolved_config, self.output_dir / "config.yaml")
             if resume_path is None and (self.output_dir / "metrics.jsonl").exists():
@@ -487,8 +496,9 @@ class Trainer:
             _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps),
         )
         # Not acc.prepare'd: accelerate would step it num_processes times per step; it is checkpointed explicitly.
-        acc.register_for_checkpointing(scheduler)
-        hook_handle = acc.register_save_state_pre_hook(self._trainable_only_hook) if self._partial_checkpoint else None
+        self._prepared_model, self._optimizer, self._scheduler = model, optimizer, scheduler
+        self._guard = NonFiniteGuard(acc.device)
+        self._last_checkpoint: Optional[str] = None
 
         self._window = _MetricWindow()
         self._window_tokens = 0
@@ -500,6 +510,8 @@ class Trainer:
             if acc.is_main_process:
                 truncate_jsonl(self.output_dir / "metrics.jsonl", self.global_step)
                 logger.info("resumed from %s at step %d", resume_path, self.global_step)
+            self._last_checkpoint = str(resume_path)
+        self._guard.start(self.global_step)
         self._writer = MetricsWriter(self.output_dir, cfg.report_to, to_dict(self.resolved_config)) if acc.is_main_process else None
         self._progress = tqdm(
             total=total_steps,
@@ -526,6 +538,7 @@ class Trainer:
                     with acc.accumulate(model):
                         out = self.compute_loss(model, batch)
                         acc.backward(out.loss)
+                        self._guard.observe_loss(out.loss)
                         self._window.add("loss", out.loss)
                         for name, value in out.metrics.items():
                             if name != "loss":
@@ -536,6 +549,7 @@ class Trainer:
                             if clip:
                                 grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
                                 if grad_norm is not None:
+                                    self._guard.observe_grad_norm(grad_norm)
                                     self._window.add("grad_norm", grad_norm)
                             optimizer.step()
                             if not acc.optimizer_step_was_skipped:
@@ -545,9 +559,11 @@ class Trainer:
                     if not acc.sync_gradients:
                         continue
                     self.global_step += 1
+                    self._guard.step_done()
                     self._window_steps += 1
                     self._progress.update(1)
                     if self.global_step % cfg.logging_steps == 0:
+                        self._check_finite()
                         now = time.perf_counter()
                         row = self._flush_window(now - window_start - paused)
                         row["lr"] = scheduler.get_last_lr()[0]
@@ -567,6 +583,7 @@ class Trainer:
                 if not finished:
                     self.epoch += 1
                     self.batches_in_epoch = 0
+            self._check_finite()
             if self._window:
                 row = self._flush_window(time.perf_counter() - window_start - paused)
                 row["lr"] = scheduler.get_last_lr()[0]
@@ -579,8 +596,6 @@ class Trainer:
             self._progress.close()
             if self._writer is not None:
                 self._writer.close()
-            if hook_handle is not None:
-                hook_handle.remove()
         plot_path = None
         if acc.is_main_process and cfg.plot:
             plot_path = plot_metrics(self.output_dir / "metrics.jsonl", self.plot_keys, self.output_dir / "metrics.png")
@@ -597,8 +612,13 @@ class Trainer:
             "final_dir": str(final_dir) if final_dir else None,
         }
 
+    def _check_finite(self) -> None:
+        self._guard.check(self.accelerator, last_checkpoint=self._last_checkpoint,
+                          learning_rate=self.config.learning_rate)
+
     def _final_save(self, model: torch.nn.Module) -> Optional[Path]:
         acc = self.accelerator
+        self._check_finite()
         acc.wait_for_everyone()
         if self.save_model_fn is None:
             return None
@@ -611,8 +631,6 @@ class Trainer:
             self.save_model_fn(acc.unwrap_model(model), tmp)
             if self.resolved_config is not None:
                 save_config(self.resolved_config, tmp / "config.yaml")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            ckpt.replace_folder(tmp, final)
         acc.wait_for_everyone()
         return final

@@ -94,7 +94,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     # Simulate a crash after step 6: train the whole run, then cut the log and delete later checkpoints.
     interrupted.train()
     run_dir = tmp_path / "resumed"
-    for ckpt in (run_dir / "checkpoints").iterdir():
+    for ckpt in (run_dir / "checkpoints").glob("checkpoint-*"):
         if int(ckpt.name.split("-")[1]) > 6:
             import shutil
 
@@ -118,7 +118,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
 def test_checkpoint_rotation_and_contents(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=6, save_steps=2, save_total_limit=2)
     trainer.train()
-    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-4", "checkpoint-6"]
     state = json.loads((tmp_path / "run" / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
