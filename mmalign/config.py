@@ -497,6 +497,10 @@ def config_help(cls: type, *, width: int = 100) -> str:
                 non_none = [a for a in typing.get_args(inner) if a is not type(None)]
                 inner = non_none[0] if len(non_none) == 1 else inner
             help_text = f.metadata.get("help", "")
+            if f.metadata.get("code_hook"):
+                from mmalign.code_hooks import CODE_HOOK_HELP
+
+                help_text = CODE_HOOK_HELP + help_text
             pad = "  " * indent
             if _is_dataclass_type(inner):
                 header = f"{pad}{key}:"

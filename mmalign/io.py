@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "json_safe", "read_jsonl", "write_jsonl"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "json_safe", "read_jsonl", "write_jsonl", "locate_non_utf8"]
 
 
 def json_safe(value: Any) -> Any:
@@ -53,6 +53,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def locate_non_utf8(path: str | os.PathLike, opener: Any = open, *, rows_are_lines: bool = True) -> str:
+    """Where the first non-UTF-8 bytes of a text file are, as a message: line, row (the n-th non-blank line, when
+    each line is a row) and column, instead of a decoder's byte offset into some buffer. ``opener`` reads the file
+    (``gzip.open`` for ``.gz``...) in binary mode."""
+    row = 0
+    with opener(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                where = f"row {row + 1} (line {line_no})" if rows_are_lines else f"line {line_no}"
+                bad = raw[err.start:err.end]
+                return (f"{path}: {where}, column {err.start + 1}: bytes {bad!r} are not valid UTF-8 ({err.reason}); "
+                        "save the file as UTF-8")
+            if text.strip():
+                row += 1
+    return f"{path}: not valid UTF-8"
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a ``.jsonl`` or ``.jsonl.gz`` file (blank lines skipped).
 
@@ -61,17 +80,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {line_no}: expected a JSON object")
-            rows.append(row)
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for line_no, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}: line {line_no}: not valid JSON ({exc.msg})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: line {line_no}: expected a JSON object")
+                rows.append(row)
+    except UnicodeDecodeError:
+        raise ValueError(locate_non_utf8(path, opener)) from None
     return rows
 
 

@@ -1,6 +1,9 @@
 """The modality-agnostic training engine on ``accelerate`` (used by ``mmalign.text`` and ``mmalign.image``)."""
+from mmalign.engine.checkpoints import CheckpointError
 from mmalign.engine.config import TrainingConfig
+from mmalign.engine.guards import NonFiniteError
 from mmalign.engine.plots import plot_metrics, read_metrics
+from mmalign.engine.run_identity import RunConflictError
 from mmalign.engine.trainer import EpochSampler, StepOutput, Trainer, find_latest_checkpoint, torch_threads
 
 __all__ = [
@@ -12,4 +15,7 @@ __all__ = [
     "torch_threads",
     "plot_metrics",
     "read_metrics",
+    "CheckpointError",
+    "RunConflictError",
+    "NonFiniteError",
 ]

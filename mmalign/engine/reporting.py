@@ -76,6 +76,9 @@ class MetricsWriter:
 
     def write(self, row: Mapping[str, Any]) -> None:
         clean = json_safe(row)  # JSON has no NaN/inf: null, so every reader can parse the log
+        from mmalign.engine.faults import torn_write
+
+        torn_write(self._jsonl, json.dumps(clean) + "\n", int(row.get("step", 0)))  # torture tests only
         self._jsonl.write(json.dumps(clean) + "\n")
         self._jsonl.flush()
         step = int(row.get("step", 0))

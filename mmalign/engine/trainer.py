@@ -29,6 +29,7 @@ from mmalign.config import save_config, to_dict
 from mmalign.engine import checkpoints as ckpt
 from mmalign.engine.checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE_NAME, CheckpointError
 from mmalign.engine.config import TrainingConfig
+from mmalign.engine.faults import fault_point
 from mmalign.engine.guards import NonFiniteGuard
 from mmalign.engine.run_identity import clear_checkpoints, find_latest_checkpoint, resolve_run, write_run_id
 from mmalign.engine.plots import DEFAULT_PLOT_KEYS, plot_metrics
@@ -314,6 +315,7 @@ class Trainer:
             ckpt.save_json_state(ckpt.scheduler_state(self._scheduler), tmp / ckpt.SCHEDULER_NAME)
             if acc.scaler is not None:
                 ckpt.save_json_state(acc.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
+        fault_point("checkpoint_files", self.global_step)
         ckpt.save_rng_state(tmp / ckpt.RNG_NAME.format(acc.process_index))
         # Each process's partial metric window (sums since the last log), so a resume mid-window logs the same
         # averages as an uninterrupted run.
@@ -336,7 +338,9 @@ class Trainer:
             with open(tmp / TRAINER_STATE_NAME, "w") as fh:
                 json.dump(state, fh, indent=1)
             ckpt.write_manifest(tmp, {"run_id": self.run_id, "global_step": self.global_step})
+            fault_point("checkpoint_manifest", self.global_step)
             ckpt.replace_folder(tmp, final)
+            fault_point("before_rotation", self.global_step)
             self._rotate_checkpoints()
         acc.wait_for_everyone()
         self._last_checkpoint = str(final)
@@ -349,6 +353,8 @@ class Trainer:
         # only this run's checkpoints exist here (run_identity refuses to share a folder)
         checkpoints = ckpt.list_checkpoints(self._checkpoint_root())
         for _, path in checkpoints[: max(0, len(checkpoints) - limit)]:
+            (path / ckpt.MANIFEST_NAME).unlink(missing_ok=True)  # first: a folder half deleted is never "complete"
+            fault_point("mid_rotation", self.global_step)
             shutil.rmtree(path, ignore_errors=True)
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -619,6 +625,7 @@ class Trainer:
     def _final_save(self, model: torch.nn.Module) -> Optional[Path]:
         acc = self.accelerator
         self._check_finite()
+        fault_point("before_final", self.global_step)
         acc.wait_for_everyone()
         if self.save_model_fn is None:
             return None
@@ -631,6 +638,7 @@ class Trainer:
             self.save_model_fn(acc.unwrap_model(model), tmp)
             if self.resolved_config is not None:
                 save_config(self.resolved_config, tmp / "config.yaml")
+            fault_point("final_tmp", self.global_step)
             ckpt.replace_folder(tmp, final)
         acc.wait_for_everyone()
         return final

@@ -35,7 +35,7 @@ class ImageModelConfig:
     frozen_dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32", metadata={"help": "dtype of the frozen VAE and text encoder"})
     text_conditioner: Optional[str] = field(
-        default=None, metadata={"help": "'package.module:callable' returning a prompts -> encoder_hidden_states "
+        default=None, metadata={"code_hook": True, "help": "'package.module:callable' returning a prompts -> encoder_hidden_states "
                                         "module; null = the pipeline's tokenizer + text encoder"})
     text_conditioner_kwargs: dict[str, Any] = field(default_factory=dict,
                                                     metadata={"help": "keyword arguments of text_conditioner"})
@@ -54,8 +54,15 @@ class ImageModelConfig:
     max_sequence_length: Optional[int] = field(default=None, metadata={"help": "T5 tokens (null = pipeline's)"})
     optimizer: Literal["adamw", "adamw_8bit"] = field(
         default="adamw", metadata={"help": "adamw_8bit needs bitsandbytes (optional extra 'bnb')"})
+    allow_code_hooks: bool = field(default=False, metadata={"help": "allow text_conditioner to import a module "
+                                                                    "outside mmalign (runs that code)"})
 
     def __post_init__(self) -> None:
+        if self.text_conditioner is not None:
+            from mmalign.code_hooks import check_code_hook
+
+            check_code_hook(self.text_conditioner, key="model.text_conditioner", allow=self.allow_code_hooks,
+                            allow_key="model.allow_code_hooks")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank must be >= 1; got {self.lora_rank}")
         if not 0 <= self.lora_dropout < 1:
@@ -188,3 +195,7 @@ class ImageTrainConfig:
             raise ValueError("model.pretrained is required (a diffusers pipeline folder or hub name)")
         if not self.data.path:
             raise ValueError("data.path is required")
+        if self.training.eval_steps and not self.generation.prompts:
+            raise ValueError(f"training.eval_steps: {self.training.eval_steps} does nothing without evaluation: the "
+                             "image evaluation generates generation.prompts, which is empty; set "
+                             "training.eval_steps: 0 or give generation.prompts")

@@ -10,7 +10,6 @@ from the folder's tokenizer + text encoder, or from any factory ``"package.modul
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -58,15 +57,14 @@ class DiffusionComponents:
         return self.noise_scheduler.config.prediction_type
 
 
-def resolve_text_conditioner(spec: str, kwargs: Optional[dict] = None) -> TextConditioner:
-    """Builds a conditioner from ``"package.module:callable"`` called with ``**kwargs``."""
-    if ":" not in spec:
-        raise ValueError(f"text_conditioner {spec!r}: expected 'package.module:callable'")
-    module_name, _, attr = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"text_conditioner {spec!r}: cannot import it ({error})") from error
+def resolve_text_conditioner(spec: str, kwargs: Optional[dict] = None, *,
+                             allow_code_hooks: bool = False) -> TextConditioner:
+    """Builds a conditioner from the code hook ``"package.module:callable"`` (see ``mmalign.code_hooks``) called
+    with ``**kwargs``."""
+    from mmalign.code_hooks import import_code_hook
+
+    factory = import_code_hook(spec, key="model.text_conditioner", allow=allow_code_hooks,
+                               allow_key="model.allow_code_hooks")
     conditioner = factory(**(kwargs or {}))
     if not callable(conditioner):
         raise ValueError(f"text_conditioner {spec!r} returned {type(conditioner).__name__}, which is not callable")
@@ -93,6 +91,7 @@ def load_diffusion_components(
     text_conditioner_kwargs: Optional[dict] = None,
     prediction_type: Optional[str] = None,
     frozen_dtype: str = "float32",
+    allow_code_hooks: bool = False,
 ) -> DiffusionComponents:
     """Loads UNet, noise scheduler, text conditioner and (if present) VAE with ``from_pretrained``.
 
@@ -120,7 +119,8 @@ def load_diffusion_components(
         vae = AutoencoderKL.from_pretrained(name_or_path, subfolder="vae", variant=variant, torch_dtype=dtype, **common)
         vae.requires_grad_(False).eval()
     if text_conditioner:
-        conditioner = resolve_text_conditioner(text_conditioner, text_conditioner_kwargs)
+        conditioner = resolve_text_conditioner(text_conditioner, text_conditioner_kwargs,
+                                               allow_code_hooks=allow_code_hooks)
     else:
         if not (index.get("tokenizer") and index.get("text_encoder")):
             raise ValueError(

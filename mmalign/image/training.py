@@ -56,6 +56,7 @@ def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mod
         text_conditioner_kwargs=model_config.text_conditioner_kwargs,
         prediction_type=model_config.prediction_type,
         frozen_dtype=model_config.frozen_dtype,
+        allow_code_hooks=model_config.allow_code_hooks,
     )
     unet = components.unet
     attention = configure_attention(unet, model_config.attention)
@@ -104,6 +105,14 @@ def build_dataset(config: ImageTrainConfig, model=None):
         records, resolution=data.resolution, channels=channels, center_crop=data.center_crop,
         random_flip=data.random_flip, convert_images=data.convert_images, allow_ragged_groups=data.allow_ragged_groups,
     )
+    from mmalign.image.validation import check_image_records
+
+    check_image_records(dataset)  # every image's header, size and end, before any step
+    from mmalign.data_checks import check_identical_responses
+
+    check_identical_responses(((i + 1, r.chosen, r.rejected) for i, r in enumerate(records)
+                               if all(isinstance(m, str) for m in r.chosen + r.rejected)), source=data.path,
+                              what="image")
     if data.cache_latents:
         if model is None or model.vae is None:
             raise ValueError("data.cache_latents needs a latent-diffusion model (with a VAE)")
@@ -240,6 +249,12 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike, over
 
     config = load_config(ImageTrainConfig, config, overrides)
     spec = config.objective
+    from accelerate.utils import set_seed
+
+    from mmalign.hub import check_sources
+
+    check_sources([("model.pretrained", config.model.pretrained, "model"), ("data.path", config.data.path, "dataset")])
+    set_seed(config.training.seed)  # before the LoRA adapters are initialised: a seed repeats a run bit for bit
     model = build_preference_model(config, triggers=spec.triggers, trigger_mode=spec.trigger_mode)
     if torch.cuda.is_available():
         model.to("cuda")

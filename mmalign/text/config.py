@@ -198,6 +198,12 @@ class TextTrainConfig:
     output_dir: str = field(default="outputs/text-run", metadata={"help": "run folder (metrics, checkpoints, final/)"})
 
     def __post_init__(self) -> None:
+        if self.lora.initial_adapter and not self.lora.enabled:
+            raise ValueError(f"lora.initial_adapter: {self.lora.initial_adapter!r} does nothing with lora.enabled: "
+                             "false; set lora.enabled: true to continue training that adapter, or remove it")
+        if self.training.eval_steps and not self.data.eval:
+            raise ValueError(f"training.eval_steps: {self.training.eval_steps} does nothing without data.eval; set "
+                             "training.eval_steps: 0 or give data.eval")
         if self.bins is not None:
             import mmalign
 

@@ -127,7 +127,7 @@ def test_judge_metrics_with_a_callable_judge():
     # wins: 11>5, 3>2; losses: 1<2; tie: 3=3 -> win rate (2 + 0.5)/4, judge score 50 + (2-1)/4*100
     assert out["judge/win_rate"] == pytest.approx(0.625) and out["judge/score"] == pytest.approx(75.0)
     assert load_judge(judge) is judge
-    assert load_judge("json:dumps") is json.dumps
+    assert load_judge("json:dumps", allow_code_hooks=True) is json.dumps
     with pytest.raises(ValueError):
         load_judge("not a judge")
 

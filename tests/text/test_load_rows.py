@@ -126,7 +126,7 @@ def test_unreadable_files(tmp_path):
         load_rows(str(truncated))
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1.jsonl: could not be read: .*utf-8"):
+    with pytest.raises(ValueError, match=r"latin1.jsonl: row 1 \(line 1\), column \d+: .*not valid UTF-8"):
         load_rows(str(latin1))
 
 

@@ -119,6 +119,19 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def load_train_state(path: Path) -> dict:
+    """``train_state.pt`` under torch's restricted unpickler: tensors and plain values only, never code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def rng_from_state(state_json: str) -> np.random.Generator:
+    """The sampler's NumPy generator from its bit-generator state (saved as JSON, not as a pickled object)."""
+    state = json.loads(state_json)
+    bit_generator = getattr(np.random, state["bit_generator"])()
+    bit_generator.state = state
+    return np.random.Generator(bit_generator)
+
+
 def train(cfg: FaceModelTrainConfig, resume: bool = False, command: str = "") -> Path:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -148,11 +161,11 @@ def train(cfg: FaceModelTrainConfig, resume: bool = False, command: str = "") ->
     step, elapsed_before, loss_ema = 0, 0.0, None
     state_path = out_dir / "train_state.pt"
     if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=False)
+        state = load_train_state(state_path)
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        sampler.rng = state["rng"]
+        sampler.rng = rng_from_state(state["rng_state"])
         step, elapsed_before, loss_ema = state["step"], state["elapsed_s"], state["loss_ema"]
         torch.set_rng_state(state["torch_rng"])
         print(f"resumed at step {step}", flush=True)
@@ -181,7 +194,7 @@ def train(cfg: FaceModelTrainConfig, resume: bool = False, command: str = "") ->
         save_face_model(out_dir / "model", ema, scheduler, meta)
         _atomic_torch_save(
             {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "rng": sampler.rng, "step": step, "elapsed_s": elapsed, "loss_ema": loss_ema,
+             "rng_state": json.dumps(sampler.rng.bit_generator.state), "step": step, "elapsed_s": elapsed, "loss_ema": loss_ema,
              "torch_rng": torch.get_rng_state()},
             state_path,
         )

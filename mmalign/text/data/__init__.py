@@ -36,11 +36,13 @@ def load_preference_dataset(
     system_prompt: Optional[str] = None,
     on_invalid: Literal["error", "skip"] = "error",
     transform_examples: Optional[Callable[[list, Rows], list]] = None,
+    refuse_identical: bool = True,
 ) -> TokenizedPreferenceDataset:
     """load_rows -> parse_preference_rows (validates every row) -> PreferenceTokenizer, in one call.
     ``transform_examples(examples, rows)``, if given, returns the examples to tokenise (e.g. with bins attached)."""
     rows = load_rows(source, split=split, subset=subset, max_samples=max_samples)
-    examples, detected = parse_preference_rows(rows, fmt=fmt, source=source, on_invalid=on_invalid)
+    examples, detected = parse_preference_rows(rows, fmt=fmt, source=source, on_invalid=on_invalid,
+                                               refuse_identical=refuse_identical)
     if transform_examples is not None:
         examples = transform_examples(examples, rows)
     encoder = PreferenceTokenizer(

@@ -11,6 +11,8 @@ import numbers
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+from mmalign.io import locate_non_utf8
+
 __all__ = ["Rows", "load_rows", "value_kind", "short_repr"]
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -149,7 +151,9 @@ def _read_json_rows(path: str | Path, *, max_samples: Optional[int] = None) -> l
                 else:
                     rows = _json_lines_rows(path, value, first[0], itertools.chain([second] if second else [], lines),
                                             max_samples)
-    except (OSError, EOFError, UnicodeDecodeError) as err:  # unreadable or corrupt, e.g. a truncated .gz
+    except UnicodeDecodeError:  # the decoder's offset is into a buffer: name the line and row instead
+        raise ValueError(locate_non_utf8(path, opener, rows_are_lines=".jsonl" in suffixes)) from None
+    except (OSError, EOFError) as err:  # unreadable or corrupt, e.g. a truncated .gz
         raise ValueError(f"{path}: could not be read: {err}") from None
     if not rows:
         raise ValueError(f"{path}: no rows")

@@ -24,6 +24,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
+from mmalign.data_checks import check_identical_responses
 from mmalign.text.data.files import short_repr, value_kind
 from mmalign.text.data.prompts import split_hh_dialogue
 
@@ -176,6 +177,7 @@ def parse_preference_rows(
     fmt: str = "auto",
     source: str = "<data>",
     on_invalid: Literal["error", "skip"] = "error",
+    refuse_identical: bool = True,
 ) -> tuple[list[PreferenceExample], str]:
     """Validates every row before any training; returns the examples and the (detected) format.
 
@@ -209,6 +211,9 @@ def parse_preference_rows(
         logger.warning("%s: skipped %d malformed row(s) of %d; first: %s", source, len(skipped), len(rows), skipped[0][1])
     if not examples:
         raise ValueError(f"{source}: every row is malformed; first: {skipped[0][1]}")
+    # chosen == rejected: warned about; a file of nothing else is refused (there is no preference to learn)
+    check_identical_responses(((e.row, e.chosen, e.rejected) for e in examples), source=source,
+                              refuse_all=refuse_identical)
     return examples, fmt
 
 

@@ -113,9 +113,11 @@ class EvaluateConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "answer sampling"})
     judge: Optional[str] = field(
         default=None,
-        metadata={"help": "reward-model folder (sequence classification) or 'package.module:function' returning "
+        metadata={"code_hook": True, "help": "reward-model folder (sequence classification) or 'package.module:function' returning "
                   "scores for (prompts, responses)"},
     )
+    allow_code_hooks: bool = field(default=False, metadata={"help": "allow judge to import a module outside "
+                                                                    "mmalign (runs that code)"})
     ece_bins: int = field(default=10, metadata={"help": "equal-width bins of the ECE"})
     batch_size: int = field(default=8, metadata={"help": "pairs per forward when scoring the preference set"})
     num_threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads"})
@@ -124,6 +126,10 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.prompts is None and self.preference_data is None:
             raise ValueError("nothing to evaluate: set prompts and/or preference_data")
+        if self.judge and ":" in self.judge and not Path(self.judge).is_dir():
+            from mmalign.code_hooks import check_code_hook
+
+            check_code_hook(self.judge, key="judge", allow=self.allow_code_hooks)
         if self.ece_bins < 1 or self.batch_size < 1:
             raise ValueError("ece_bins and batch_size must be >= 1")
 
@@ -167,6 +173,9 @@ def _evaluate(cfg: EvaluateConfig, judge: Optional[Judge]) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
+    from mmalign.hub import check_sources
+
+    check_sources([("model", cfg.model, "model"), ("baseline", cfg.baseline, "model")])
     model, tokenizer = load_model_for_eval(cfg.model)
     results: dict[str, Any] = {"model": cfg.model, "baseline": cfg.baseline}
 
@@ -198,7 +207,8 @@ def _evaluate(cfg: EvaluateConfig, judge: Optional[Judge]) -> dict[str, Any]:
                 base_rng = rng_metrics(baseline_samples.texts, intervals)
                 results["rng/win_rate_vs_baseline"] = M.win_rate(rng["rng/per_prompt_entropy"],
                                                                  base_rng["rng/per_prompt_entropy"])
-        judge_fn = judge if judge is not None else (load_judge(cfg.judge) if cfg.judge else None)
+        judge_fn = judge if judge is not None else (load_judge(cfg.judge, allow_code_hooks=cfg.allow_code_hooks)
+                                                     if cfg.judge else None)
         if judge_fn is not None:
             if baseline_samples is None:
                 raise ValueError("judge: win rates need a baseline model (set baseline)")

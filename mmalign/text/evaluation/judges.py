@@ -2,7 +2,6 @@
 ``'package.module:function'`` (SPEC §5)."""
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -42,19 +41,15 @@ class RewardModelJudge:
         return scores
 
 
-def load_judge(spec: Union[str, Judge]) -> Judge:
-    """A judge from a callable, a reward-model folder, or ``'package.module:function'``."""
+def load_judge(spec: Union[str, Judge], *, allow_code_hooks: bool = False) -> Judge:
+    """A judge from a callable, a reward-model folder, or the code hook ``'package.module:function'`` (see
+    ``mmalign.code_hooks``: modules outside mmalign need ``allow_code_hooks``)."""
     if callable(spec):
         return spec
     if Path(spec).is_dir():
         return RewardModelJudge(spec)
     if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            target = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"judge {spec!r}: cannot import ({err})") from None
-        if not callable(target):
-            raise ValueError(f"judge {spec!r} is not callable")
-        return target
+        from mmalign.code_hooks import import_code_hook
+
+        return import_code_hook(spec, key="judge", allow=allow_code_hooks)
     raise ValueError(f"judge {spec!r}: expected a reward-model folder or 'package.module:function'")

@@ -163,7 +163,7 @@ def preference_metrics(model, tokenizer, data_path: str, *, use_chat_template: b
     from mmalign.text.data import load_preference_dataset
 
     dataset = load_preference_dataset(data_path, tokenizer, max_samples=max_pairs, use_chat_template=use_chat_template,
-                                      system_prompt=system_prompt)
+                                      system_prompt=system_prompt, refuse_identical=False)  # scored, not trained on
     if dataset.max_group_sizes != (1, 1):
         raise ValueError(f"{data_path}: preference metrics need pairs (one chosen and one rejected per row)")
     scores = pair_logprobs(model, tokenizer, dataset, batch_size=batch_size)

@@ -263,6 +263,11 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
     from accelerate.utils import set_seed
 
     set_seed(cfg.training.seed)
+    from mmalign.hub import check_sources
+
+    check_sources([("model.name_or_path", cfg.model.name_or_path, "model"), ("model.tokenizer", cfg.model.tokenizer,
+                    "model"), ("reference.name_or_path", cfg.reference.name_or_path, "model"),
+                   ("data.train", cfg.data.train, "dataset"), ("data.eval", cfg.data.eval, "dataset")])
     objective = mmalign.objective(cfg.objective.name, **cfg.objective.hyperparameters)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,

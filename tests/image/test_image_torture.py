@@ -1,0 +1,27 @@
+"""The crash/resume torture (tests/torture.py) on the image trainer: kills at injected points -> bit-exact resume."""
+import pytest
+
+from tests.torture import KILLS, TRAINING, torture
+
+
+def _make_config(tiny_sd_path, toy_data):
+    def make(output_dir):
+        return {
+            "output_dir": str(output_dir),
+            "model": {"pretrained": str(tiny_sd_path), "lora_rank": 4, "lora_alpha": 8},
+            "data": {"path": str(toy_data), "resolution": 32},
+            "objective": {"name": "dpo", "beta_d": 1000},
+            "training": {"batch_size": 2, "learning_rate": 2e-3, "seed": 0, **TRAINING},
+        }
+
+    return make
+
+
+def test_image_resume_after_kills_is_bit_exact(tiny_sd_path, toy_data, tmp_path):
+    torture("image", _make_config(tiny_sd_path, toy_data), tmp_path,
+            kills=[("checkpoint_manifest", 4), ("mid_rotation", 6)])
+
+
+@pytest.mark.slow
+def test_image_resume_after_every_kill_point_is_bit_exact(tiny_sd_path, toy_data, tmp_path):
+    torture("image", _make_config(tiny_sd_path, toy_data), tmp_path, kills=KILLS)
