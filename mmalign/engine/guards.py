@@ -17,40 +17,35 @@ class NonFiniteError(FloatingPointError):
 
 
 class NonFiniteGuard:
+    """Keeps one ``isfinite`` flag tensor per observed value (one op, no sync) until the next :meth:`check`."""
+
     def __init__(self, device: torch.device):
         self.device = device
-        self._step = torch.zeros((), dtype=torch.int64, device=device)  # optimizer steps seen, on device
-        self._first_loss = torch.full((), -1, dtype=torch.int64, device=device)
-        self._first_grad = torch.full((), -1, dtype=torch.int64, device=device)
+        self._pending: list[tuple[int, str, torch.Tensor]] = []
 
-    def start(self, global_step: int) -> None:
-        self._step.fill_(global_step)
+    def _observe(self, value: torch.Tensor, step: int, what: str) -> None:
+        flag = torch.isfinite(value.detach())
+        self._pending.append((step, what, flag.all() if flag.dim() else flag))
 
-    def _mark(self, first: torch.Tensor, value: torch.Tensor) -> None:
-        bad = ~torch.isfinite(value.detach().float()).all()
-        first.copy_(torch.where((first < 0) & bad, self._step + 1, first))
+    def observe_loss(self, loss: torch.Tensor, step: int) -> None:
+        self._observe(loss, step, "the loss")
 
-    def observe_loss(self, loss: torch.Tensor) -> None:
-        self._mark(self._first_loss, loss)
-
-    def observe_grad_norm(self, grad_norm: torch.Tensor) -> None:
-        self._mark(self._first_grad, grad_norm)
-
-    def step_done(self) -> None:
-        self._step.add_(1)
+    def observe_grad_norm(self, grad_norm: torch.Tensor, step: int) -> None:
+        self._observe(grad_norm, step, "the gradient norm")
 
     def check(self, accelerator=None, *, last_checkpoint: Optional[str] = None, learning_rate: float = 0.0) -> None:
         """Raises :class:`NonFiniteError` if any step so far had a non-finite loss or gradient norm (one sync)."""
-        both = torch.stack([self._first_loss, self._first_grad])
+        pending, self._pending = self._pending, []
+        flags = torch.stack([flag for _, _, flag in pending]) if pending else torch.ones(1, dtype=torch.bool,
+                                                                                       device=self.device)
+        bad = (~flags).to(torch.int32)
         if accelerator is not None and accelerator.num_processes > 1:
-            both = accelerator.reduce(both, reduction="max")  # every process stops together
-        first_loss, first_grad = (int(v) for v in both.tolist())
-        if first_loss < 0 and first_grad < 0:
+            # every process stops together; the lists have the same length on every process (same steps)
+            bad = accelerator.reduce(bad, reduction="max")
+        host = bad.tolist()
+        if not any(host):
             return
-        if first_loss >= 0 and (first_grad < 0 or first_loss <= first_grad):
-            what, step = "the loss", first_loss
-        else:
-            what, step = "the gradient norm", first_grad
+        step, what, _ = pending[host.index(1)]
         saved = (f"the last checkpoint written before it is {last_checkpoint}" if last_checkpoint
                  else "no checkpoint was written")
         raise NonFiniteError(

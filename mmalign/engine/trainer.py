@@ -517,7 +517,6 @@ class Trainer:
                 truncate_jsonl(self.output_dir / "metrics.jsonl", self.global_step)
                 logger.info("resumed from %s at step %d", resume_path, self.global_step)
             self._last_checkpoint = str(resume_path)
-        self._guard.start(self.global_step)
         self._writer = MetricsWriter(self.output_dir, cfg.report_to, to_dict(self.resolved_config)) if acc.is_main_process else None
         self._progress = tqdm(
             total=total_steps,
@@ -544,7 +543,7 @@ class Trainer:
                     with acc.accumulate(model):
                         out = self.compute_loss(model, batch)
                         acc.backward(out.loss)
-                        self._guard.observe_loss(out.loss)
+                        self._guard.observe_loss(out.loss, self.global_step + 1)
                         self._window.add("loss", out.loss)
                         for name, value in out.metrics.items():
                             if name != "loss":
@@ -555,7 +554,7 @@ class Trainer:
                             if clip:
                                 grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm)
                                 if grad_norm is not None:
-                                    self._guard.observe_grad_norm(grad_norm)
+                                    self._guard.observe_grad_norm(grad_norm, self.global_step + 1)
                                     self._window.add("grad_norm", grad_norm)
                             optimizer.step()
                             if not acc.optimizer_step_was_skipped:
@@ -565,7 +564,6 @@ class Trainer:
                     if not acc.sync_gradients:
                         continue
                     self.global_step += 1
-                    self._guard.step_done()
                     self._window_steps += 1
                     self._progress.update(1)
                     if self.global_step % cfg.logging_steps == 0:
