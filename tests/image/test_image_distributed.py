@@ -34,7 +34,7 @@ def test_two_process_image_training_and_exact_resume(tiny_sd_path, toy_data, tmp
     assert [r["step"] for r in full] == [1, 2, 3, 4]  # one log, written by the main process only
     # 8 prompts / (2 per process x 2 processes) = 2 steps per epoch
     assert full[1]["epoch"] == pytest.approx(1.0)
-    assert (run / "checkpoints" / "checkpoint-2" / "random_states_1.pkl").exists()
+    assert (run / "checkpoints" / "checkpoint-2" / "rng_state_1.safetensors").exists()
     assert (run / "final" / "pytorch_lora_weights.safetensors").exists()
 
     shutil.rmtree(run / "checkpoints" / "checkpoint-4")

@@ -13,17 +13,11 @@ from mmalign.config import ConfigError, load_config
 from mmalign.image import ImageTrainConfig, train
 from mmalign.image.data import ImagePreferenceDataset, load_group_records
 from mmalign.image.validation import check_image_records
+from tests.image.test_image_training import _config as _training_config
 
 
 def _config(tiny_sd_path, data, output_dir, **training):
-    return {
-        "output_dir": str(output_dir),
-        "model": {"pretrained": str(tiny_sd_path), "lora_rank": 4, "lora_alpha": 8},
-        "data": {"path": str(data), "resolution": 32},
-        "objective": {"name": "dpo", "beta_d": 1000},
-        "training": {"batch_size": 2, "learning_rate": 2e-3, "lr_scheduler": "constant", "logging_steps": 1,
-                     "progress_bar": False, "seed": 0, "num_threads": 1, "plot": False, **training},
-    }
+    return _training_config(tiny_sd_path, data, output_dir, **{"batch_size": 2, "plot": False, **training})
 
 
 def _losses(run_dir):

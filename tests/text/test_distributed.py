@@ -34,7 +34,7 @@ def test_two_process_training_and_exact_resume(tiny_model_dir, tmp_path):
     full = read_metrics(tmp_path / "run" / "metrics.jsonl")
     # 16 groups / (2 per process x 2 processes) = 4 batches per process per epoch: 6 steps = 1.5 epochs
     assert [r["epoch"] for r in full] == [0.5, 1.0, 1.5]
-    assert (tmp_path / "run" / "checkpoints" / "checkpoint-3" / "random_states_1.pkl").exists()
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-3" / "rng_state_1.safetensors").exists()
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-6")
     again = subprocess.run(torchrun + ["--resume"], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
