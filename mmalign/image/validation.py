@@ -41,10 +41,8 @@ def _jpeg_complete(handle: BinaryIO) -> bool:
 
 
 def _channels_problem(mode: str, channels: int, convert: bool) -> Optional[str]:
-    from mmalign.image.data import _MODE_CHANNELS
-
-    try:
-        found = _MODE_CHANNELS.get(mode) or Image.getmodebands(mode)
+    try:  # the channel count the dataset's decoder sees (palette and 16-bit modes: 1)
+        found = Image.getmodebands(mode)
     except (KeyError, ValueError):
         return f"has an unsupported mode {mode!r}"
     if found != channels and not (convert and channels in (1, 3)):
