@@ -134,6 +134,10 @@ def _prepare_special_tokens(cfg: CNRPOConfig, directory: Path) -> str:
     marker = directory / "mmalign_triggers.json"
     if marker.exists() and json.loads(marker.read_text()).get("triggers") == cfg.cnrpo.triggers:
         return str(directory)
+    from mmalign.hub import check_sources
+
+    check_sources([("model.name_or_path", cfg.model.name_or_path, "model"),
+                   ("model.tokenizer", cfg.model.tokenizer, "model")])
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file)
     model = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype)

@@ -155,6 +155,10 @@ def _train(cfg: SFTConfig, resume_from_checkpoint: Any) -> dict[str, Any]:
     from accelerate.utils import set_seed
 
     set_seed(cfg.training.seed)
+    from mmalign.hub import check_sources
+
+    check_sources([("model.name_or_path", cfg.model.name_or_path, "model"),
+                   ("model.tokenizer", cfg.model.tokenizer, "model"), ("data.train", cfg.data.train, "dataset")])
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
                                chat_template=cfg.model.chat_template, trust_remote_code=cfg.model.trust_remote_code)
