@@ -42,6 +42,7 @@ OPTIMIZER_NAME = "optimizer.pt"
 SCHEDULER_NAME = "scheduler.json"
 SCALER_NAME = "scaler.json"
 RNG_NAME = "rng_state_{}.safetensors"
+CUSTOM_NAME = "custom_state_{}.pt"
 OLD_PREFIX = ".old-"
 
 
@@ -179,6 +180,19 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
     except Exception as err:
         raise CheckpointError(f"{path}: unreadable optimizer state ({type(err).__name__}: {err})") from None
     optimizer.load_state_dict(state)
+
+
+def save_custom_state(obj: Any, path: Path) -> None:
+    """``obj.state_dict()`` (tensors, numbers, strings, lists, dicts) of an object registered for checkpointing."""
+    torch.save(obj.state_dict(), path)
+
+
+def load_custom_state(obj: Any, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never code, as for the optimizer
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable state of a registered object ({type(err).__name__}: {err})") from None
+    obj.load_state_dict(state)
 
 
 def save_json_state(state: Mapping[str, Any], path: Path) -> None:

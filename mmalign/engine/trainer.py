@@ -230,6 +230,7 @@ class Trainer:
         self._trainable_ids = {id(p) for p in params}
         self._partial_checkpoint = len(self._trainable_ids) < sum(1 for _ in model.parameters())
         self._params = params
+        self._extra_states: list = []
         self.global_step = 0
         self.epoch = 0
         self.batches_in_epoch = 0
@@ -315,6 +316,8 @@ class Trainer:
             ckpt.save_json_state(ckpt.scheduler_state(self._scheduler), tmp / ckpt.SCHEDULER_NAME)
             if acc.scaler is not None:
                 ckpt.save_json_state(acc.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
+            for index, obj in enumerate(self._registered_states()):
+                ckpt.save_custom_state(obj, tmp / ckpt.CUSTOM_NAME.format(index))
         fault_point("checkpoint_files", self.global_step)
         ckpt.save_rng_state(tmp / ckpt.RNG_NAME.format(acc.process_index))
         # Each process's partial metric window (sums since the last log), so a resume mid-window logs the same
@@ -346,6 +349,14 @@ class Trainer:
         self._last_checkpoint = str(final)
         return final
 
+    def register_state(self, obj: Any) -> None:
+        """Checkpoints ``obj`` (``state_dict`` / ``load_state_dict`` of tensors and plain values) with the run."""
+        self._extra_states.append(obj)
+
+    def _registered_states(self) -> list:
+        # objects given to accelerate's register_for_checkpointing are kept too, but stored without pickle
+        return self._extra_states + list(getattr(self.accelerator, "_custom_objects", []))
+
     def _rotate_checkpoints(self) -> None:
         limit = self.config.save_total_limit
         if limit is None:
@@ -375,6 +386,12 @@ class Trainer:
         ckpt.load_scheduler_state(self._scheduler, ckpt.load_json_state(path / ckpt.SCHEDULER_NAME))
         if acc.scaler is not None and (path / ckpt.SCALER_NAME).exists():
             acc.scaler.load_state_dict(ckpt.load_json_state(path / ckpt.SCALER_NAME))
+        for index, obj in enumerate(self._registered_states()):
+            custom = path / ckpt.CUSTOM_NAME.format(index)
+            if not custom.is_file():
+                raise CheckpointError(f"{custom}: missing; the checkpoint was written without the state of "
+                                      f"{type(obj).__name__}, so the run cannot resume exactly")
+            ckpt.load_custom_state(obj, custom)
         rng_file = path / ckpt.RNG_NAME.format(acc.process_index)
         try:
             ckpt.load_rng_state(rng_file)

@@ -204,3 +204,36 @@ def test_checkpoint_files_hold_no_pickle(tmp_path):
     assert set(manifest["files"]) == {p.name for p in folder.iterdir()} - {MANIFEST_NAME}
     assert not list(folder.glob("*.pkl")) and not list(folder.glob("*.bin"))
     torch.load(folder / "optimizer.pt", weights_only=True)  # loads under the restricted unpickler
+
+
+class Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def state_dict(self):
+        return {"calls": self.calls, "history": torch.arange(self.calls)}
+
+    def load_state_dict(self, state):
+        self.calls = int(state["calls"])
+
+
+def test_registered_state_is_checkpointed_without_pickle(tmp_path):
+    trainer = make_trainer(tmp_path, "run", max_steps=2, save_steps=2)
+    counter = Counter()
+    counter.calls = 5
+    trainer.accelerator.register_for_checkpointing(counter)  # as the online trainer registers its rollout state
+    trainer.train()
+    folder = tmp_path / "run" / "checkpoints" / "checkpoint-2"
+    assert (folder / "custom_state_0.pt").exists() and not list(folder.glob("*.pkl"))
+    resumed = make_trainer(tmp_path, "run", max_steps=3)
+    fresh = Counter()
+    resumed.register_state(fresh)
+    resumed.train(resume_from_checkpoint="latest")
+    assert fresh.calls == 5
+    torch.save(Payload(tmp_path / "pwned"), folder / "custom_state_0.pt")
+    _rewrite_manifest(folder)
+    again = make_trainer(tmp_path, "run", max_steps=3)
+    again.register_state(Counter())
+    with pytest.raises(CheckpointError, match="custom_state_0.pt: unreadable"):
+        again.train(resume_from_checkpoint=str(folder))
+    assert not (tmp_path / "pwned").exists()

@@ -182,7 +182,7 @@ def test_bad_reward_stops_without_a_checkpoint_of_the_bad_step(tiny_model_dir, p
                   training={"batch_size": 2, "max_steps": 3, "save_steps": 1, "save_total_limit": None})
     with pytest.raises(error, match=message):
         mmalign.text.online(cfg, reward=_Flaky(then))
-    checkpoints = sorted(p.name for p in (tmp_path / "bad" / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (tmp_path / "bad" / "checkpoints").glob("checkpoint-*"))
     assert checkpoints == ["checkpoint-1"]
     assert not (tmp_path / "bad" / "final").exists()
 
