@@ -26,6 +26,9 @@ if kind == "image":
     import mmalign.image
     cfg["resume_from_checkpoint"] = "latest" if resume else None
     mmalign.image.train(cfg)
+elif kind == "online":
+    import mmalign.text
+    mmalign.text.online(cfg, resume_from_checkpoint="latest" if resume else None)
 else:
     import mmalign.text
     mmalign.text.train(cfg, resume_from_checkpoint="latest" if resume else None)
@@ -53,7 +56,7 @@ def final_weights(run_dir):
 
 
 def torture(kind, make_config, tmp_path, kills=KILLS):
-    """``make_config(output_dir)`` -> a config dict of ``kind`` (text/image) using :data:`TRAINING`."""
+    """``make_config(output_dir)`` -> a config dict of ``kind`` (text/image/online) using :data:`TRAINING`."""
     reference = make_config(tmp_path / "reference")
     done = run(kind, reference)
     assert done.returncode == 0, done.stderr[-3000:]
