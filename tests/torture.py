@@ -46,7 +46,8 @@ def run(kind, config, fault=None, resume=False):
 
 def logged(run_dir):
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "tokens/s"} for r in rows]
+    wall_clock = ("tokens/s", "rollout/tokens_per_s")  # rates of wall time, not of the computation
+    return [{k: v for k, v in r.items() if k not in wall_clock} for r in rows]
 
 
 def final_weights(run_dir):
