@@ -1,10 +1,12 @@
 """The modality-agnostic training engine on ``accelerate`` (used by ``mmalign.text`` and ``mmalign.image``)."""
 from mmalign.engine.config import TrainingConfig
 from mmalign.engine.plots import plot_metrics, read_metrics
+from mmalign.engine.result import TrainResult
 from mmalign.engine.trainer import EpochSampler, StepOutput, Trainer, find_latest_checkpoint, torch_threads
 
 __all__ = [
     "TrainingConfig",
+    "TrainResult",
     "Trainer",
     "StepOutput",
     "EpochSampler",

@@ -13,7 +13,7 @@ from mmalign_experiments.bias_data import biased_decision_pairs, decision_prompt
 from mmalign.text.data.bins import BinSpec, assign_bins
 from mmalign.text.config import TextTrainConfig
 
-CAUSAL_DPO = {"name": "causal_dpo", "hyperparameters": {"beta": 0.1, "lam": 1.0}}
+CAUSAL_DPO = {"name": "causal_dpo", "beta": 0.1, "lam": 1.0}
 TRAINING = {"batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1, "progress_bar": False, "num_threads": 1,
             "seed": 0}
 
