@@ -157,31 +157,33 @@ def build_objective(config: ImageTrainConfig, records=None):
 def make_compute_loss(objective):
     """``(model, batch) -> StepOutput``: surrogates from the model, loss and metrics from the objective."""
     from mmalign.engine import StepOutput
+    from mmalign.engine.preference import preference_step
+    from mmalign.image.diffusion import denoising_errors
     from mmalign.shared.objectives import masked_mean
 
     beta = objective.beta
     needs_lengths = objective.uses_chosen_lengths
 
     def compute_loss(model: nn.Module, batch: Mapping[str, Any]) -> StepOutput:
-        surrogates = model(batch)
-        inputs = surrogates.objective_inputs()
+        record = model(batch)  # LogLikelihoods of −e (SPEC §7)
         if needs_lengths:  # e is already a per-element mean: the "length" of an image is 1
-            inputs["chosen_lengths"] = torch.ones_like(surrogates.policy_chosen)
-        output = objective(**inputs)
+            record.chosen_lengths = torch.ones_like(record.policy_chosen)
         with torch.no_grad():
             # R = group mean of ρ = −(e_θ − e_ref) (SPEC §7); margin = R_w − R_l, per pair/group
-            ratio_chosen = masked_mean(surrogates.policy_chosen - surrogates.ref_chosen, surrogates.chosen_mask)
-            ratio_rejected = masked_mean(surrogates.policy_rejected - surrogates.ref_rejected, surrogates.rejected_mask)
+            ratio_chosen = masked_mean(record.policy_chosen - record.ref_chosen, record.chosen_mask)
+            ratio_rejected = masked_mean(record.policy_rejected - record.ref_rejected, record.rejected_mask)
             margin = ratio_chosen - ratio_rejected
-            metrics = dict(output.metric_tensors)
-            # The Diffusion-DPO inside term β·margin = −(β_d/2)·((e_θw − e_rw) − (e_θl − e_rl)). It is the sigmoid's
-            # argument of dpo/mdpo/cdpo/rdpo only; other objectives log their own (e.g. cnrpo/logits, fdpo/logit).
-            metrics["inside_term"] = (beta * margin).mean()
-            # implicit-reward accuracy, objective-independent: share with R_w > R_l, ties ½ (diffusers convention)
-            metrics["implicit_acc"] = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
-            metrics["model_mse"] = surrogates.model_error
-            metrics["ref_mse"] = surrogates.reference_error
-        return StepOutput(loss=output.loss, metrics=metrics)
+            model_mse, ref_mse = denoising_errors(record)
+            metrics = {
+                # The Diffusion-DPO inside term β·margin = −(β_d/2)·((e_θw − e_rw) − (e_θl − e_rl)). It is the
+                # sigmoid's argument of dpo/mdpo/cdpo/rdpo only; other objectives log their own (cnrpo/logits, ...).
+                "inside_term": (beta * margin).mean(),
+                # implicit-reward accuracy, objective-independent: share with R_w > R_l, ties ½ (diffusers convention)
+                "implicit_acc": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
+                "model_mse": model_mse,
+                "ref_mse": ref_mse,
+            }
+        return preference_step(objective, record, metrics=metrics)
 
     return compute_loss
 

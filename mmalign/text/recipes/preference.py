@@ -32,7 +32,9 @@ from mmalign.text.evaluation.calibration import CalibrationAccumulator
 from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, batch_to_device, load_preference_dataset
 from mmalign.text.modeling.fast_paths import fast_path_report
 from mmalign.text.modeling.logprobs import batch_logprobs, gather_groups
+from mmalign.engine.preference import preference_step
 from mmalign.engine.result import TrainResult
+from mmalign.shared.records import LogLikelihoods
 from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm
 from mmalign.text.recipes.inputs import (
     JobInputs,
@@ -74,8 +76,9 @@ class PreferenceLoss:
         self.extra_inputs_hook = extra_inputs_hook
         self._input_names = set(getattr(objective, "extra_inputs", ())) | set(getattr(objective, "optional_inputs", ()))
 
-    def log_likelihoods(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Policy and reference log-likelihoods as [B, k] tensors (missing group members hold 0)."""
+    def log_likelihoods(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> LogLikelihoods:
+        """The record the objective consumes: policy and reference response log-likelihoods as [B, k] tensors
+        (missing group members hold 0), the masks of ragged groups, the lengths and extra inputs it needs."""
         if "ref_chosen" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
         else:
@@ -85,28 +88,29 @@ class PreferenceLoss:
             ref_chosen = gather_groups(ref, batch["chosen_index"])
             ref_rejected = gather_groups(ref, batch["rejected_index"])
         policy, _ = batch_logprobs(model, batch)
-        return {
-            "policy_chosen": gather_groups(policy, batch["chosen_index"]),
-            "policy_rejected": gather_groups(policy, batch["rejected_index"]),
-            "ref_chosen": ref_chosen,
-            "ref_rejected": ref_rejected,
-        }
-
-    def objective_output(self, model: torch.nn.Module, batch: Mapping[str, Any], inputs: Optional[dict] = None):
-        inputs = dict(inputs) if inputs is not None else self.log_likelihoods(model, batch)
-        if batch.get("ragged"):
-            inputs["chosen_mask"] = batch["chosen_mask"]
-            inputs["rejected_mask"] = batch["rejected_mask"]
-        if self.objective.uses_chosen_lengths:  # per-token NLL (the nll term, sft)
-            inputs["chosen_lengths"] = batch["chosen_lengths"]
+        ragged = bool(batch.get("ragged"))
         extra = {k: v for k, v in batch.get("extra", {}).items() if k in self._input_names}
         if self.extra_inputs_hook is not None:
             extra.update(self.extra_inputs_hook(model, batch))
-        return self.objective(**inputs, **extra)
+        return LogLikelihoods(
+            policy_chosen=gather_groups(policy, batch["chosen_index"]),
+            policy_rejected=gather_groups(policy, batch["rejected_index"]),
+            ref_chosen=ref_chosen,
+            ref_rejected=ref_rejected,
+            chosen_mask=batch["chosen_mask"] if ragged else None,
+            rejected_mask=batch["rejected_mask"] if ragged else None,
+            # per-token NLL (the nll term, sft)
+            chosen_lengths=batch["chosen_lengths"] if self.objective.uses_chosen_lengths else None,
+            extra=extra,
+        )
+
+    def objective_output(self, model: torch.nn.Module, batch: Mapping[str, Any],
+                         record: Optional[LogLikelihoods] = None):
+        record = record if record is not None else self.log_likelihoods(model, batch)
+        return self.objective(**record.objective_inputs())
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> StepOutput:
-        out = self.objective_output(model, batch)
-        return StepOutput(loss=out.loss, metrics=out.metric_tensors, num_tokens=batch.get("num_tokens"))
+        return preference_step(self.objective, self.log_likelihoods(model, batch), num_tokens=batch.get("num_tokens"))
 
 
 def _evaluator(trainer: Trainer, loss: PreferenceLoss, dataset: TokenizedPreferenceDataset, collator, batch_size: int):
@@ -121,9 +125,9 @@ def _evaluator(trainer: Trainer, loss: PreferenceLoss, dataset: TokenizedPrefere
         batches = 0
         calibration = CalibrationAccumulator()
         for batch in state["loader"]:
-            inputs = loss.log_likelihoods(model, batch)
-            calibration.add(inputs, batch)
-            out = loss.objective_output(model, batch, inputs)
+            record = loss.log_likelihoods(model, batch)
+            calibration.add(record.objective_inputs(), batch)
+            out = loss.objective_output(model, batch, record)
             for name, value in {"loss": out.loss.detach(), **out.metric_tensors}.items():
                 sums[name] = sums.get(name, 0) + value.float()
             batches += 1
