@@ -250,8 +250,8 @@ def _make_evaluate(config: ImageTrainConfig, output_dir: Path):
     return evaluate
 
 
-def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, *, pipeline: Any = None,
-          train_dataset: Any = None, eval_dataset: Any = None, overrides=()) -> TrainResult:
+def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, overrides=(), *,
+          pipeline: Any = None, train_dataset: Any = None, eval_dataset: Any = None) -> TrainResult:
     """Runs one diffusion preference training and returns its :class:`~mmalign.engine.TrainResult`.
 
     ``config``: an :class:`ImageTrainConfig`, a dict or a YAML path. ``pipeline``: a diffusers pipeline object
