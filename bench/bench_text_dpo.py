@@ -146,7 +146,7 @@ def run_mmalign(args, path: str, work: Path, timer: StepTimer) -> dict:
                   # "plain": also without the fused tanh-GELU (GPT-2's gelu_new as transformers runs it)
                   "fused_activations": args.variant != "plain"},
         "data": {"train": str(data), "format": "pairs"},
-        "objective": {"name": objective, "hyperparameters": hparams},
+        "objective": {"name": objective, **hparams},
         "lora": {"enabled": bool(args.lora), "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": lora_targets(args.model)},
         "reference": reference,
         "training": {"batch_size": args.batch_size, "learning_rate": LR, "lr_scheduler": "constant",

@@ -53,7 +53,7 @@ def main() -> None:
         summary = train({
             "model": {"name_or_path": model_path(args.model, work)},
             "data": {"train": str(data), "format": "pairs"},
-            "objective": {"name": "dpo", "hyperparameters": {"beta": 0.1}},
+            "objective": {"name": "dpo", "beta": 0.1},
             "lora": {"enabled": args.lora, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": lora_targets(args.model)},
             "reference": {"mode": "adapter" if args.lora else "model"},
             "training": {"batch_size": 8, "learning_rate": LR, "lr_scheduler": "constant", "num_threads": args.threads,

@@ -243,6 +243,22 @@ def _refuse_renamed_keys(cls: type, keys: Any, path: str, source: str) -> None:
             raise ConfigError(f"{_where(source, dotted)}: no longer accepted; {renamed[key]}")
 
 
+def _nest_flat_keys(cls: type, data: Mapping[str, Any], path: str, source: str) -> Mapping[str, Any]:
+    """For a section whose ``FLAT_FIELD`` names a dict field (the objective's hyperparameters), every key that is
+    not a field goes into that dict: ``{name: mdpo, beta: 0.1}`` -> ``{name: mdpo, hyperparameters: {beta: 0.1}}``."""
+    flat = getattr(cls, "FLAT_FIELD", None)
+    if flat is None:
+        return data
+    if flat in data:
+        key = f"{path}.{flat}" if path else flat
+        raise ConfigError(f"{_where(source, key)}: no longer accepted; write these keys directly under "
+                          f"{path or 'the section'} (e.g. {path + '.' if path else ''}beta: 0.1)")
+    names = {f.name for f in dataclasses.fields(cls)}
+    nested = {k: v for k, v in data.items() if k in names}
+    nested[flat] = {k: v for k, v in data.items() if k not in names}
+    return nested
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, *, source: str = "<dict>", _path: str = "") -> T:
     """Builds ``cls`` from a (nested) mapping; unknown keys, missing required keys and bad values raise
     :class:`ConfigError` naming ``source`` and the dotted key path."""
@@ -257,6 +273,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | T | None, *, source: str =
     hints = _type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     _refuse_renamed_keys(cls, data, _path, source)
+    data = _nest_flat_keys(cls, data, _path, source)
     unknown = [k for k in data if k not in fields]
     if unknown:
         key = f"{_path}.{unknown[0]}" if _path else str(unknown[0])
@@ -367,6 +384,12 @@ def apply_overrides(
             if _is_dataclass_type(node_cls):
                 _refuse_renamed_keys(node_cls, [part], prefix, source)
                 names = [f.name for f in dataclasses.fields(node_cls)]
+                flat = getattr(node_cls, "FLAT_FIELD", None)
+                if flat is not None and part not in names:  # a hyperparameter, written flat
+                    if last:
+                        node[part] = value
+                        break
+                    raise ConfigError(f"{source} {key}={value!r}: {'.'.join(parts[:depth + 1])} is not a section")
                 if part not in names:
                     raise ConfigError(
                         f"{source} {key}={value!r}: unknown key {'.'.join(parts[:depth + 1])!r}; allowed keys"
@@ -430,7 +453,11 @@ def load_config(
 def to_dict(obj: Any) -> Any:
     """Plain, YAML-safe structure of a (nested) dataclass instance: Paths become strings, tuples lists."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        flat = getattr(obj, "FLAT_FIELD", None)
+        if flat is not None:  # written back flat, as it is read
+            out.update(out.pop(flat) or {})
+        return out
     if isinstance(obj, Mapping):
         return {str(k): to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -502,6 +529,10 @@ def config_help(cls: type, *, width: int = 100) -> str:
 
                 help_text = CODE_HOOK_HELP + help_text
             pad = "  " * indent
+            if f.name == getattr(tp, "FLAT_FIELD", None):
+                lines.extend(textwrap.wrap(f"{pad}{prefix}<hyperparameter>: {help_text}", width,
+                                           subsequent_indent=pad + "    "))
+                continue
             if _is_dataclass_type(inner):
                 header = f"{pad}{key}:"
                 if help_text:

@@ -11,7 +11,6 @@ The config is the library's CNRPO config (:class:`mmalign.text.recipes.cnrpo.CNR
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -19,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Sequence
 
-from mmalign.config import ConfigError, add_config_arguments, config_help, load_config
+from mmalign.cli import run_command
+from mmalign.config import load_config
 from mmalign.engine.plots import save_figure
 from mmalign.io import atomic_write_text
 from mmalign.text.data import PreferenceExample, render_prompt
@@ -164,20 +164,7 @@ def run_with_report(cfg: CNRPOReportConfig | Mapping[str, Any] | str | Path, *,
     return run_cnrpo(cfg, stage=stage, after_bias_stage=report)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign_experiments.cnrpo_report",
-        description="CNRPO's two stages (as python -m mmalign.text.cnrpo) with the trigger report after stage 1.",
-        epilog=config_help(CNRPOReportConfig), formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser, config_required=True)
-    parser.add_argument("--stage", choices=["all", "bias", "main"], default="all")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(CNRPOReportConfig, args.config, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+def _run(cfg: CNRPOReportConfig, args) -> int:
     results = run_with_report(cfg, stage=args.stage)
     for name in ("bias", "main"):
         if name in results:
@@ -185,6 +172,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if "trigger_report" in results:
         print(f"trigger report: {results['trigger_report']['path']}")
     return 0
+
+
+def _add_stage(parser) -> None:
+    parser.add_argument("--stage", choices=["all", "bias", "main"], default="all",
+                        help="run both stages (all), only bias learning, or only the main stage (from bias/final)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_command(
+        prog="python -m mmalign_experiments.cnrpo_report", config_cls=CNRPOReportConfig, run=_run, argv=argv,
+        config_required=True, add_arguments=_add_stage,
+        description="CNRPO's two stages (as python -m mmalign.text.cnrpo) with the trigger report after stage 1.")
 
 
 if __name__ == "__main__":

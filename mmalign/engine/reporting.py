@@ -1,4 +1,5 @@
-"""Metric sinks: ``metrics.jsonl`` always; TensorBoard and Weights & Biases on request (imported lazily)."""
+"""Metric sinks: ``metrics.jsonl`` always; TensorBoard, trackio (local) and Weights & Biases on request (imported
+lazily; each an optional extra, checked when the config is read)."""
 from __future__ import annotations
 
 import json
@@ -57,9 +58,10 @@ class MetricsWriter:
         self._jsonl = open(self.jsonl_path, "a")
         self._tensorboard = None
         self._wandb = None
-        unknown = set(report_to) - {"jsonl", "tensorboard", "wandb"}
+        self._trackio = None
+        unknown = set(report_to) - {"jsonl", "tensorboard", "trackio", "wandb"}
         if unknown:
-            raise ValueError(f"report_to: unknown sink(s) {sorted(unknown)}; allowed: jsonl, tensorboard, wandb")
+            raise ValueError(f"report_to: unknown sink(s) {sorted(unknown)}; allowed: jsonl, tensorboard, trackio, wandb")
         if "tensorboard" in report_to:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -67,6 +69,13 @@ class MetricsWriter:
                 raise ImportError("report_to contains 'tensorboard' but the tensorboard package is not installed "
                                   "(pip install tensorboard)") from err
             self._tensorboard = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        if "trackio" in report_to:
+            try:
+                import trackio
+            except ImportError as err:
+                raise ImportError("report_to contains 'trackio' but trackio is not installed (pip install trackio)") from err
+            # local and offline: the run lives in trackio's local database, viewed with `trackio show`
+            self._trackio = trackio.init(project=self.output_dir.name, config=run_config)
         if "wandb" in report_to:
             try:
                 import wandb
@@ -88,6 +97,8 @@ class MetricsWriter:
                     self._tensorboard.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
+        if self._trackio is not None:
+            self._trackio.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
     def close(self) -> None:
         self._jsonl.close()
@@ -95,3 +106,5 @@ class MetricsWriter:
             self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._trackio is not None:
+            self._trackio.finish()

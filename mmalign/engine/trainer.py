@@ -54,7 +54,7 @@ def fused_adamw_blocker(params: Sequence[torch.nn.Parameter]) -> Optional[str]:
 
 
 WINDOW_STATE_NAME = "metric_window_{}.json"
-CONSOLE_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "lr", "tokens/s")
+CONSOLE_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "learning_rate", "tokens/s")
 
 
 @dataclass
@@ -587,7 +587,7 @@ class Trainer:
                         self._check_finite()
                         now = time.perf_counter()
                         row = self._flush_window(now - window_start - paused)
-                        row["lr"] = scheduler.get_last_lr()[0]
+                        row["learning_rate"] = scheduler.get_last_lr()[0]
                         window_start, paused = now, 0.0
                         self._log(row)
                     if cfg.eval_steps and self.global_step % cfg.eval_steps == 0:
@@ -607,7 +607,7 @@ class Trainer:
             self._check_finite()
             if self._window:
                 row = self._flush_window(time.perf_counter() - window_start - paused)
-                row["lr"] = scheduler.get_last_lr()[0]
+                row["learning_rate"] = scheduler.get_last_lr()[0]
                 self._log(row)
             if self._last_eval_step != self.global_step:
                 self._run_evaluation(model)

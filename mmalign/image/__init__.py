@@ -5,7 +5,8 @@ Entry points (imported lazily, so ``import mmalign.image`` stays light):
 
 - :func:`train` — ``mmalign.image.train(config)``; CLI ``python -m mmalign.image.train --config ...``.
 - :func:`online` — rounds of generate → score with an image reward → group → train (``mmalign.image.online``).
-- :class:`DiffusionPreferenceModel` — policy/reference denoising errors for pairs and groups.
+- :class:`DiffusionPreferenceModel` — policy/reference denoising errors for pairs and groups, as the objective
+  layer's :class:`~mmalign.shared.records.LogLikelihoods` record.
 - :func:`generate_images`, :func:`save_image_grid` — seeded evaluation sampling.
 - :func:`load_group_records`, :class:`ImagePreferenceDataset` — preference data.
 """
@@ -17,7 +18,6 @@ _LAZY = {
     "online": "mmalign.image.online",
     "ImageTrainConfig": "mmalign.image.config",
     "DiffusionPreferenceModel": "mmalign.image.diffusion",
-    "DiffusionLogLikelihoods": "mmalign.image.diffusion",
     "generate_images": "mmalign.image.generation",
     "save_image_grid": "mmalign.image.generation",
     "load_group_records": "mmalign.image.data",

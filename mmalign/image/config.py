@@ -3,37 +3,41 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from mmalign.engine.config import TrainingConfig
+from mmalign.engine.sections import (
+    OLD_DATA_KEYS,
+    OLD_MODEL_KEYS,
+    OLD_TOP_KEYS,
+    LoraConfig,
+    ObjectiveConfig,
+    check_objective,
+)
 
-__all__ = ["ImageTrainConfig", "ImageModelConfig", "ImageDataConfig", "ImageObjectiveConfig", "DiffusionConfig",
-           "GenerationConfig"]
+__all__ = ["ImageTrainConfig", "ImageModelConfig", "ImageDataConfig", "ImageObjectiveConfig", "ImageReferenceConfig",
+           "DiffusionConfig", "GenerationConfig", "default_image_lora"]
 
 
 @dataclass
 class ImageModelConfig:
-    """Which diffusion model and how it is fine-tuned."""
+    """Which diffusion model."""
 
-    pretrained: str = field(default="", metadata={"help": "diffusers pipeline folder or hub name (SD 1.x/2.x layout, "
-                                                          "or a pixel-space UNet folder without vae/)"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {**OLD_MODEL_KEYS, "frozen_dtype": "use model.dtype"}
+
+    name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "diffusers pipeline folder or hub name (SD 1.x/2.x layout, or a pixel-space "
+                                        "UNet folder without vae/); may be omitted when the call passes pipeline=..."})
     revision: Optional[str] = field(default=None, metadata={"help": "hub revision"})
     variant: Optional[str] = field(default=None, metadata={"help": "weights variant, e.g. fp16"})
-    finetuning: Literal["lora", "full"] = field(
-        default="lora", metadata={"help": "lora: adapters on the UNet attention, reference = adapters disabled (one "
-                                          "UNet in memory); full: every UNet weight, reference = a frozen copy"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha; null = rank (scale 1)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={"help": "UNet modules that get LoRA"})
+    dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32", metadata={"help": "dtype of the frozen VAE and text encoder (the UNet trains in float32 "
+                                             "under training.mixed_precision)"})
     attention: Literal["auto", "xformers", "sdpa"] = field(
         default="auto", metadata={"help": "auto: xformers on CUDA when installed, else torch SDPA"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward"})
     prediction_type: Optional[Literal["epsilon", "v_prediction", "sample"]] = field(
         default=None, metadata={"help": "override the scheduler's prediction type (null = the pipeline's)"})
-    frozen_dtype: Literal["float32", "float16", "bfloat16"] = field(
-        default="float32", metadata={"help": "dtype of the frozen VAE and text encoder"})
     text_conditioner: Optional[str] = field(
         default=None, metadata={"code_hook": True, "help": "'package.module:callable' returning a prompts -> encoder_hidden_states "
                                         "module; null = the pipeline's tokenizer + text encoder"})
@@ -63,26 +67,41 @@ class ImageModelConfig:
 
             check_code_hook(self.text_conditioner, key="model.text_conditioner", allow=self.allow_code_hooks,
                             allow_key="model.allow_code_hooks")
-        if self.lora_rank < 1:
-            raise ValueError(f"lora_rank must be >= 1; got {self.lora_rank}")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}")
+
+
+def default_image_lora() -> LoraConfig:
+    # the diffusers Diffusion-DPO LoRA recipe: rank 8 on the UNet attention projections, scale 1
+    return LoraConfig(enabled=True, r=8, alpha=None, dropout=0.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class ImageReferenceConfig:
+    """The reference denoiser e_ref."""
+
+    mode: Literal["auto", "adapter", "model"] = field(
+        default="auto", metadata={"help": "adapter: the UNet with its LoRA adapters disabled (one UNet in memory); "
+                                          "model: a frozen copy of the initial UNet; auto: adapter under LoRA, else "
+                                          "model"})
 
 
 @dataclass
 class ImageDataConfig:
     """Where the preference groups come from and how images are prepared."""
 
-    path: str = field(default="", metadata={"help": "JSONL / Parquet file, group folder, or datasets name/folder"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_DATA_KEYS
+
+    train: Optional[str] = field(
+        default=None, metadata={"help": "JSONL / Parquet file, group folder, or datasets name/folder; may be omitted "
+                                        "when the call passes train_dataset=..."})
     format: Literal["groups", "pick_a_pic"] = field(
         default="groups", metadata={"help": "groups: {prompt, chosen: [...], rejected: [...]}; pick_a_pic: "
                                             "{caption, jpg_0, jpg_1, label_0}, ties dropped"})
-    split: str = field(default="train", metadata={"help": "split for datasets.load_dataset"})
+    train_split: str = field(default="train", metadata={"help": "split of a dataset folder or hub dataset"})
     prompt_field: str = field(default="prompt", metadata={"help": "prompt column"})
     chosen_field: str = field(default="chosen", metadata={"help": "chosen image(s) column"})
     rejected_field: str = field(default="rejected", metadata={"help": "rejected image(s) column"})
     bin_field: Optional[str] = field(default=None, metadata={"help": "integer bin column (causal_dpo)"})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N rows"})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N rows"})
     resolution: int = field(default=512, metadata={"help": "square training resolution (resize + crop)"})
     center_crop: bool = field(default=True, metadata={"help": "center crop (else top-left)"})
     random_flip: bool = field(default=False, metadata={"help": "random horizontal flips"})
@@ -103,33 +122,38 @@ DEFAULT_BETA_D = 5000.0  # SD 1.5's usual Diffusion-DPO β_d (docs/image.md)
 
 
 @dataclass
-class ImageObjectiveConfig:
-    """The preference objective on the log-ratio surrogate ρ = −(e_θ − e_ref) (SPEC §7)."""
+class ImageObjectiveConfig(ObjectiveConfig):
+    """The preference objective on the log-ratio surrogate ρ = −(e_θ − e_ref) (SPEC §7): ``name`` and its
+    hyperparameters, flat (``{name: mdpo, beta_d: 5000}``). ``beta_d`` is Diffusion-DPO's β_d (the diffusers
+    script's ``beta_dpo``; SD 1.5: 2000-5000) and sets β = β_d/2; neither beta nor beta_d: β_d = 5000."""
 
-    name: str = field(default="dpo", metadata={"help": "any mmalign objective: dpo ipo rdpo cdpo hinge fdpo mdpo "
-                                                       "mipo cnrpo causal_dpo sft"})
-    beta: Optional[float] = field(default=None, metadata={"help": "the objective's β on ρ (Diffusion-DPO: β = β_d/2)"})
-    beta_d: Optional[float] = field(
-        default=None, metadata={"help": "Diffusion-DPO's β_d as in the diffusers script's beta_dpo (SD 1.5: "
-                                        "2000-5000); sets β = β_d/2. Give beta or beta_d, not both; neither = 5000"})
-    params: dict[str, Any] = field(default_factory=dict, metadata={"help": "other hyperparameters of the objective "
-                                                                           "(eps, gamma, alphas, lam, divergence...)"})
+    hyperparameters: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "the objective's keyword arguments, written directly in the section: objective.beta (β on "
+                          "ρ) or objective.beta_d (= 2β), objective.eps, objective.alphas, ..."})
     triggers: list[str] = field(default_factory=list, metadata={"help": "cnrpo trigger strings appended to prompts"})
     trigger_mode: Literal["append", "prepend"] = field(default="append", metadata={"help": "how triggers attach"})
 
     def __post_init__(self) -> None:
-        if self.beta is not None and self.beta_d is not None:
-            raise ValueError("set exactly one of objective.beta (β on ρ) and objective.beta_d (diffusers' beta_dpo; "
-                             "β = β_d/2)")
-        value = self.beta if self.beta is not None else self.beta_d
-        if value is not None and not value > 0:
-            raise ValueError(f"objective.beta/beta_d must be > 0; got {value}")
+        hp = self.hyperparameters
+        if "beta" in hp and "beta_d" in hp:
+            raise ValueError("objective: set exactly one of beta (β on ρ) and beta_d (diffusers' beta_dpo; β = β_d/2)")
+        value = hp.get("beta", hp.get("beta_d"))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"objective.beta/beta_d must be a number > 0; got {value!r}")
+        check_objective(self.name, self.objective_kwargs())
 
     @property
     def resolved_beta(self) -> float:
-        if self.beta is not None:
-            return float(self.beta)
-        return float(self.beta_d if self.beta_d is not None else DEFAULT_BETA_D) / 2.0
+        hp = self.hyperparameters
+        if "beta" in hp:
+            return float(hp["beta"])
+        return float(hp.get("beta_d", DEFAULT_BETA_D)) / 2.0
+
+    def objective_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``mmalign.objective``: β resolved from beta/beta_d, the rest as given."""
+        kwargs = {k: v for k, v in self.hyperparameters.items() if k not in ("beta", "beta_d")}
+        return {"beta": self.resolved_beta, **kwargs}
 
 
 @dataclass
@@ -178,24 +202,33 @@ class GenerationConfig:
 class ImageTrainConfig:
     """Diffusion preference training (Diffusion-DPO, mDPO, ... on ρ = −(e_θ − e_ref))."""
 
-    output_dir: str = field(default="runs/image", metadata={"help": "run folder (metrics.jsonl, checkpoints/, final/)"})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "null, 'latest' or a checkpoint "
-                                                                                  "folder"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_TOP_KEYS
+
     model: ImageModelConfig = field(default_factory=ImageModelConfig, metadata={"help": "the diffusion model"})
     data: ImageDataConfig = field(default_factory=ImageDataConfig, metadata={"help": "the preference data"})
     objective: ImageObjectiveConfig = field(default_factory=ImageObjectiveConfig,
                                             metadata={"help": "the objective"})
+    lora: LoraConfig = field(default_factory=default_image_lora,
+                             metadata={"help": "LoRA adapters on the UNet (enabled: false = full fine-tuning)"})
+    reference: ImageReferenceConfig = field(default_factory=ImageReferenceConfig,
+                                            metadata={"help": "the reference denoiser"})
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata={"help": "training noise"})
     generation: GenerationConfig = field(default_factory=GenerationConfig, metadata={"help": "evaluation samples"})
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(learning_rate=1e-5),
                                      metadata={"help": "optimisation, logging, checkpoints"})
+    output_dir: str = field(default="runs/image", metadata={"help": "run folder (metrics.jsonl, checkpoints/, final/)"})
 
     def __post_init__(self) -> None:
-        if not self.model.pretrained:
-            raise ValueError("model.pretrained is required (a diffusers pipeline folder or hub name)")
-        if not self.data.path:
-            raise ValueError("data.path is required")
         if self.training.eval_steps and not self.generation.prompts:
             raise ValueError(f"training.eval_steps: {self.training.eval_steps} does nothing without evaluation: the "
                              "image evaluation generates generation.prompts, which is empty; set "
                              "training.eval_steps: 0 or give generation.prompts")
+        if self.lora.initial_adapter:
+            raise ValueError("lora.initial_adapter: continuing a saved adapter is not supported on the image side; "
+                             "pass a pipeline with the adapter loaded (pipeline=...) or train a fresh one")
+        if self.reference.mode == "adapter" and not self.lora.enabled:
+            raise ValueError("reference.mode: 'adapter' needs lora.enabled: true (the reference is the UNet with its "
+                             "adapters disabled); use 'model' (a frozen copy) for full fine-tuning")
+        if self.reference.mode == "model" and self.lora.enabled:
+            raise ValueError("reference.mode: 'model' with lora.enabled: the reference of LoRA training is the UNet "
+                             "with adapters disabled; use mode adapter (or auto)")

@@ -105,6 +105,7 @@ def records_from_dataset(
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    check_not_pick_a_pic(dataset.column_names, (prompt_field, chosen_field, rejected_field), source)
     for name in (prompt_field, chosen_field, rejected_field) + ((bin_field,) if bin_field else ()):
         if name not in dataset.column_names:
             raise ValueError(f"{source}: missing column {name!r} (columns: {dataset.column_names})")
@@ -139,6 +140,16 @@ def records_from_dataset(
     return records
 
 
+PICK_A_PIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+
+def check_not_pick_a_pic(columns: Sequence[str], expected: Sequence[str], source: str) -> None:
+    """Rows in Pick-a-Pic's layout read as groups: say which setting reads them, instead of a missing field."""
+    if set(PICK_A_PIC_COLUMNS) <= set(columns) and not set(expected) <= set(columns):
+        raise ValueError(f"{source}: the rows have Pick-a-Pic's columns ({', '.join(PICK_A_PIC_COLUMNS)}), not "
+                         f"{', '.join(expected)}; set data.format: pick_a_pic")
+
+
 def records_from_rows(
     rows: Sequence[dict] | Any,
     *,
@@ -153,6 +164,10 @@ def records_from_rows(
     records = []
     for index, row in enumerate(rows):
         where = f"{source} row {index + 1}"  # 1-based, like the text side
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a mapping of field -> value, got {type(row).__name__}")
+        if index == 0:
+            check_not_pick_a_pic(list(row), (prompt_field, chosen_field, rejected_field), source)
         for name in (prompt_field, chosen_field, rejected_field) + ((bin_field,) if bin_field else ()):
             if name not in row or row[name] is None:
                 raise ValueError(f"{where}: missing field {name!r} (fields present: {sorted(row)})")
@@ -231,7 +246,7 @@ def records_from_folder(root: str | os.PathLike) -> list[GroupRecord]:
 
 
 def load_group_records(
-    path: str,
+    source: Any,
     *,
     format: str = "groups",
     split: str = "train",
@@ -240,13 +255,24 @@ def load_group_records(
     rejected_field: str = "rejected",
     bin_field: Optional[str] = None,
     max_samples: Optional[int] = None,
+    name: str = "data.train",
 ) -> list[GroupRecord]:
-    """Loads records from a JSONL/Parquet file, a group folder, or ``datasets.load_dataset(path, split=split)``."""
+    """Records from a JSONL/Parquet file, a group folder, ``datasets.load_dataset(source, split=split)``, or
+    in-memory data: a ``datasets.Dataset``, a ``DatasetDict`` (its ``split``) or a list of dicts whose image
+    cells are PIL images, uint8 arrays, bytes or paths. Every row is checked; ``name`` names in-memory data in
+    errors."""
     if format not in ("groups", "pick_a_pic"):
         raise ValueError(f"data.format {format!r}: expected 'groups' or 'pick_a_pic'")
-    local = Path(path)
     fields = dict(prompt_field=prompt_field, chosen_field=chosen_field, rejected_field=rejected_field,
                   bin_field=bin_field)
+    if not isinstance(source, (str, os.PathLike)):
+        return _records_from_objects(source, format=format, split=split, max_samples=max_samples, name=name, **fields)
+    path = str(source)
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith((".", "/", "~")) or local.suffix.lower() in (".jsonl", ".json",
+                                                                                             ".parquet")):
+        raise FileNotFoundError(f"{name}: {path} does not exist (a JSONL / Parquet file, a group folder, or a "
+                                "datasets folder or hub name)")
     if local.is_file() and local.suffix in (".jsonl", ".json"):
         rows = read_jsonl(local)[: max_samples]
         if format == "pick_a_pic":
@@ -259,15 +285,50 @@ def load_group_records(
     if local.is_file() and local.suffix == ".parquet":
         dataset = datasets.load_dataset("parquet", data_files=str(local), split="train")
         base_dir = local.parent
+    elif local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
+        dataset = datasets.load_from_disk(str(local))  # a save_to_disk folder
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = _split_of(dataset, split, name)
+        base_dir = local
     else:
         dataset = datasets.load_dataset(path, split=split)
         base_dir = local if local.is_dir() else None
+    return _records_from_dataset_object(dataset, format=format, max_samples=max_samples, source=path,
+                                        base_dir=base_dir, **fields)
+
+
+def _split_of(dataset_dict: Any, split: str, name: str) -> Any:
+    if split not in dataset_dict:
+        raise ValueError(f"{name}: no split {split!r}; available: {', '.join(map(str, dataset_dict))}")
+    return dataset_dict[split]
+
+
+def _records_from_dataset_object(dataset: Any, *, format: str, max_samples: Optional[int], source: str,
+                                 base_dir: Optional[Path], **fields: Any) -> list[GroupRecord]:
     if max_samples is not None:
         dataset = dataset.select(range(min(max_samples, len(dataset))))
     if format == "pick_a_pic":
+        prompt_field = fields["prompt_field"]
         caption = prompt_field if prompt_field in dataset.column_names else "caption"
-        return records_from_pick_a_pic(dataset, source=str(path), caption_field=caption)
-    return records_from_dataset(dataset, source=str(path), base_dir=base_dir, **fields)
+        return records_from_pick_a_pic(dataset, source=source, caption_field=caption)
+    return records_from_dataset(dataset, source=source, base_dir=base_dir, **fields)
+
+
+def _records_from_objects(data: Any, *, format: str, split: str, max_samples: Optional[int], name: str,
+                          **fields: Any) -> list[GroupRecord]:
+    if isinstance(data, dict) and data and all(hasattr(v, "column_names") for v in data.values()):  # DatasetDict
+        data = _split_of(data, split, name)
+    if hasattr(data, "column_names") and hasattr(data, "select"):  # datasets.Dataset
+        return _records_from_dataset_object(data, format=format, max_samples=max_samples,
+                                            source=f"{name} (Dataset)", base_dir=None, **fields)
+    if isinstance(data, (list, tuple)):
+        rows = list(data)[:max_samples]
+        source = f"{name} (list)"
+        if format == "pick_a_pic":
+            return records_from_pick_a_pic(rows, source=source, caption_field=fields["prompt_field"])
+        return records_from_rows(rows, source=source, base_dir=None, **fields)
+    raise ValueError(f"{name}: expected a path, a datasets.Dataset or DatasetDict, or a list of dicts; got "
+                     f"{type(data).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------------ decoding

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -31,8 +30,9 @@ from torch import Tensor, nn
 
 from mmalign.image.conditioning import TextConditioner, split_conditioning
 from mmalign.shared.objectives import masked_mean
+from mmalign.shared.records import LogLikelihoods
 
-__all__ = ["DiffusionPreferenceModel", "DiffusionLogLikelihoods", "denoising_target", "per_sample_error"]
+__all__ = ["DiffusionPreferenceModel", "denoising_errors", "denoising_target", "per_sample_error"]
 
 
 def denoising_target(noise_scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -53,44 +53,11 @@ def per_sample_error(prediction: Tensor, target: Tensor) -> Tensor:
     return difference.pow(2).flatten(1).mean(1)
 
 
-@dataclass
-class DiffusionLogLikelihoods:
-    """Per-member surrogates ``−e`` as ``[B, k]`` groups, plus what an objective may need besides them.
-
-    ``policy_*`` carries the gradient; ``ref_*`` does not. ``extra`` holds ``triggered_chosen`` and
-    ``triggered_rejected`` (CNRPO) and ``bins`` (causal DPO) when present. ``timesteps`` is ``[B]``.
-    """
-
-    policy_chosen: Tensor
-    policy_rejected: Tensor
-    ref_chosen: Tensor
-    ref_rejected: Tensor
-    chosen_mask: Tensor
-    rejected_mask: Tensor
-    timesteps: Tensor
-    extra: dict[str, Tensor] = field(default_factory=dict)
-
-    def objective_inputs(self) -> dict[str, Tensor]:
-        """Keyword arguments for ``mmalign.objective(...)(**inputs)``."""
-        inputs = {
-            "policy_chosen": self.policy_chosen,
-            "policy_rejected": self.policy_rejected,
-            "ref_chosen": self.ref_chosen,
-            "ref_rejected": self.ref_rejected,
-            "chosen_mask": self.chosen_mask,
-            "rejected_mask": self.rejected_mask,
-        }
-        inputs.update(self.extra)
-        return inputs
-
-    @property
-    def model_error(self) -> Tensor:
-        """Mean policy error ``e_θ`` over all valid members (detached)."""
-        return _masked_group_mean(-self.policy_chosen, -self.policy_rejected, self.chosen_mask, self.rejected_mask)
-
-    @property
-    def reference_error(self) -> Tensor:
-        return _masked_group_mean(-self.ref_chosen, -self.ref_rejected, self.chosen_mask, self.rejected_mask)
+def denoising_errors(record: LogLikelihoods) -> tuple[Tensor, Tensor]:
+    """Mean policy error ``e_θ`` and mean reference error ``e_ref`` over every valid member (detached): the image
+    record holds ``−e``."""
+    return (_masked_group_mean(-record.policy_chosen, -record.policy_rejected, record.chosen_mask, record.rejected_mask),
+            _masked_group_mean(-record.ref_chosen, -record.ref_rejected, record.chosen_mask, record.rejected_mask))
 
 
 def _masked_group_mean(chosen: Tensor, rejected: Tensor, chosen_mask: Tensor, rejected_mask: Tensor) -> Tensor:
@@ -100,7 +67,7 @@ def _masked_group_mean(chosen: Tensor, rejected: Tensor, chosen_mask: Tensor, re
 
 
 class DiffusionPreferenceModel(nn.Module):
-    """Policy UNet + reference + frozen encoders; ``forward(batch)`` returns :class:`DiffusionLogLikelihoods`.
+    """Policy UNet + reference + frozen encoders; ``forward(batch)`` returns the objective layer's :class:`~mmalign.shared.records.LogLikelihoods` (``−e``; the timesteps in ``details``).
 
     Args:
         unet: the policy UNet (with a LoRA adapter when ``reference_unet`` is None).
@@ -279,7 +246,7 @@ class DiffusionPreferenceModel(nn.Module):
         return states[group_index], (mask[group_index] if mask is not None else None)
 
     # -------------------------------------------------------------------------------------- forward
-    def forward(self, batch: dict[str, Any]) -> DiffusionLogLikelihoods:
+    def forward(self, batch: dict[str, Any]) -> LogLikelihoods:
         chosen, rejected = batch["chosen"], batch["rejected"]
         batch_size, k_chosen = chosen.shape[:2]
         k_rejected = rejected.shape[1]
@@ -337,15 +304,15 @@ class DiffusionPreferenceModel(nn.Module):
 
         policy_chosen, policy_rejected = self._to_groups(-policy_error, valid, batch_size, k_chosen, k_rejected)
         ref_chosen, ref_rejected = self._to_groups(-ref_error, valid, batch_size, k_chosen, k_rejected)
-        return DiffusionLogLikelihoods(
+        return LogLikelihoods(
             policy_chosen=policy_chosen,
             policy_rejected=policy_rejected,
             ref_chosen=ref_chosen,
             ref_rejected=ref_rejected,
             chosen_mask=chosen_mask,
             rejected_mask=rejected_mask,
-            timesteps=timesteps,
             extra=extra,
+            details={"timesteps": timesteps},
         )
 
     @staticmethod

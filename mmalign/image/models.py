@@ -22,6 +22,7 @@ from mmalign.image.conditioning import CLIPTextConditioner, TextConditioner
 __all__ = [
     "DiffusionComponents",
     "load_diffusion_components",
+    "components_from_pipeline",
     "add_lora",
     "frozen_copy",
     "configure_attention",
@@ -140,6 +141,49 @@ def load_diffusion_components(
                                source=name_or_path)
 
 
+def components_from_pipeline(
+    pipeline: Any,
+    *,
+    text_conditioner: Optional[str] = None,
+    text_conditioner_kwargs: Optional[dict] = None,
+    prediction_type: Optional[str] = None,
+    frozen_dtype: str = "float32",
+    allow_code_hooks: bool = False,
+) -> DiffusionComponents:
+    """The components of a diffusers pipeline object (``StableDiffusionPipeline`` or any pipeline with ``unet`` and
+    ``scheduler``, optionally ``vae``, ``tokenizer`` + ``text_encoder``): its UNet is the one trained, in place;
+    the noise scheduler is a DDPM scheduler built from its scheduler's config, as :func:`load_diffusion_components`
+    builds it from a folder."""
+    from diffusers import DDPMScheduler
+
+    unet, scheduler = getattr(pipeline, "unet", None), getattr(pipeline, "scheduler", None)
+    if not isinstance(unet, nn.Module) or scheduler is None:
+        raise ValueError(f"pipeline: expected a diffusers pipeline with a UNet and a scheduler; got "
+                         f"{type(pipeline).__name__}")
+    if frozen_dtype not in _DTYPES:
+        raise ValueError(f"model.dtype {frozen_dtype!r}: expected one of {sorted(_DTYPES)}")
+    overrides = {"prediction_type": prediction_type} if prediction_type else {}
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config, **overrides)
+    if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"pipeline: unsupported prediction_type {noise_scheduler.config.prediction_type!r}")
+    vae = getattr(pipeline, "vae", None)
+    if vae is not None:
+        vae.to(_DTYPES[frozen_dtype]).requires_grad_(False).eval()
+    if text_conditioner:
+        conditioner = resolve_text_conditioner(text_conditioner, text_conditioner_kwargs,
+                                               allow_code_hooks=allow_code_hooks)
+    elif getattr(pipeline, "tokenizer", None) is not None and getattr(pipeline, "text_encoder", None) is not None:
+        conditioner = CLIPTextConditioner(pipeline.tokenizer, pipeline.text_encoder.to(_DTYPES[frozen_dtype]))
+    else:
+        raise ValueError("pipeline: no tokenizer/text_encoder; set model.text_conditioner to a "
+                         "'package.module:callable' that returns a prompts -> encoder_hidden_states module")
+    if isinstance(conditioner, nn.Module):
+        conditioner.requires_grad_(False)
+    unet.train()
+    return DiffusionComponents(unet=unet, noise_scheduler=noise_scheduler, conditioner=conditioner, vae=vae,
+                               source=type(pipeline).__name__)
+
+
 def add_lora(
     unet: nn.Module,
     *,
@@ -172,12 +216,12 @@ def add_lora(
     return unet
 
 
-def apply_finetuning(backbone: nn.Module, model_config) -> Optional[nn.Module]:
-    """``model.finetuning`` on a UNet / transformer: LoRA (returns None: the reference is the adapter-disabled
-    backbone) or full (returns a frozen copy as the reference; every backbone weight trains)."""
-    if model_config.finetuning == "lora":
-        add_lora(backbone, rank=model_config.lora_rank, alpha=model_config.lora_alpha,
-                 dropout=model_config.lora_dropout, target_modules=model_config.lora_target_modules)
+def apply_finetuning(backbone: nn.Module, lora) -> Optional[nn.Module]:
+    """The ``lora`` section on a UNet / transformer: LoRA (returns None: the reference is the adapter-disabled
+    backbone) or, with ``lora.enabled: false``, full fine-tuning (returns a frozen copy as the reference)."""
+    if lora.enabled:
+        targets = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
+        add_lora(backbone, rank=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
         return None
     reference = frozen_copy(backbone)
     backbone.requires_grad_(True)

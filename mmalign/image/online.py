@@ -26,7 +26,15 @@ from typing import Any, Literal, Mapping, Optional
 import torch
 
 from mmalign.engine.config import TrainingConfig
-from mmalign.image.config import DiffusionConfig, ImageDataConfig, ImageModelConfig, ImageObjectiveConfig, ImageTrainConfig
+from mmalign.engine.sections import LoraConfig
+from mmalign.image.config import (
+    DiffusionConfig,
+    ImageDataConfig,
+    ImageModelConfig,
+    ImageObjectiveConfig,
+    ImageTrainConfig,
+    default_image_lora,
+)
 from mmalign.rewards.config import RewardSpec
 
 __all__ = ["ImageOnlineConfig", "online"]
@@ -39,7 +47,9 @@ class ImageOnlineConfig:
     """Rounds of generate → score → group → train for a diffusion model."""
 
     prompts: list[str] = field(metadata={"help": "training prompts (k images each per round)"})
-    model: ImageModelConfig = field(default_factory=ImageModelConfig, metadata={"help": "the diffusion model (LoRA)"})
+    model: ImageModelConfig = field(default_factory=ImageModelConfig, metadata={"help": "the diffusion model"})
+    lora: LoraConfig = field(default_factory=default_image_lora,
+                             metadata={"help": "LoRA on the UNet (required: the policy keeps its adapters between rounds)"})
     heldout_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts evaluated after each round"})
     reward: list[RewardSpec] = field(default_factory=list, metadata={"help": "image reward specs (or pass reward=...)"})
     rounds: int = field(default=2, metadata={"help": "rounds of generation and training"})
@@ -61,10 +71,10 @@ class ImageOnlineConfig:
     output_dir: str = field(default="runs/image-online", metadata={"help": "run folder (round-NN/, rounds.jsonl)"})
 
     def __post_init__(self) -> None:
-        if not self.model.pretrained:
-            raise ValueError("model.pretrained is required (a diffusers pipeline folder)")
-        if self.model.finetuning != "lora":
-            raise ValueError("model.finetuning: online rounds use lora (the policy keeps its adapters between rounds)")
+        if not self.model.name_or_path:
+            raise ValueError("model.name_or_path is required (a diffusers pipeline folder)")
+        if not self.lora.enabled:
+            raise ValueError("lora.enabled: online rounds use LoRA (the policy keeps its adapters between rounds)")
         if not self.prompts:
             raise ValueError("prompts: give at least one training prompt")
         if self.rounds < 1 or self.k < 2 or self.eval_k < 1:
@@ -175,8 +185,8 @@ def online(config: ImageOnlineConfig | Mapping[str, Any] | str | os.PathLike, *,
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def round_config(r: int, data_path: str) -> ImageTrainConfig:
-        return ImageTrainConfig(output_dir=str(output_dir / f"round-{r:02d}"), model=cfg.model,
-                                data=ImageDataConfig(path=data_path, resolution=cfg.resolution, allow_ragged_groups=True),
+        return ImageTrainConfig(output_dir=str(output_dir / f"round-{r:02d}"), model=cfg.model, lora=cfg.lora,
+                                data=ImageDataConfig(train=data_path, resolution=cfg.resolution, allow_ragged_groups=True),
                                 objective=cfg.objective, diffusion=cfg.diffusion, training=cfg.training)
 
     with torch_threads(cfg.training.num_threads):

@@ -12,7 +12,6 @@ metrics (``rewards/*``, objective-specific logits such as ``cnrpo/logits``). The
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -21,25 +20,28 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
+from mmalign.cli import run_command
+from mmalign.engine.result import TrainResult
 from mmalign.image.config import ImageTrainConfig
 
-__all__ = ["train", "main", "build_preference_model", "build_dataset", "build_objective", "make_compute_loss",
-           "save_trained_unet"]
+__all__ = ["train", "main", "build_preference_model", "load_records", "build_dataset", "build_objective",
+           "make_compute_loss", "save_trained_unet"]
 
 logger = logging.getLogger("mmalign.image")
 
 PLOT_KEYS = ("loss", "implicit_acc", "inside_term", "model_mse", "ref_mse", "rewards/margins")
 
 
-def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mode: str = "append"):
-    """Loads the pipeline and wraps it as a :class:`DiffusionPreferenceModel` (LoRA or full fine-tuning)."""
+def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mode: str = "append", pipeline=None):
+    """Loads the pipeline (or takes the ``pipeline`` object) and wraps it as a :class:`DiffusionPreferenceModel`
+    (LoRA or full fine-tuning)."""
     from mmalign.image.diffusion import DiffusionPreferenceModel
-    from mmalign.image.models import apply_finetuning, configure_attention, load_diffusion_components
+    from mmalign.image.models import apply_finetuning, components_from_pipeline, configure_attention, load_diffusion_components
 
     model_config = config.model
     from mmalign.image.families.build import build_family_model, resolve_family
 
-    if resolve_family(model_config) != "sd":  # SDXL / SD3 / FLUX: mmalign.image.families
+    if pipeline is None and resolve_family(model_config) != "sd":  # SDXL / SD3 / FLUX: mmalign.image.families
         return build_family_model(config, triggers=triggers, trigger_mode=trigger_mode)
     family_only = [key for key, used in (("cache_text_embeddings", model_config.cache_text_embeddings),
                                          ("weights_dtype", model_config.weights_dtype != "float32"),
@@ -47,23 +49,22 @@ def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mod
                    if used]
     if family_only:
         raise ValueError(f"model.{', model.'.join(family_only)}: for sdxl, sd3 and flux pipelines; "
-                         f"{model_config.pretrained!r} is an sd pipeline")
-    components = load_diffusion_components(
-        model_config.pretrained,
-        revision=model_config.revision,
-        variant=model_config.variant,
-        text_conditioner=model_config.text_conditioner,
-        text_conditioner_kwargs=model_config.text_conditioner_kwargs,
-        prediction_type=model_config.prediction_type,
-        frozen_dtype=model_config.frozen_dtype,
-        allow_code_hooks=model_config.allow_code_hooks,
-    )
+                         f"{model_config.name_or_path or type(pipeline).__name__!r} is an sd pipeline")
+    options = dict(text_conditioner=model_config.text_conditioner,
+                   text_conditioner_kwargs=model_config.text_conditioner_kwargs,
+                   prediction_type=model_config.prediction_type, frozen_dtype=model_config.dtype,
+                   allow_code_hooks=model_config.allow_code_hooks)
+    if pipeline is not None:
+        components = components_from_pipeline(pipeline, **options)
+    else:
+        components = load_diffusion_components(model_config.name_or_path, revision=model_config.revision,
+                                               variant=model_config.variant, **options)
     unet = components.unet
     attention = configure_attention(unet, model_config.attention)
     logger.info("attention: %s", attention)
     if model_config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    reference = apply_finetuning(unet, model_config)
+    reference = apply_finetuning(unet, config.lora)
     policy = None
     if triggers:
         from mmalign.shared.triggers import TriggerPolicy
@@ -86,16 +87,30 @@ def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mod
     )
 
 
-def build_dataset(config: ImageTrainConfig, model=None):
-    """Records → :class:`ImagePreferenceDataset`; with ``cache_latents`` every image is VAE-encoded once."""
-    from mmalign.image.data import ImagePreferenceDataset, LatentCache, load_group_records
+def _as_list(value: Any) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def load_records(config: ImageTrainConfig, train_dataset: Any = None):
+    """The training groups, every row checked, before any model loads: from ``data.train`` or the in-memory
+    ``train_dataset`` (a ``Dataset``, ``DatasetDict``, ``save_to_disk`` folder or list of dicts)."""
+    from mmalign.image.data import load_group_records
 
     data = config.data
-    records = load_group_records(
-        data.path, format=data.format, split=data.split, prompt_field=data.prompt_field,
+    source = train_dataset if train_dataset is not None else data.train
+    return load_group_records(
+        source, format=data.format, split=data.train_split, prompt_field=data.prompt_field,
         chosen_field=data.chosen_field, rejected_field=data.rejected_field, bin_field=data.bin_field,
-        max_samples=data.max_samples,
+        max_samples=data.max_train_samples, name="train_dataset" if train_dataset is not None else "data.train",
     )
+
+
+def build_dataset(config: ImageTrainConfig, model=None, records=None):
+    """Records → :class:`ImagePreferenceDataset`; with ``cache_latents`` every image is VAE-encoded once."""
+    from mmalign.image.data import ImagePreferenceDataset, LatentCache
+
+    data = config.data
+    records = load_records(config) if records is None else records
     channels = 3
     if model is not None and model.vae is not None:
         channels = model.vae.config.in_channels
@@ -111,7 +126,7 @@ def build_dataset(config: ImageTrainConfig, model=None):
     from mmalign.data_checks import check_identical_responses
 
     check_identical_responses(((i + 1, r.chosen, r.rejected) for i, r in enumerate(records)
-                               if all(isinstance(m, str) for m in r.chosen + r.rejected)), source=data.path,
+                               if all(isinstance(m, str) for m in r.chosen + r.rejected)), source=data.train or "train_dataset",
                               what="image")
     if data.cache_latents:
         if model is None or model.vae is None:
@@ -120,26 +135,29 @@ def build_dataset(config: ImageTrainConfig, model=None):
     return dataset
 
 
-def build_objective(config: ImageTrainConfig, dataset=None):
-    """``mmalign.objective(name, beta=β, **params)``, checked against the data (groups, bins, triggers)."""
-    import mmalign
+def build_objective(config: ImageTrainConfig, records=None):
+    """``mmalign.objective(name, beta=β, **hyperparameters)``, checked against the data (groups, bins, triggers);
+    ``records``: the training groups (or a dataset with ``max_group_sizes``)."""
+    from mmalign.shared.objectives import objective as build
 
     spec = config.objective
-    params = dict(spec.params)
-    if "beta" in params:
-        raise ValueError("objective.params must not contain beta; use objective.beta or objective.beta_d")
-    objective = mmalign.objective(spec.name, beta=spec.resolved_beta, **params)
+    objective = build(spec.name, **spec.objective_kwargs())
     if objective.name == "cnrpo":
         alphas = getattr(objective, "alphas", [])
         if len(alphas) != len(spec.triggers):
-            raise ValueError(f"cnrpo: {len(alphas)} alphas (objective.params.alphas) but {len(spec.triggers)} "
+            raise ValueError(f"cnrpo: {len(alphas)} alphas (objective.alphas) but {len(spec.triggers)} "
                              "triggers (objective.triggers); give one alpha per trigger")
     elif spec.triggers:
         raise ValueError(f"objective.triggers are used by cnrpo only, not {objective.name!r}")
     if "bins" in objective.extra_inputs and not config.data.bin_field:
         raise ValueError(f"{objective.name} needs per-example bins: set data.bin_field")
-    if dataset is not None and not objective.accepts_groups and dataset.max_group_sizes != (1, 1):
-        k_w, k_l = dataset.max_group_sizes
+    sizes = None
+    if hasattr(records, "max_group_sizes"):
+        sizes = records.max_group_sizes
+    elif records:
+        sizes = (max(len(r.chosen) for r in records), max(len(r.rejected) for r in records))
+    if sizes is not None and not objective.accepts_groups and sizes != (1, 1):
+        k_w, k_l = sizes
         raise ValueError(f"{objective.name} is pairwise but the data has groups of up to {k_w} chosen / {k_l} rejected "
                          "images; use mdpo or mipo")
     return objective
@@ -148,31 +166,33 @@ def build_objective(config: ImageTrainConfig, dataset=None):
 def make_compute_loss(objective):
     """``(model, batch) -> StepOutput``: surrogates from the model, loss and metrics from the objective."""
     from mmalign.engine import StepOutput
+    from mmalign.engine.preference import preference_step
+    from mmalign.image.diffusion import denoising_errors
     from mmalign.shared.objectives import masked_mean
 
     beta = objective.beta
     needs_lengths = objective.uses_chosen_lengths
 
     def compute_loss(model: nn.Module, batch: Mapping[str, Any]) -> StepOutput:
-        surrogates = model(batch)
-        inputs = surrogates.objective_inputs()
+        record = model(batch)  # LogLikelihoods of −e (SPEC §7)
         if needs_lengths:  # e is already a per-element mean: the "length" of an image is 1
-            inputs["chosen_lengths"] = torch.ones_like(surrogates.policy_chosen)
-        output = objective(**inputs)
+            record.chosen_lengths = torch.ones_like(record.policy_chosen)
         with torch.no_grad():
             # R = group mean of ρ = −(e_θ − e_ref) (SPEC §7); margin = R_w − R_l, per pair/group
-            ratio_chosen = masked_mean(surrogates.policy_chosen - surrogates.ref_chosen, surrogates.chosen_mask)
-            ratio_rejected = masked_mean(surrogates.policy_rejected - surrogates.ref_rejected, surrogates.rejected_mask)
+            ratio_chosen = masked_mean(record.policy_chosen - record.ref_chosen, record.chosen_mask)
+            ratio_rejected = masked_mean(record.policy_rejected - record.ref_rejected, record.rejected_mask)
             margin = ratio_chosen - ratio_rejected
-            metrics = dict(output.metric_tensors)
-            # The Diffusion-DPO inside term β·margin = −(β_d/2)·((e_θw − e_rw) − (e_θl − e_rl)). It is the sigmoid's
-            # argument of dpo/mdpo/cdpo/rdpo only; other objectives log their own (e.g. cnrpo/logits, fdpo/logit).
-            metrics["inside_term"] = (beta * margin).mean()
-            # implicit-reward accuracy, objective-independent: share with R_w > R_l, ties ½ (diffusers convention)
-            metrics["implicit_acc"] = ((margin > 0).float() + 0.5 * (margin == 0).float()).mean()
-            metrics["model_mse"] = surrogates.model_error
-            metrics["ref_mse"] = surrogates.reference_error
-        return StepOutput(loss=output.loss, metrics=metrics)
+            model_mse, ref_mse = denoising_errors(record)
+            metrics = {
+                # The Diffusion-DPO inside term β·margin = −(β_d/2)·((e_θw − e_rw) − (e_θl − e_rl)). It is the
+                # sigmoid's argument of dpo/mdpo/cdpo/rdpo only; other objectives log their own (cnrpo/logits, ...).
+                "inside_term": (beta * margin).mean(),
+                # implicit-reward accuracy, objective-independent: share with R_w > R_l, ties ½ (diffusers convention)
+                "implicit_acc": ((margin > 0).float() + 0.5 * (margin == 0).float()).mean(),
+                "model_mse": model_mse,
+                "ref_mse": ref_mse,
+            }
+        return preference_step(objective, record, metrics=metrics)
 
     return compute_loss
 
@@ -239,68 +259,98 @@ def _make_evaluate(config: ImageTrainConfig, output_dir: Path):
     return evaluate
 
 
-def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike, overrides=()) -> dict[str, Any]:
-    """Runs one diffusion preference training; ``config`` is an :class:`ImageTrainConfig`, a dict or a YAML path.
+def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | None = None, overrides=(), *,
+          pipeline: Any = None, train_dataset: Any = None, eval_dataset: Any = None) -> TrainResult:
+    """Runs one diffusion preference training and returns its :class:`~mmalign.engine.TrainResult`.
 
-    Returns the engine's summary (``global_step``, ``metrics``, ``final_dir``, ...) plus ``model``: the trained
-    :class:`~mmalign.image.diffusion.DiffusionPreferenceModel`.
+    ``config``: an :class:`ImageTrainConfig`, a dict or a YAML path. ``pipeline``: a diffusers pipeline object
+    (its UNet is trained in place) instead of ``model.name_or_path``; ``train_dataset``: a ``datasets.Dataset``,
+    ``DatasetDict``, ``save_to_disk`` folder or list of dicts (image cells: PIL images, uint8 arrays, bytes or
+    paths) instead of ``data.train``. The config, the objective and every data row are checked before any model
+    loads. ``result.model`` is the pipeline when one was given, else the trained
+    :class:`~mmalign.image.diffusion.DiffusionPreferenceModel` (also in ``result.details["preference_model"]``).
     """
-    from mmalign.config import load_config
+    from mmalign.config import ConfigError, load_config
+    from mmalign.engine.trainer import torch_threads
 
+    config, pipeline, train_dataset = _split_objects(config, pipeline, train_dataset)
     config = load_config(ImageTrainConfig, config, overrides)
-    spec = config.objective
+    if pipeline is None and not config.model.name_or_path:
+        raise ConfigError("model.name_or_path: required; set it in the config or pass pipeline=... to the call")
+    if train_dataset is None and not config.data.train:
+        raise ConfigError("data.train: required; set it in the config or pass train_dataset=... to the call")
+    if eval_dataset is not None:
+        raise ConfigError("eval_dataset: the image backend evaluates by sampling (generation.prompts), not on a "
+                          "held-out preference set; leave eval_dataset out")
     from accelerate.utils import set_seed
 
     from mmalign.hub import check_sources
 
-    check_sources([("model.pretrained", config.model.pretrained, "model"), ("data.path", config.data.path, "dataset")])
-    set_seed(config.training.seed)  # before the LoRA adapters are initialised: a seed repeats a run bit for bit
-    model = build_preference_model(config, triggers=spec.triggers, trigger_mode=spec.trigger_mode)
-    if torch.cuda.is_available():
-        model.to("cuda")
-    dataset = build_dataset(config, model)
-    if getattr(model, "family", None) is not None:  # text-embedding cache, features used (SDXL / SD3 / FLUX)
-        from mmalign.image.families.build import prepare_family_training
+    if train_dataset is None:
+        check_sources([("data.train", config.data.train, "dataset")])
+    with torch_threads(config.training.num_threads):
+        records = load_records(config, train_dataset)
+        objective = build_objective(config, records)
+        spec = config.objective
+        if pipeline is None:  # after the data and objective checks: a config error is reported first
+            check_sources([("model.name_or_path", config.model.name_or_path, "model")])
+        set_seed(config.training.seed)  # before the LoRA adapters are initialised: a seed repeats a run bit for bit
+        model = build_preference_model(config, triggers=spec.triggers, trigger_mode=spec.trigger_mode,
+                                       pipeline=pipeline)
+        if torch.cuda.is_available():
+            model.to("cuda")
+        dataset = build_dataset(config, model, records)
+        if getattr(model, "family", None) is not None:  # text-embedding cache, features used (SDXL / SD3 / FLUX)
+            from mmalign.image.families.build import prepare_family_training
 
-        prepare_family_training(model, config, dataset)
-    objective = build_objective(config, dataset)
-    output_dir = Path(config.output_dir)
-    from mmalign.image.data import collate_groups
+            prepare_family_training(model, config, dataset)
+        output_dir = Path(config.output_dir)
+        from mmalign.image.data import collate_groups
+        from mmalign.image.families.memory import trainer_class
 
-    from mmalign.image.families.memory import trainer_class
-
-    trainer = trainer_class(config.model.optimizer)(
-        model,
-        config=config.training,
-        output_dir=output_dir,
-        train_dataset=dataset,
-        collate_fn=collate_groups,
-        compute_loss=make_compute_loss(objective),
-        save_model=save_trained_unet,
-        evaluate=_make_evaluate(config, output_dir),
-        resolved_config=config,
-        plot_keys=PLOT_KEYS,
-    )
-    summary = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    summary["model"] = trainer.model  # the trained DiffusionPreferenceModel (unwrapped), for in-process use
-    return summary
+        trainer = trainer_class(config.model.optimizer)(
+            model,
+            config=config.training,
+            output_dir=output_dir,
+            train_dataset=dataset,
+            collate_fn=collate_groups,
+            compute_loss=make_compute_loss(objective),
+            save_model=save_trained_unet,
+            evaluate=_make_evaluate(config, output_dir),
+            resolved_config=config,
+            plot_keys=PLOT_KEYS,
+        )
+        summary = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)
+    return TrainResult.from_summary(summary, model=pipeline if pipeline is not None else trainer.model,
+                                    output_dir=output_dir, preference_model=trainer.model)
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    from mmalign.config import add_config_arguments, config_from_args, config_help
+def _split_objects(config: Any, pipeline: Any, train_dataset: Any):
+    """Objects written into a config mapping where a path would go (``model: pipe``, ``data.train: ds``)."""
+    if not isinstance(config, Mapping):
+        return config, pipeline, train_dataset
+    config = dict(config)
+    model = config.get("model")
+    if model is not None and not isinstance(model, (Mapping, str, os.PathLike)):
+        pipeline = pipeline if pipeline is not None else config.pop("model")
+    data = config.get("data")
+    if isinstance(data, Mapping) and data.get("train") is not None and not isinstance(data["train"], (str, os.PathLike)):
+        data = dict(data)
+        train = data.pop("train")
+        train_dataset = train_dataset if train_dataset is not None else train
+        config["data"] = data
+    return config, pipeline, train_dataset
 
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign.image.train",
+
+def _run(config: ImageTrainConfig, args) -> int:
+    result = train(config)
+    print(f"done: {result.global_step} steps; final model in {result.final_dir}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_command(
+        prog="python -m mmalign.image.train", config_cls=ImageTrainConfig, run=_run, argv=argv,
         description="Preference-tune a text-to-image diffusion model (Diffusion-DPO, mDPO, any mmalign objective on "
                     "the surrogate rho = -(e_theta - e_ref), SPEC §7). Example: python -m mmalign.image.train "
-                    "--config configs/image/sd15-dpo-pickapic-lora.yaml --set training.max_steps=100",
-        epilog=config_help(ImageTrainConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser, config_required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = config_from_args(ImageTrainConfig, args)
-    summary = train(config)
-    print(f"done: {summary['global_step']} steps; final model in {summary['final_dir']}")
-    return summary
+                    "--config configs/image/sd15-dpo-pickapic-lora.yaml --set training.max_steps=100")

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import ClassVar, Literal, Optional
 
 from mmalign.engine.config import TrainingConfig
+from mmalign.engine.sections import LoraConfig as SharedLoraConfig
+from mmalign.engine.sections import OLD_DATA_KEYS, OLD_MODEL_KEYS, OLD_TOP_KEYS, ObjectiveConfig
 from mmalign.text.data.bins import BinSpec
 
 __all__ = [
@@ -18,12 +20,15 @@ __all__ = [
     "DATA_FORMATS",
 ]
 
-DATA_FORMATS = ("auto", "pairs", "conversational", "hh", "groups")
+DATA_FORMATS = ("auto", "pairs", "conversational", "hh", "implicit", "groups")
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = field(metadata={"help": "hub name or local folder of a causal LM (from_pretrained)"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_MODEL_KEYS
+    name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "hub name or local folder of a causal LM (from_pretrained); may be omitted "
+                                        "when the call passes model=..."})
     gguf_file: Optional[str] = field(default=None, metadata={"help": "GGUF file inside name_or_path to load (dequantised)"})
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "weights dtype; bf16 weights + mixed_precision=bf16 for large models"}
@@ -46,16 +51,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = field(metadata={"help": "training data: a .json/.jsonl(.gz)/.parquet/.csv file, or a hub dataset name"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_DATA_KEYS
+    train: Optional[str] = field(
+        default=None, metadata={"help": "training data: a .json/.jsonl(.gz)/.parquet/.csv file, a dataset folder or a "
+                                        "hub dataset name; may be omitted when the call passes train_dataset=..."})
     train_split: str = field(default="train", metadata={"help": "split of a hub dataset (or of a local file: 'train')"})
     eval: Optional[str] = field(default=None, metadata={"help": "evaluation data (file or hub name); null = none"})
     eval_split: str = field(default="test", metadata={"help": "split of the hub eval dataset"})
     subset: Optional[str] = field(default=None, metadata={"help": "hub dataset configuration name"})
-    format: Literal["auto", "pairs", "conversational", "hh", "groups"] = field(
+    format: Literal["auto", "pairs", "conversational", "hh", "implicit", "groups"] = field(
         default="auto",
         metadata={
             "help": "row schema: pairs {prompt, chosen, rejected} strings; conversational (message lists); "
-            "hh (full dialogues, split at the last assistant turn); groups {prompt, chosen: [..], rejected: [..]}; "
+            "hh (full dialogues, split at the last assistant turn); implicit (TRL's {chosen, rejected} full texts: the "
+            "common prefix is the prompt); groups {prompt, chosen: [..], rejected: [..]}; "
             "auto = detect from the first row"
         },
     )
@@ -85,52 +94,12 @@ class DataConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    name: str = field(default="dpo", metadata={"help": "objective name: see mmalign.available_objectives()"})
-    hyperparameters: dict[str, Any] = field(
-        default_factory=lambda: {"beta": 0.1},
-        metadata={"help": "keyword arguments of mmalign.objective(name, ...), e.g. {beta: 0.1}"},
-    )
-
-    def __post_init__(self) -> None:
-        from mmalign import available_objectives
-
-        names = available_objectives()
-        if self.name not in names:
-            raise ValueError(f"objective.name: invalid value {self.name!r}; expected one of {', '.join(names)}")
-        from mmalign import objective
-
-        try:  # builds it once: unknown/missing/out-of-range hyperparameters fail at load time
-            objective(self.name, **self.hyperparameters)
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"objective.hyperparameters: {err}") from None
-
-
-@dataclass
-class LoraConfig:
-    enabled: bool = field(default=False, metadata={"help": "train LoRA adapters instead of all weights (peft)"})
-    r: int = field(default=16, metadata={"help": "LoRA rank"})
-    alpha: float = field(default=32.0, metadata={"help": "LoRA scaling alpha"})
-    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
-    target_modules: Union[str, list[str]] = field(
-        default="all-linear", metadata={"help": "module names to adapt, or 'all-linear'"}
-    )
-    initial_adapter: Optional[str] = field(
-        default=None,
-        metadata={"help": "folder of a saved PEFT adapter to continue training (instead of a fresh one); the "
-                  "adapter-disabled reference is still the base model"},
-    )
+class LoraConfig(SharedLoraConfig):
     direct_forward: bool = field(
         default=True,
         metadata={"help": "run LoRA layers over nn.Linear/Conv1D as base + in-place scaling·(x Aᵀ)Bᵀ (the same "
                   "function as peft's forward, faster on CPU); off: peft's own forward"},
     )
-
-    def __post_init__(self) -> None:
-        if self.r < 1:
-            raise ValueError(f"lora.r: invalid value {self.r!r}; expected an integer >= 1")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout: invalid value {self.dropout!r}; expected a number in [0, 1)")
 
 
 @dataclass
@@ -183,8 +152,10 @@ class TextTrainingConfig(TrainingConfig):
 class TextTrainConfig:
     """A text preference-optimisation run."""
 
-    model: ModelConfig = field(metadata={"help": "the policy model"})
-    data: DataConfig = field(metadata={"help": "training/eval data"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_TOP_KEYS
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the policy model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "training/eval data"})
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig, metadata={"help": "the preference objective"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "optional LoRA adapters"})
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={"help": "the reference policy"})
@@ -205,9 +176,9 @@ class TextTrainConfig:
             raise ValueError(f"training.eval_steps: {self.training.eval_steps} does nothing without data.eval; set "
                              "training.eval_steps: 0 or give data.eval")
         if self.bins is not None:
-            import mmalign
+            from mmalign.shared.objectives import objective as build_objective
 
-            objective = mmalign.objective(self.objective.name, **self.objective.hyperparameters)
+            objective = build_objective(self.objective.name, **self.objective.hyperparameters)
             if "bins" not in getattr(objective, "extra_inputs", ()):
                 raise ValueError(f"bins: objective {self.objective.name!r} takes no bins; the bins: section is for "
                                  "objective causal_dpo (remove it, or set objective.name: causal_dpo)")

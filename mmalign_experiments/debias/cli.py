@@ -2,30 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
-import logging
 from typing import Optional
 
 from mmalign_experiments.debias.config import DebiasConfig
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
-    from mmalign.config import add_config_arguments, config_from_args, config_help
-
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign.image.debias",
-        description="Debias a text-to-image model's occupation portraits over gender and race with mDPO (balanced "
-                    "chosen groups of attribute-prompted images vs the model's own images), against DPO and mIPO "
-                    "on the same data, judged by a face demographic classifier on held-out occupations (thesis "
-                    "§3.6.2). With no arguments: the shipped 32x32 face model, about 7 minutes on 2 CPUs. SD 1.5 on GPUs: "
-                    "--config configs/image/debias-sd15.yaml",
-        epilog=config_help(DebiasConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser, config_required=False)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    config = config_from_args(DebiasConfig, args)
+def _run(config: DebiasConfig, args) -> int:
     from mmalign_experiments.debias.pipeline import run
     from mmalign_experiments.debias.report import markdown_table
 
@@ -34,3 +16,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"report: {config.output_dir}/report.json, report.md, gender_bars.png, race_bars.png, before_after.png "
           f"({report['timings_s']['total_s']:.0f} s)")
     return report
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    from mmalign.cli import run_command
+
+    return run_command(
+        prog="python -m mmalign.image.debias", config_cls=DebiasConfig, run=_run, argv=argv,
+        description="Debias a text-to-image model's occupation portraits over gender and race with mDPO (balanced "
+                    "chosen groups of attribute-prompted images vs the model's own images), against DPO and mIPO "
+                    "on the same data, judged by a face demographic classifier on held-out occupations (thesis "
+                    "§3.6.2). With no arguments: the shipped 32x32 face model, about 7 minutes on 2 CPUs. SD 1.5 on "
+                    "GPUs: --config configs/image/debias-sd15.yaml")

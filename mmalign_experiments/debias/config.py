@@ -7,9 +7,10 @@ classifiers, 50 occupations. ``configs/image/debias-sd15.yaml`` is the Stable Di
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from mmalign.engine.config import TrainingConfig
+from mmalign.engine.sections import OLD_MODEL_KEYS, OLD_TOP_KEYS, LoraConfig
 
 __all__ = ["DebiasConfig", "DebiasModelConfig", "OccupationsConfig", "SamplingConfig", "GroupsConfig",
            "ClassifierConfig", "MethodConfig", "EvaluationConfig", "default_methods"]
@@ -19,8 +20,10 @@ __all__ = ["DebiasConfig", "DebiasModelConfig", "OccupationsConfig", "SamplingCo
 class DebiasModelConfig:
     """The text-to-image model to debias and how it is fine-tuned."""
 
-    pretrained: str = field(default="", metadata={"help": "diffusers pipeline folder or hub name; empty = the shipped "
-                                                          "32x32 face model"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {**OLD_MODEL_KEYS, "frozen_dtype": "use model.dtype"}
+
+    name_or_path: str = field(default="", metadata={"help": "diffusers pipeline folder or hub name; empty = the "
+                                                            "shipped 32x32 face model"})
     revision: Optional[str] = field(default=None, metadata={"help": "hub revision"})
     variant: Optional[str] = field(default=None, metadata={"help": "weights variant, e.g. fp16"})
     text_conditioner: Optional[str] = field(
@@ -29,14 +32,9 @@ class DebiasModelConfig:
     text_conditioner_kwargs: dict[str, Any] = field(default_factory=dict, metadata={"help": "its keyword arguments"})
     resolution: Optional[int] = field(default=None, metadata={"help": "image side; null = the UNet's sample_size × "
                                                                       "the VAE factor"})
-    finetuning: Literal["lora", "full"] = field(default="full", metadata={"help": "lora (reference = adapters off) or "
-                                                                                 "full (frozen reference copy)"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-                                           metadata={"help": "UNet modules that get LoRA"})
     attention: Literal["auto", "xformers", "sdpa"] = field(default="auto", metadata={"help": "attention kernel"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations in backward"})
-    frozen_dtype: Literal["float32", "float16", "bfloat16"] = field(
+    dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32", metadata={"help": "dtype of the frozen VAE and text encoder"})
     cache_latents: bool = field(default=False, metadata={"help": "VAE-encode every training image once (latent "
                                                                  "models)"})
@@ -139,7 +137,8 @@ class MethodConfig:
     beta: Optional[float] = field(default=None, metadata={"help": "β on ρ = −(e_θ − e_ref); give it or beta_d "
                                                                   "(sft needs neither)"})
     beta_d: Optional[float] = field(default=None, metadata={"help": "Diffusion-DPO β_d (β = β_d/2)"})
-    params: dict[str, Any] = field(default_factory=dict, metadata={"help": "other objective hyperparameters"})
+    params: dict[str, Any] = field(default_factory=dict, metadata={"help": "the objective's other hyperparameters, "
+                                                                           "written directly in the method (eps: 0.1)"})
     pairs: bool = field(default=False, metadata={"help": "cut every group into pairs (chosen i, rejected i)"})
     pairs_per_group: Optional[int] = field(
         default=None,
@@ -148,6 +147,8 @@ class MethodConfig:
                   "× this many pairs. null = all k (a step sees the same images as a group step); 1 = the thesis' "
                   "single-sample DPO (one pair per prompt)"},
     )
+
+    FLAT_FIELD: ClassVar[str] = "params"  # other keys of a method are its objective's hyperparameters
 
     def __post_init__(self) -> None:
         if self.beta is not None and self.beta_d is not None:
@@ -214,8 +215,14 @@ class DebiasConfig:
     output_dir: str = field(default="runs/debias", metadata={"help": "report.json, report.md, PNGs, trained models"})
     cache_dir: Optional[str] = field(default=None, metadata={"help": "generated-image cache; null = "
                                                                      "$MMALIGN_CACHE/debias or ~/.cache/mmalign/debias"})
-    threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads; null = torch's default"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_TOP_KEYS
+
     model: DebiasModelConfig = field(default_factory=DebiasModelConfig, metadata={"help": "the model"})
+    lora: LoraConfig = field(
+        default_factory=lambda: LoraConfig(enabled=False, r=8, alpha=None, dropout=0.0,
+                                           target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
+        metadata={"help": "LoRA on the UNet (reference = adapters off); enabled: false = full fine-tuning with a "
+                          "frozen reference copy"})
     occupations: OccupationsConfig = field(default_factory=OccupationsConfig, metadata={"help": "occupations"})
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"help": "image sampling"})
     groups: GroupsConfig = field(default_factory=GroupsConfig, metadata={"help": "preference groups"})

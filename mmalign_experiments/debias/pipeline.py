@@ -41,8 +41,8 @@ def resolve_model(config: DebiasConfig) -> tuple[str, str | None, dict]:
     """(pretrained, text_conditioner, its kwargs): empty ``pretrained`` means the shipped face model, which needs
     the MiniLM conditioner it was trained with."""
     model = config.model
-    if model.pretrained:
-        return model.pretrained, model.text_conditioner, dict(model.text_conditioner_kwargs)
+    if model.name_or_path:
+        return model.name_or_path, model.text_conditioner, dict(model.text_conditioner_kwargs)
     from mmalign.image.face_model.model import SHIPPED_FACE_MODEL_DIR, TEXT_CONDITIONER
 
     kwargs = dict(model.text_conditioner_kwargs) or {"max_length": 24}
@@ -65,16 +65,14 @@ def _train_config(config: DebiasConfig, method: MethodConfig, data_path: Path, o
     training = asdict(config.training)
     if method.pairs:  # batch_size groups' worth of pairs: all their pairs, or pairs_per_group of each
         training["batch_size"] = config.training.batch_size * (method.pairs_per_group or group_size)
-    objective: dict[str, Any] = {"name": method.objective, "params": dict(method.params), **method.beta_setting()}
+    objective: dict[str, Any] = {"name": method.objective, **method.params, **method.beta_setting()}
     return {
         "output_dir": str(output_dir),
-        "model": {"pretrained": pretrained, "revision": model.revision, "variant": model.variant,
-                  "finetuning": model.finetuning, "lora_rank": model.lora_rank,
-                  "lora_target_modules": list(model.lora_target_modules), "attention": model.attention,
-                  "gradient_checkpointing": model.gradient_checkpointing, "frozen_dtype": model.frozen_dtype,
-                  "text_conditioner": conditioner,
-                  "text_conditioner_kwargs": conditioner_kwargs},
-        "data": {"path": str(data_path), "resolution": resolution, "allow_ragged_groups": True,
+        "model": {"name_or_path": pretrained, "revision": model.revision, "variant": model.variant,
+                  "attention": model.attention, "gradient_checkpointing": model.gradient_checkpointing,
+                  "dtype": model.dtype, "text_conditioner": conditioner, "text_conditioner_kwargs": conditioner_kwargs},
+        "lora": asdict(config.lora),
+        "data": {"train": str(data_path), "resolution": resolution, "allow_ragged_groups": True,
                  "cache_latents": model.cache_latents},
         "objective": objective,
         "training": training,
@@ -145,8 +143,8 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
 
     config = load_config(DebiasConfig, config, overrides)
     started = time.time()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    if config.training.num_threads:
+        torch.set_num_threads(config.training.num_threads)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / "config.yaml")
@@ -160,7 +158,7 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
     model = config.model
     base = load_diffusion_components(pretrained, revision=model.revision, variant=model.variant,
                                      text_conditioner=conditioner_spec, text_conditioner_kwargs=conditioner_kwargs,
-                                     frozen_dtype=model.frozen_dtype)
+                                     frozen_dtype=model.dtype)
     if torch.cuda.is_available():
         base.unet.to("cuda")
         if base.vae is not None:

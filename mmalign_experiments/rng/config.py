@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
+from mmalign.engine.sections import OLD_TOP_KEYS
 from mmalign.text.config import LoraConfig, TextTrainingConfig
 
 SMOLLM2 = "smollm2"  # model.name_or_path alias: the SmolLM2-135M-Instruct folder from mmalign.text.modeling.smollm
@@ -84,7 +85,10 @@ class RngSamplingConfig:
 class RngMethodConfig:
     label: str = field(metadata={"help": "name in the tables, e.g. mDPO"})
     objective: str = field(metadata={"help": "objective name (mmalign.available_objectives())"})
-    hyperparameters: dict[str, Any] = field(default_factory=dict, metadata={"help": "e.g. {beta: 0.1, nll: 1.0}"})
+    hyperparameters: dict[str, Any] = field(default_factory=dict, metadata={"help": "the objective's keyword "
+                                                                                "arguments, flat: beta: 0.1, nll: 1.0"})
+
+    FLAT_FIELD: ClassVar[str] = "hyperparameters"  # {label: DPO, objective: dpo, beta: 0.1, nll: 1.0}
 
 
 def _default_methods() -> list[RngMethodConfig]:
@@ -99,6 +103,8 @@ def _default_methods() -> list[RngMethodConfig]:
 @dataclass
 class RngConfig:
     """The RNG uniformity experiment (thesis §3.6.1)."""
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_TOP_KEYS
 
     model: str = field(default=SMOLLM2, metadata={"help": "causal LM folder/hub name, or 'smollm2' (converted offline)"})
     data: RngDataConfig = field(default_factory=RngDataConfig, metadata={"help": "intervals and preference groups"})
@@ -117,7 +123,6 @@ class RngConfig:
                                                    logging_steps=2),
         metadata={"help": "optimisation of every method; batch_size counts groups (pairs runs use k times as many pairs)"},
     )
-    num_threads: Optional[int] = field(default=None, metadata={"help": "torch CPU threads; null = torch's default"})
     output_dir: str = field(default="outputs/rng-quickstart", metadata={"help": "run folder"})
     num_plot_intervals: int = field(default=3, metadata={"help": "held-out intervals shown in histograms.png"})
 

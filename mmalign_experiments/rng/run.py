@@ -1,14 +1,14 @@
 """Running the RNG experiment: data, one LoRA run per method, sampling on held-out intervals, the report."""
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from mmalign.config import add_config_arguments, config_from_args, config_help, load_config, save_config, to_dict
+from mmalign.cli import run_command
+from mmalign.config import load_config, save_config, to_dict
 from mmalign.io import atomic_write_text, write_jsonl
 from mmalign.text.evaluation.uniformity import summarize, uniformity_metrics
 from mmalign.resources import shipped_config
@@ -47,8 +47,6 @@ def _training_config(cfg: RngConfig, method: RngMethodConfig, model_path: str, d
     training = to_dict(cfg.training)
     if not accepts_groups:  # the same sequences per step: k pairs per group
         training["batch_size"] = cfg.training.batch_size * cfg.data.group_size
-    if cfg.num_threads is not None:
-        training["num_threads"] = cfg.num_threads
     pools = cfg.data.redraw_pool_size is not None  # pools re-drawn every epoch (mmalign_experiments.rng.groups)
     return {
         "model": {"name_or_path": model_path},
@@ -57,7 +55,7 @@ def _training_config(cfg: RngConfig, method: RngMethodConfig, model_path: str, d
             "format": "groups" if accepts_groups or pools else "pairs",
             "redraw_members": (cfg.data.group_size if accepts_groups else 1) if pools else None,
         },
-        "objective": {"name": method.objective, "hyperparameters": dict(method.hyperparameters)},
+        "objective": {"name": method.objective, **method.hyperparameters},
         "lora": to_dict(cfg.lora),
         # Reference log-probs computed once per dataset and shared by the methods through the cache.
         "reference": {"mode": "precomputed", "cache_dir": str(Path(cfg.output_dir) / "reference_cache")},
@@ -71,7 +69,7 @@ def run_rng(config: RngConfig | dict | str | Path, overrides: Optional[list[str]
     from mmalign.engine.trainer import torch_threads
 
     cfg = load_config(RngConfig, config, overrides or [])
-    with torch_threads(cfg.num_threads):  # restored afterwards
+    with torch_threads(cfg.training.num_threads):  # restored afterwards
         return _run_rng(cfg)
 
 
@@ -122,7 +120,8 @@ def _run_rng(cfg: RngConfig) -> dict[str, Any]:
         tick = time.perf_counter()
         summary = train(_training_config(cfg, method, model_path, data_dir, objective.accepts_groups))
         timings[f"train_{method.label}_s"] = time.perf_counter() - tick
-        train_summaries[method.label] = {k: v for k, v in summary.items() if isinstance(v, (int, float, str))}
+        train_summaries[method.label] = {k: v for k, v in summary.summary().items()
+                                         if isinstance(v, (int, float, str)) and k != "share_prompt"}
         tick = time.perf_counter()
         tuned = PeftModel.from_pretrained(load_causal_lm(model_path), summary["final_dir"])
         answers[method.label] = _sample_answers(tuned, tokenizer, test_prompts, cfg.sampling, cfg.sampling.num_samples)
@@ -164,20 +163,15 @@ def _run_rng(cfg: RngConfig) -> dict[str, Any]:
     return results
 
 
-def main(argv: Optional[list[str]] = None, *, prog: str = "python -m mmalign_experiments.rng") -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Thesis §3.6.1: make an LLM's random integers uniform with DPO, IPO, mDPO and mIPO (LoRA), then "
-        "compare answer entropy on held-out intervals. With no --config it runs the quickstart "
-        f"({QUICKSTART_CONFIG.name}: SmolLM2-135M-Instruct on CPU).",
-        epilog=config_help(RngConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser, config_required=False)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.config is None:
-        args.config = str(QUICKSTART_CONFIG)
-    cfg = config_from_args(RngConfig, args)
+def _run(cfg: RngConfig, args) -> int:
     run_rng(cfg)
     return 0
+
+
+def main(argv: Optional[list[str]] = None, *, prog: str = "python -m mmalign_experiments.rng") -> int:
+    return run_command(
+        prog=prog, config_cls=RngConfig, run=_run, argv=argv,
+        default_config=QUICKSTART_CONFIG,
+        description="Thesis §3.6.1: make an LLM's random integers uniform with DPO, IPO, mDPO and mIPO (LoRA), then "
+        "compare answer entropy on held-out intervals. With no --config it runs the quickstart "
+        f"({QUICKSTART_CONFIG.name}: SmolLM2-135M-Instruct on CPU).")

@@ -53,9 +53,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+import yaml
 
 import mmalign
-from mmalign.config import add_config_arguments, config_from_args, config_help, save_config, to_dict
+from mmalign.cli import build_parser as build_command_parser
+from mmalign.cli import load_from_args
+from mmalign.config import save_config, to_dict
 from mmalign.engine.plots import save_figure
 from mmalign.io import atomic_write_bytes
 
@@ -396,13 +399,9 @@ def write_outputs(result: BanditResult, train_log: list[dict], out_dir: Path) ->
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign_experiments.sim.bandit",
-        description="CNRPO vs DPO on the 20-arm bandit of cnrpo §6.1 (Figure 1): δ_DPO − δ_CNRPO over ε × α.",
-        epilog=config_help(BanditConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser)
+    parser = build_command_parser(
+        "python -m mmalign_experiments.sim.bandit", "CNRPO vs DPO on the 20-arm bandit of cnrpo §6.1 (Figure 1): "
+        "δ_DPO − δ_CNRPO over ε × α.", BanditConfig)
     parser.add_argument("--out", type=Path, default=Path("runs/bandit"), help="output directory (default runs/bandit)")
     parser.add_argument("--epsilons", type=float, nargs="+", help="noise levels ε (overrides the config)")
     parser.add_argument("--alphas", type=float, nargs="+", help="bias-aversion weights α (overrides the config)")
@@ -416,13 +415,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for name in ("epsilons", "alphas", "epochs", "lr", "distance", "reference", "seed"):
         value = getattr(args, name)
         if value is not None:
             args.overrides.append(f"{name}={json.dumps(value)}")
+    config = load_from_args(parser, BanditConfig, args)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return 0
     torch.set_num_threads(1)  # tiny tensors: more threads only add contention
-    config = config_from_args(BanditConfig, args)
     result, train_log = run_bandit(config, progress=not args.quiet)
     paths = write_outputs(result, train_log, args.out)
     if not args.quiet:

@@ -122,7 +122,7 @@ def test_a_partial_section_keeps_the_parents_default_for_that_section():
     from mmalign.image.config import ImageTrainConfig
     from mmalign_experiments.debias.config import DebiasConfig
 
-    required = {"model": {"pretrained": "x"}, "data": {"path": "y"}}
+    required = {"model": {"name_or_path": "x"}, "data": {"train": "y"}}
     assert TrainingConfig().learning_rate != 1e-5
     config = load_config(ImageTrainConfig, {**required, "training": {"max_steps": 3}})
     assert config.training.learning_rate == 1e-5 and config.training.max_steps == 3
@@ -133,9 +133,9 @@ def test_a_partial_section_keeps_the_parents_default_for_that_section():
     assert debias.training.learning_rate == DebiasConfig().training.learning_rate
     assert debias.training.progress_bar is False
     # dict-typed fields are replaced whole, and explicit values still win
-    config = load_config(ImageTrainConfig, {**required, "objective": {"beta": 2.0, "params": {"eps": 0.1}},
+    config = load_config(ImageTrainConfig, {**required, "objective": {"name": "rdpo", "beta": 2.0, "eps": 0.1},
                                             "training": {"learning_rate": 3e-4}})
-    assert config.objective.params == {"eps": 0.1} and config.training.learning_rate == 3e-4
+    assert config.objective.hyperparameters == {"beta": 2.0, "eps": 0.1} and config.training.learning_rate == 3e-4
 
 
 def test_yaml_boolean_words_read_back_as_the_choice_they_spell(tmp_path):

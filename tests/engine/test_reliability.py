@@ -185,9 +185,9 @@ def test_non_finite_hyperparameters_are_refused_at_config_time(tmp_path, key, va
 def test_non_finite_values_inside_free_form_mappings_are_refused():
     from mmalign.text.config import TextTrainConfig
 
-    with pytest.raises(ConfigError, match=r"objective.hyperparameters.beta.*not finite"):
+    with pytest.raises(ConfigError, match=r"objective\.(hyperparameters\.)?beta.*not finite"):
         load_config(TextTrainConfig, {"model": {"name_or_path": "x"}, "data": {"train": "x.jsonl"},
-                                      "objective": {"hyperparameters": {"beta": float("inf")}}})
+                                      "objective": {"name": "dpo", "beta": float("inf")}})
 
 
 def test_eval_steps_without_anything_to_evaluate_is_refused(tmp_path):

@@ -65,7 +65,7 @@ def test_train_logs_metrics_saves_and_plots(tmp_path):
     rows = read_metrics(summary["metrics_path"])
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [3, 6]
-    for key in ("loss", "abs_err", "grad_norm", "lr", "tokens/s", "epoch"):
+    for key in ("loss", "abs_err", "grad_norm", "learning_rate", "tokens/s", "epoch"):
         assert key in train_rows[0], key
     assert [r["step"] for r in rows if "eval_abs_err" in r] == [3, 6]
     # 24 samples / batch 4 = 6 micro-batches per epoch = 3 optimizer steps with accumulation 2
@@ -111,7 +111,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert [r["step"] for r in resumed_rows] == [r["step"] for r in full_rows]
     for a, b in zip(full_rows, resumed_rows):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7), (a, b)
-        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+        assert a["learning_rate"] == pytest.approx(b["learning_rate"], rel=1e-9)
         assert a["epoch"] == b["epoch"]
 
 

@@ -100,5 +100,6 @@ def test_cli_help_and_bad_config(tmp_path, capsys):
     assert exit_info.value.code == 0 and "epsilons" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("epsilon: [0.1]\n")
-    with pytest.raises(ValueError, match="bad.yaml: epsilon: unknown key"):
+    with pytest.raises(SystemExit) as exit_info:  # the shared CLI: usage + the error, exit status 2
         main(["--config", str(bad), "--out", str(tmp_path / "x"), "--quiet"])
+    assert exit_info.value.code == 2 and "bad.yaml: epsilon: unknown key" in capsys.readouterr().err

@@ -178,8 +178,13 @@ def test_config_errors_are_clear():
     with pytest.raises((ValueError, ConfigError), match="method 'a'.*unknown objective 'dop'"):
         load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "dop", "beta": 1.0}]})
     with pytest.raises((ValueError, ConfigError), match="method 'a'.*unknown hyperparameter.*'epsilon'"):
-        load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "rdpo", "beta": 1.0,
-                                                "params": {"epsilon": 0.1}}]})
+        load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "rdpo", "beta": 1.0, "epsilon": 0.1}]})
+    with pytest.raises(ConfigError, match="methods.*params: no longer accepted; write these keys directly"):
+        load_config(DebiasConfig, {"methods": [{"name": "a", "objective": "rdpo", "beta": 1.0, "params": {"eps": 0.1}}]})
+    with pytest.raises(ConfigError, match="threads: no longer accepted; use training.num_threads"):
+        load_config(DebiasConfig, {"threads": 1})
+    with pytest.raises(ConfigError, match="model.lora_rank: no longer accepted; use lora.r"):
+        load_config(DebiasConfig, {"model": {"lora_rank": 4}})
     # sft needs no β (it only scales its logged rewards)
     assert load_config(DebiasConfig, {"methods": [{"name": "sft", "objective": "sft"}]}).methods[0].beta is None
     with pytest.raises((ValueError, ConfigError), match="pairs_per_group"):
@@ -336,7 +341,7 @@ def test_sd15_recipe_runs_end_to_end_on_a_tiny_sd_layout_pipeline(tmp_path, tiny
     recipe = Path(__file__).resolve().parents[2] / "configs/image/debias-sd15.yaml"
     out = tmp_path / "run"
     main(["--config", str(recipe), "--set", f"output_dir={out}", "--set", f"cache_dir={tmp_path / 'cache'}",
-          "--set", f"model.pretrained={tiny_sd_path}", "--set", "model.frozen_dtype=float32",
+          "--set", f"model.name_or_path={tiny_sd_path}", "--set", "model.dtype=float32",
           "--set", "training.mixed_precision=no", "--set", "classifier.name=default", "--set", "classifier.kwargs={}",
           "--set", "groups.filter=none", "--set", "groups.groups_per_occupation=1",
           "--set", "groups.candidates_per_cell=1", "--set", "groups.rejected_per_group=3",

@@ -52,8 +52,8 @@ def test_end_to_end_with_pools_on_the_tiny_model(tiny_model_dir, tmp_path):
         "data": {"num_train_intervals": 4, "num_test_intervals": 2, "group_size": 2, "rejected_pool_size": 5,
                  "redraw_pool_size": 6, "low_max": 100, "train_gap_max": 6, "test_gap_max": 6},
         "sampling": {"num_samples": 4, "max_new_tokens": 3},
-        "methods": [{"label": "IPO", "objective": "ipo", "hyperparameters": {"beta": 0.1}},
-                    {"label": "mIPO", "objective": "mipo", "hyperparameters": {"beta": 0.1}}],
+        "methods": [{"label": "IPO", "objective": "ipo", "beta": 0.1},
+                    {"label": "mIPO", "objective": "mipo", "beta": 0.1}],
         "comparisons": [["mIPO", "IPO"]],
         "training": {"batch_size": 2, "learning_rate": 1e-3, "num_epochs": 2, "progress_bar": False},
     }

@@ -21,8 +21,8 @@ def tiny_family_paths(tmp_path_factory):
 
 
 def _config(path, **model):
-    return load_config(ImageTrainConfig, {"model": {"pretrained": str(path), "lora_rank": 4, **model},
-                                          "data": {"path": "unused", "resolution": 64}})
+    return load_config(ImageTrainConfig, {"model": {"name_or_path": str(path), **model}, "lora": {"r": 4},
+                                          "data": {"train": "unused", "resolution": 64}})
 
 
 def _model(path, **model):
@@ -283,7 +283,7 @@ def test_text_embedding_cache_matches_live_encoders_and_unloads_them(tiny_family
 
 
 def test_dtypes_fp16_safe_vae_and_bf16_weights_with_fp32_lora(tiny_family_paths):
-    model = _model(tiny_family_paths["sdxl"], frozen_dtype="float16")
+    model = _model(tiny_family_paths["sdxl"], dtype="float16")
     assert next(model.vae.parameters()).dtype == torch.float32  # force_upcast VAE stays float32 under fp16
     model = _model(tiny_family_paths["sd3"], weights_dtype="bfloat16")
     lora = [p for n, p in model.unet.named_parameters() if "lora" in n]

@@ -47,14 +47,14 @@ def test_recipe_runs_end_to_end_on_a_tiny_pipeline_of_its_layout(recipe, tiny_pa
     shipped = load_config(ImageTrainConfig, RECIPES / recipe)
     assert shipped.model.family in ("auto", family)
     data = group_data if shipped.objective.name == "mdpo" else toy_data
-    overrides = [f"model.pretrained={tiny_paths[family]}", "model.vae=null", f"data.path={data}",
+    overrides = [f"model.name_or_path={tiny_paths[family]}", "model.vae=null", f"data.train={data}",
                  "data.format=groups", "data.prompt_field=prompt", "data.chosen_field=chosen",
                  "data.rejected_field=rejected", "data.resolution=64", "model.max_sequence_length=null",
                  f"output_dir={tmp_path / 'run'}", "training.max_steps=2", "training.batch_size=2",
                  "training.gradient_accumulation_steps=1", "training.warmup_steps=0", "training.save_steps=0",
                  "training.mixed_precision=no", "training.logging_steps=1", "training.learning_rate=1e-3",
                  "generation.num_inference_steps=2", "generation.images_per_prompt=1", "generation.resolution=64",
-                 "training.progress_bar=false", "model.frozen_dtype=float32"]  # bf16 convs are slow on CPU
+                 "training.progress_bar=false", "model.dtype=float32"]  # bf16 convs are slow on CPU
     summary = train(RECIPES / recipe, overrides)
     model = summary["model"]
     assert summary["global_step"] == 2
@@ -89,8 +89,8 @@ def test_adamw_8bit_is_the_optimizer_when_bitsandbytes_is_present(tiny_paths, to
     fake.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
     summary = train({"output_dir": str(tmp_path / "run"),
-                     "model": {"pretrained": str(tiny_paths["sd3"]), "optimizer": "adamw_8bit", "lora_rank": 4},
-                     "data": {"path": str(toy_data), "resolution": 64},
+                     "model": {"name_or_path": str(tiny_paths["sd3"]), "optimizer": "adamw_8bit"}, "lora": {"r": 4},
+                     "data": {"train": str(toy_data), "resolution": 64},
                      "training": {"max_steps": 1, "batch_size": 2, "progress_bar": False, "learning_rate": 1e-4}})
     assert len(built) == 1 and built[0]["lr"] == 1e-4
     assert "adamw_8bit" in summary["model"].memory_features

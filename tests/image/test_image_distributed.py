@@ -15,8 +15,9 @@ from mmalign.engine import read_metrics
 def test_two_process_image_training_and_exact_resume(tiny_sd_path, toy_data, tmp_path):
     config = {
         "output_dir": str(tmp_path / "run"),
-        "model": {"pretrained": str(tiny_sd_path), "lora_rank": 4, "lora_alpha": 8},
-        "data": {"path": str(toy_data), "resolution": 32},
+        "model": {"name_or_path": str(tiny_sd_path)},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"train": str(toy_data), "resolution": 32},
         "objective": {"name": "dpo", "beta_d": 1000},
         "training": {"batch_size": 2, "max_steps": 4, "logging_steps": 1, "save_steps": 2, "save_total_limit": None,
                      "learning_rate": 2e-3, "lr_scheduler": "constant", "progress_bar": False, "plot": False,
@@ -38,7 +39,7 @@ def test_two_process_image_training_and_exact_resume(tiny_sd_path, toy_data, tmp
     assert (run / "final" / "pytorch_lora_weights.safetensors").exists()
 
     shutil.rmtree(run / "checkpoints" / "checkpoint-4")
-    again = subprocess.run(torchrun + ["--set", "resume_from_checkpoint=latest"], capture_output=True, text=True, env=env)
+    again = subprocess.run(torchrun + ["--set", "training.resume_from_checkpoint=latest"], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]

@@ -24,7 +24,7 @@ class _RedIsFemale:
 
 def _config(tiny_sd_path, out, **extra):
     return {"prompts": ["a photo of a doctor", "a photo of a nurse"], "heldout_prompts": ["a photo of a teacher"],
-            "model": {"pretrained": str(tiny_sd_path), "lora_rank": 4, "lora_alpha": 8},
+            "model": {"name_or_path": str(tiny_sd_path)}, "lora": {"r": 4, "alpha": 8},
             "rounds": 2, "k": 4, "eval_k": 4, "resolution": 32, "num_inference_steps": 3, "guidance_scale": 1.0,
             "objective": {"name": "mdpo", "beta_d": 1000}, "diffusion": {"latent_sampling": "mode"},
             "training": {"batch_size": 2, "max_steps": 3, "learning_rate": 5e-3, "lr_scheduler": "constant",
@@ -73,9 +73,9 @@ def test_brightness_reward_moves_up_over_rounds(tiny_pixel_path, tmp_path):
 def test_bad_settings_are_refused(tiny_sd_path, tmp_path):
     with pytest.raises(ConfigError, match="k >= 2"):
         mmalign.image.online(_config(tiny_sd_path, tmp_path / "a", k=1), reward=lambda p, o: [0.0] * len(o))
-    with pytest.raises(ConfigError, match="finetuning"):
+    with pytest.raises(ConfigError, match="lora.enabled: online rounds use LoRA"):
         cfg = _config(tiny_sd_path, tmp_path / "b")
-        cfg["model"]["finetuning"] = "full"
+        cfg["lora"] = {"enabled": False}
         mmalign.image.online(cfg, reward=lambda p, o: [0.0] * len(o))
     with pytest.raises(ValueError, match="tie on the reward"):
         mmalign.image.online(_config(tiny_sd_path, tmp_path / "c"), reward=lambda p, o: [0.0] * len(o))

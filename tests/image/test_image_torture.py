@@ -9,8 +9,9 @@ def _make_config(tiny_sd_path, toy_data):
     def make(output_dir):
         return {
             "output_dir": str(output_dir),
-            "model": {"pretrained": str(tiny_sd_path), "lora_rank": 4, "lora_alpha": 8},
-            "data": {"path": str(toy_data), "resolution": 32},
+            "model": {"name_or_path": str(tiny_sd_path)},
+            "lora": {"enabled": True, "r": 4, "alpha": 8},
+            "data": {"train": str(toy_data), "resolution": 32},
             "objective": {"name": "dpo", "beta_d": 1000},
             "training": {"batch_size": 2, "learning_rate": 2e-3, "seed": 0, **TRAINING},
         }

@@ -17,8 +17,9 @@ from mmalign.image.data import collate_groups
 def _config(tiny_sd_path, toy_data, output_dir, **training):
     return {
         "output_dir": str(output_dir),
-        "model": {"pretrained": str(tiny_sd_path), "lora_rank": 4, "lora_alpha": 8},
-        "data": {"path": str(toy_data), "resolution": 32},
+        "model": {"name_or_path": str(tiny_sd_path)},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"train": str(toy_data), "resolution": 32},
         "objective": {"name": "dpo", "beta_d": 1000},
         "diffusion": {"latent_sampling": "mode"},
         "training": {"batch_size": 4, "learning_rate": 2e-3, "lr_scheduler": "constant", "logging_steps": 1,
@@ -75,7 +76,7 @@ def resume_runs(tiny_sd_path, toy_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     full = train(_config(tiny_sd_path, toy_data, root / "full", max_steps=4, save_steps=2, save_total_limit=None))
     resumed_config = _config(tiny_sd_path, toy_data, root / "resumed", max_steps=4)
-    resumed_config["resume_from_checkpoint"] = str(root / "full" / "checkpoints" / "checkpoint-2")
+    resumed_config["training"]["resume_from_checkpoint"] = str(root / "full" / "checkpoints" / "checkpoint-2")
     resumed = train(resumed_config)
     return full, resumed, root
 
@@ -127,14 +128,14 @@ def test_exact_resume(resume_runs):
 def test_config_errors(tiny_sd_path, toy_data, tmp_path):
     config = _config(tiny_sd_path, toy_data, tmp_path)
     config["objective"] = {"name": "dpo", "beta": 10, "beta_d": 20}
-    with pytest.raises(ConfigError, match="exactly one of objective.beta"):
+    with pytest.raises(ConfigError, match="objective: set exactly one of beta"):
         load_config(ImageTrainConfig, config)
     config["objective"] = {"name": "dpo", "beta_d": 5000}
     assert load_config(ImageTrainConfig, config).objective.resolved_beta == 2500
     with pytest.raises(ConfigError, match="diffusion.vae_batch_size"):
         load_config(ImageTrainConfig, {**config, "diffusion": {"vae_batch_size": 0}})
     assert load_config(ImageTrainConfig, {**config, "diffusion": {"vae_batch_size": None}}).diffusion.vae_batch_size is None
-    config["objective"] = {"name": "cnrpo", "beta": 1.0, "params": {"alphas": [0.1]}}
+    config["objective"] = {"name": "cnrpo", "beta": 1.0, "alphas": [0.1]}
     with pytest.raises(ValueError, match="1 alphas .* but 0 triggers"):
         train(config)
 
@@ -152,14 +153,15 @@ def test_cli_help():
     result = subprocess.run([sys.executable, "-m", "mmalign.image.train", "--help"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    for key in ("--config", "objective.beta_d", "model.finetuning", "data.cache_latents", "training.learning_rate"):
+    for key in ("usage: python -m mmalign.image.train", "--config", "--print-config", "--resume", "objective.<hyperparameter>",
+                "lora.enabled", "data.cache_latents", "training.learning_rate", "training.resume_from_checkpoint"):
         assert key in result.stdout, key
 
 
 @pytest.mark.parametrize("name", ["sd15-dpo-pickapic-lora", "sd15-dpo-full", "sd15-mdpo-groups-lora", "tiny-dpo-smoke"])
 def test_shipped_configs_validate(name):
     config = load_config(ImageTrainConfig, Path(__file__).parents[2] / "configs" / "image" / f"{name}.yaml")
-    assert config.objective.resolved_beta > 0 and config.model.pretrained and config.data.path
+    assert config.objective.resolved_beta > 0 and config.model.name_or_path and config.data.train
 
 
 def test_full_finetuning_saves_the_unet(tiny_pixel_path, tmp_path):
@@ -168,7 +170,8 @@ def test_full_finetuning_saves_the_unet(tiny_pixel_path, tmp_path):
 
     data = write_toy_preference_dataset(tmp_path / "data", num_prompts=2, image_size=16)
     config = _config(tiny_pixel_path, data, tmp_path / "run", max_steps=1, batch_size=2)
-    config["model"] = {"pretrained": str(tiny_pixel_path), "finetuning": "full"}
+    config["model"] = {"name_or_path": str(tiny_pixel_path)}
+    config["lora"] = {"enabled": False}
     config["data"]["resolution"] = 16
     summary = train(config)
     saved = UNet2DConditionModel.from_pretrained(summary["final_dir"], subfolder="unet")
@@ -200,5 +203,5 @@ def test_train_is_callable_after_the_cli_module_is_imported():
     from mmalign.image.training import train as train_function
 
     with pytest.raises(ConfigError):
-        mmalign.image.train({"model": {"pretrained": ""}})  # reaches the config validation of train()
+        mmalign.image.train({"model": {"name_or_path": ""}})  # reaches the config validation of train()
     assert mmalign.image.train.main and train_function

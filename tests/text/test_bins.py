@@ -96,7 +96,7 @@ def test_causal_dpo_trains_through_the_text_trainer_with_binned_data(tmp_path, t
     bins_main([str(raw), str(tmp_path / "binned.jsonl"), "--source", "length", "--num-bins", "2"])
     model = tiny_model_dir
     train({"model": {"name_or_path": str(model)}, "data": {"train": str(tmp_path / "binned.jsonl")},
-           "objective": {"name": "causal_dpo", "hyperparameters": {"beta": 0.1, "lam": 1.0}},
+           "objective": {"name": "causal_dpo", "beta": 0.1, "lam": 1.0},
            "training": {"batch_size": 8, "max_steps": 2, "logging_steps": 1, "progress_bar": False, "num_threads": 1},
            "output_dir": str(tmp_path / "run")})
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -49,7 +49,7 @@ def test_eval_ece_logged_during_training_and_layout_independent(kind, tiny_model
     eces = {}
     for share in ("on", "off"):
         cfg = run_config(tiny_model_dir, data, tmp_path / f"{kind}-{share}", data={"eval": data},
-                         objective={"name": name, "hyperparameters": {"beta": 0.1}},
+                         objective={"name": name, "beta": 0.1},
                          training={"eval_steps": 2, "share_prompt": share})
         summary = mmalign.text.train(cfg)
         rows = [r for r in read_metrics(summary["metrics_path"]) if "eval_ece" in r]

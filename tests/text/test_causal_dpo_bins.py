@@ -13,7 +13,7 @@ from mmalign_experiments.bias_data import biased_decision_pairs, decision_prompt
 from mmalign.text.data.bins import BinSpec, assign_bins
 from mmalign.text.config import TextTrainConfig
 
-CAUSAL_DPO = {"name": "causal_dpo", "hyperparameters": {"beta": 0.1, "lam": 1.0}}
+CAUSAL_DPO = {"name": "causal_dpo", "beta": 0.1, "lam": 1.0}
 TRAINING = {"batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1, "progress_bar": False, "num_threads": 1,
             "seed": 0}
 
@@ -55,15 +55,15 @@ def test_causal_dpo_trains_with_length_bins_computed_at_load_time_like_the_bins_
     written = [json.loads(line)["bins"] for line in (tmp_path / "binned.jsonl").read_text().splitlines()]
 
     seen = []
-    objective_output = PreferenceLoss.objective_output
+    log_likelihoods = PreferenceLoss.log_likelihoods
 
     def spy(self, model, batch):
         seen.extend(map(tuple, batch["extra"]["bins"].tolist()))
-        return objective_output(self, model, batch)
+        return log_likelihoods(self, model, batch)
 
     cfg = _config(tiny, raw, tmp_path / "run", bins={"source": "length", "num_bins": 2},
                   training={**TRAINING, "max_steps": 2})
-    with mock.patch.object(PreferenceLoss, "objective_output", spy):
+    with mock.patch.object(PreferenceLoss, "log_likelihoods", spy):
         summary = train(cfg)
     # one epoch (2 steps x 8 of 16 pairs, shuffled): the objective saw exactly the CLI's bins
     assert summary["global_step"] == 2 and Counter(seen) == Counter(map(tuple, written))

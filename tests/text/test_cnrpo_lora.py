@@ -157,7 +157,7 @@ def test_lora_cnrpo_with_alpha_zero_and_gamma_beta_equals_dpo_from_the_same_adap
     run_cnrpo(_cfg(tiny, data, run, alphas=[0.0], gamma=0.5, main_epochs=2), stage="main")
     dpo_dir = tmp_path / "dpo"
     train({"model": {"name_or_path": tiny}, "data": {"train": data["main"]},
-           "objective": {"name": "dpo", "hyperparameters": {"beta": 0.5}},
+           "objective": {"name": "dpo", "beta": 0.5},
            "lora": {**LORA, "initial_adapter": str(adapter)},
            "training": _cfg(tiny, data, run)["training"] | {"num_epochs": 2}, "output_dir": str(dpo_dir)})
     cnrpo_losses, dpo_losses = _losses(run / "main"), _losses(dpo_dir)

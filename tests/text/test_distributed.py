@@ -17,7 +17,7 @@ def test_two_process_training_and_exact_resume(tiny_model_dir, tmp_path):
     config = {
         "model": {"name_or_path": str(tiny_model_dir)},
         "data": {"train": str(data)},
-        "objective": {"name": "mdpo", "hyperparameters": {"beta": 0.1}},
+        "objective": {"name": "mdpo", "beta": 0.1},
         "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
         "training": {"batch_size": 2, "max_steps": 6, "logging_steps": 2, "save_steps": 3, "learning_rate": 1e-3,
                      "progress_bar": False, "plot": False, "num_threads": 1, "save_total_limit": None},

@@ -49,7 +49,7 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
         summary = mmalign.text.train({
             "model": {"name_or_path": str(directory)},
             "data": {"train": train_file},
-            "objective": {"name": "dpo", "hyperparameters": {"beta": 0.1}},
+            "objective": {"name": "dpo", "beta": 0.1},
             "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0,
                      "target_modules": GPT2_TARGETS if layout == "gpt2" else LLAMA_TARGETS},
             "training": {"batch_size": 4, "max_steps": 2, "logging_steps": 1, "progress_bar": False, "plot": False,

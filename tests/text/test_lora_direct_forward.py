@@ -121,7 +121,7 @@ def test_training_losses_match_peft_forward(tiny_model_dir, tmp_path):
         summary = mmalign.text.train({
             "model": {"name_or_path": str(tiny_model_dir)},
             "data": {"train": train_file},
-            "objective": {"name": "dpo", "hyperparameters": {"beta": 0.1}},
+            "objective": {"name": "dpo", "beta": 0.1},
             "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0, "direct_forward": direct},
             "training": {"batch_size": 4, "max_steps": 4, "logging_steps": 1, "learning_rate": 5e-3,
                          "lr_scheduler": "constant", "progress_bar": False, "plot": False, "num_threads": 1},

@@ -132,7 +132,7 @@ def test_shared_prompt_sampler_matches_per_sequence_scoring(tiny_model_dir):
 
 def test_lora_uses_the_adapter_disabled_reference(tiny_model_dir, prompt_file, tmp_path):
     cfg = _config(tiny_model_dir, prompt_file, tmp_path / "lora", lora={"enabled": True, "r": 4, "dropout": 0.0},
-                  algorithm={"name": "group", "objective": {"name": "mipo", "hyperparameters": {"beta": 0.1}}},
+                  algorithm={"name": "group", "objective": {"name": "mipo", "beta": 0.1}},
                   heldout_reward=[{"kind": "length"}], training={"max_steps": 3, "plot": True})
     summary = mmalign.text.online(cfg)
     rows = _rows(tmp_path / "lora")
@@ -214,7 +214,7 @@ def test_prompt_longer_than_the_context_is_refused(tiny_model_dir, tmp_path):
 
 def test_pairwise_objective_needs_single_member_groups(tiny_model_dir, prompt_file, tmp_path):
     cfg = _config(tiny_model_dir, prompt_file, tmp_path / "out",
-                  algorithm={"name": "group", "objective": {"name": "dpo", "hyperparameters": {"beta": 0.1}}})
+                  algorithm={"name": "group", "objective": {"name": "dpo", "beta": 0.1}})
     with pytest.raises(ValueError, match="pairwise: set group_size: 1"):
         mmalign.text.online(cfg)
     cfg["algorithm"]["group_size"] = 1

@@ -71,7 +71,7 @@ def test_training_with_redraw_resumes_exactly_across_epochs(tiny_model_dir, tmp_
     data = str(write_jsonl(tmp_path / "pools.jsonl", _pool_rows()))
     cfg = run_config(tiny_model_dir, data, tmp_path / "full",
                      data={"redraw_members": 3},
-                     objective={"name": "mipo", "hyperparameters": {"beta": 0.1}},
+                     objective={"name": "mipo", "beta": 0.1},
                      lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
                      reference={"mode": "precomputed"},
                      training={"max_steps": 6, "num_epochs": 3, "save_steps": 3, "logging_steps": 1,

@@ -63,7 +63,7 @@ def test_sft_objective_in_the_preference_trainer_is_the_per_token_nll(tiny_model
     model = build_tiny_causal_lm(tokenizer=tiny_tokenizer, seed=1)
     loss_fn = PreferenceLoss(objective("sft"), PolicyReference())
     loss = loss_fn(model, batch).loss
-    policy_chosen = loss_fn.log_likelihoods(model, batch)["policy_chosen"].squeeze(-1)
+    policy_chosen = loss_fn.log_likelihoods(model, batch).policy_chosen.squeeze(-1)
     lengths = batch["chosen_lengths"].squeeze(-1)
     assert not torch.equal(lengths, torch.ones_like(lengths))
     torch.testing.assert_close(loss, (-policy_chosen / lengths).mean())

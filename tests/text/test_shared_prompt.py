@@ -103,7 +103,7 @@ def _config(model_dir, train, out, share_prompt):
     return {
         "model": {"name_or_path": str(model_dir)},
         "data": {"train": train},
-        "objective": {"name": "mdpo", "hyperparameters": {"beta": 0.1}},
+        "objective": {"name": "mdpo", "beta": 0.1},
         "training": {"batch_size": 4, "max_steps": 4, "logging_steps": 1, "learning_rate": 2e-3,
                      "lr_scheduler": "constant", "progress_bar": False, "plot": False, "num_threads": 1,
                      "share_prompt": share_prompt},

@@ -113,11 +113,11 @@ def test_code_hooks_are_named_in_help_and_refused_outside_the_allow_list(tmp_pat
 
     assert "[CODE HOOK" in config_help(ImageTrainConfig).split("model.text_conditioner")[1].split("\n")[0]
     assert "[CODE HOOK" in config_help(EvaluateConfig).split("judge (")[1].split("\n")[0]
-    base = {"model": {"pretrained": "x"}, "data": {"path": "y"}}
+    base = {"model": {"name_or_path": "x"}, "data": {"train": "y"}}
     with pytest.raises(ConfigError, match=r"model.text_conditioner: 'os:system' would import and run code from "
                                           r"module 'os'.*model.allow_code_hooks: true"):
-        load_config(ImageTrainConfig, {**base, "model": {"pretrained": "x", "text_conditioner": "os:system"}})
-    load_config(ImageTrainConfig, {**base, "model": {"pretrained": "x", "text_conditioner": "os:system",
+        load_config(ImageTrainConfig, {**base, "model": {"name_or_path": "x", "text_conditioner": "os:system"}})
+    load_config(ImageTrainConfig, {**base, "model": {"name_or_path": "x", "text_conditioner": "os:system",
                                                      "allow_code_hooks": True}})
     with pytest.raises(ConfigError, match="judge: 'subprocess:run' would import"):
         load_config(EvaluateConfig, {"model": "m", "prompts": "p.jsonl", "judge": "subprocess:run"})

@@ -54,7 +54,7 @@ def test_every_objective_moves_the_margin(name, tiny_model_dir, data_files, tmp_
     kind = "groups" if name in ("mdpo", "mipo") else "pairs"
     cfg = run_config(tiny_model_dir, data_files[kind], tmp_path / name,
                      data={"eval": data_files[kind]},
-                     objective={"name": name, "hyperparameters": OBJECTIVES[name]})
+                     objective={"name": name, **OBJECTIVES[name]})
     summary = mmalign.text.train(cfg)
     metrics = summary["metrics"]
     # Before any update the policy equals the reference (margin 0); after 4 steps it prefers the chosen answers.
@@ -95,7 +95,7 @@ def test_precomputed_reference_removes_the_reference_forward(tiny_model_dir, dat
         return original(self, policy, batch)
 
     monkeypatch.setattr(text_models.FrozenModelReference, "__call__", counting)
-    common = dict(objective={"name": "dpo", "hyperparameters": {"beta": 0.1}}, training={"max_steps": 3})
+    common = dict(objective={"name": "dpo", "beta": 0.1}, training={"max_steps": 3})
     live = mmalign.text.train(run_config(tiny_model_dir, data_files["hh"], tmp_path / "live",
                                          reference={"mode": "model"}, **common))
     assert calls["reference"] == 3
@@ -116,7 +116,7 @@ def test_text_resume_is_exact(tiny_model_dir, data_files, tmp_path):
     import shutil
 
     cfg = run_config(tiny_model_dir, data_files["groups"], tmp_path / "full",
-                     objective={"name": "mdpo", "hyperparameters": {"beta": 0.1}},
+                     objective={"name": "mdpo", "beta": 0.1},
                      lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.1},
                      training={"max_steps": 4, "save_steps": 2, "logging_steps": 1, "save_total_limit": None})
     full = mmalign.text.train(cfg)
@@ -157,14 +157,14 @@ def test_config_errors_name_file_key_and_allowed(tmp_path, data_files):
     path.write_text("model: {name_or_path: x}\ndata: {train: y}\nobjective: {name: dop}\n")
     with pytest.raises(ConfigError, match=r"objective.name: invalid value 'dop'; expected one of .*dpo"):
         load_config(TextTrainConfig, path)
-    path.write_text("model: {name_or_path: x}\ndata: {train: y}\nobjective: {name: fdpo, hyperparameters: {beta: 0.1, divergence: tv}}\n")
-    with pytest.raises(ConfigError, match=r"run.yaml: objective.hyperparameters: fdpo: divergence 'tv' is not admissible"):
+    path.write_text("model: {name_or_path: x}\ndata: {train: y}\nobjective: {name: fdpo, beta: 0.1, divergence: tv}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: objective: fdpo: divergence 'tv' is not admissible"):
         load_config(TextTrainConfig, path)
     path.write_text("data: {train: y}\n")
-    with pytest.raises(ConfigError, match=r"run.yaml: model: required key is missing"):
-        load_config(TextTrainConfig, path)
+    with pytest.raises(ConfigError, match=r"model.name_or_path: required; set it in the config or pass model=..."):
+        mmalign.text.train(path)
     cfg = load_config(TextTrainConfig, {"model": {"name_or_path": "x"}, "data": {"train": "y"}},
-                      ["training.learning_rate=1e-5", "objective.hyperparameters.beta=0.5", "lora.target_modules=[q_proj,v_proj]"])
+                      ["training.learning_rate=1e-5", "objective.beta=0.5", "lora.target_modules=[q_proj,v_proj]"])
     assert cfg.training.learning_rate == 1e-5 and cfg.objective.hyperparameters == {"beta": 0.5}
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match=r"training.batch_size: invalid value 'four'; expected an integer"):
@@ -180,7 +180,8 @@ def test_cli_help_and_run(tiny_model_dir, tmp_path, capsys, monkeypatch):
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for needle in ("--config", "--set KEY=VALUE", "--resume", "training.learning_rate (a number, default 5e-07)",
-                   "reference.mode", "objective.hyperparameters", "data.format"):
+                   "reference.mode", "objective.<hyperparameter>", "data.format", "training.resume_from_checkpoint",
+                   "usage: python -m mmalign.text.train", "--print-config"):
         assert needle in help_text, needle
     shared_hh = ROOT.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
     if not shared_hh.exists():
@@ -206,10 +207,10 @@ def test_numeric_columns_reach_objective_extra_inputs(tiny_model_dir, tmp_path):
         row["bins"] = [i % 2, (i + 1) % 2]
     path = write_jsonl(tmp_path / "bins.jsonl", rows)
     summary = mmalign.text.train(run_config(tiny_model_dir, str(path), tmp_path / "causal",
-                                            objective={"name": "causal_dpo", "hyperparameters": {"beta": 0.1}},
+                                            objective={"name": "causal_dpo", "beta": 0.1},
                                             training={"batch_size": 8, "max_steps": 1, "logging_steps": 1}))
     assert summary["metrics"]["mmd/bins_used"] == 2.0
     del rows[0]["bins"]
     with pytest.raises(ValueError, match=r"needs input\(s\) \['bins'\]"):
         mmalign.text.train(run_config(tiny_model_dir, str(write_jsonl(tmp_path / "nobins.jsonl", rows[:1])),
-                                      tmp_path / "x", objective={"name": "causal_dpo", "hyperparameters": {"beta": 0.1}}))
+                                      tmp_path / "x", objective={"name": "causal_dpo", "beta": 0.1}))

@@ -16,9 +16,9 @@ logger = logging.getLogger("mmalign.image")
 
 def resolve_family(model_config) -> str:
     """``model.family`` or, for ``auto``, the detected family; a configured family must match the folder."""
-    detected = detect_family(model_config.pretrained, revision=model_config.revision)
+    detected = detect_family(model_config.name_or_path, revision=model_config.revision)
     if model_config.family not in ("auto", detected):
-        raise ValueError(f"model.family is {model_config.family!r} but {model_config.pretrained!r} is a "
+        raise ValueError(f"model.family is {model_config.family!r} but {model_config.name_or_path!r} is a "
                          f"{detected!r} pipeline")
     return detected
 
@@ -38,10 +38,10 @@ def build_family_model(config, *, triggers=(), trigger_mode: str = "append") -> 
                          "processors (torch SDPA); use auto or sdpa")
     if model_config.text_conditioner:
         raise ValueError(f"model.text_conditioner is for sd pipelines; {family.name} uses its own text encoders")
-    index = dict(DiffusionPipeline.load_config(model_config.pretrained, revision=model_config.revision))
+    index = dict(DiffusionPipeline.load_config(model_config.name_or_path, revision=model_config.revision))
     components = load_family_components(
-        family, model_config.pretrained, index, revision=model_config.revision, variant=model_config.variant,
-        weights_dtype=model_config.weights_dtype, frozen_dtype=model_config.frozen_dtype, vae_path=model_config.vae,
+        family, model_config.name_or_path, index, revision=model_config.revision, variant=model_config.variant,
+        weights_dtype=model_config.weights_dtype, frozen_dtype=model_config.dtype, vae_path=model_config.vae,
         use_t5=model_config.use_t5, max_sequence_length=model_config.max_sequence_length,
         prediction_type=model_config.prediction_type)
     if family.name == "flux" and not model_config.use_t5:
@@ -52,7 +52,7 @@ def build_family_model(config, *, triggers=(), trigger_mode: str = "append") -> 
         features.append(enable_gradient_checkpointing(backbone))
     if model_config.vae_tiling:
         features.append(enable_vae_tiling(components.vae))
-    reference = apply_finetuning(backbone, model_config)
+    reference = apply_finetuning(backbone, config.lora)
     if reference is None and model_config.weights_dtype != "float32":
         features.append(f"{model_config.weights_dtype}_weights_fp32_lora")
     policy = None
@@ -78,7 +78,7 @@ def build_family_model(config, *, triggers=(), trigger_mode: str = "append") -> 
         trigger_policy=policy, timestep_range=timestep_range, latent_sampling=diffusion.latent_sampling,
         vae_batch_size=diffusion.vae_batch_size)
     model.memory_features = features
-    logger.info("%s pipeline %s; memory features: %s", family.name, model_config.pretrained, features or "none")
+    logger.info("%s pipeline %s; memory features: %s", family.name, model_config.name_or_path, features or "none")
     return model
 
 

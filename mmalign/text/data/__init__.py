@@ -4,10 +4,10 @@ the response, the tokenised dataset), ``collation`` (pairs and ragged groups int
 :func:`load_preference_dataset`, which chains them. See ``schema`` for the supported row schemas."""
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 from mmalign.text.data.collation import PreferenceCollator, batch_response_ids, batch_to_device
-from mmalign.text.data.files import Rows, load_rows
+from mmalign.text.data.files import Rows, in_memory_rows, load_rows
 from mmalign.text.data.prompts import HH_ASSISTANT, HH_HUMAN, as_messages, hh_prompt_to_messages, render_prompt, split_hh_dialogue
 from mmalign.text.data.schema import PreferenceExample, detect_format, parse_preference_rows
 from mmalign.text.data.tokenization import PreferenceTokenizer, TokenizedPreferenceDataset, truncate_pair, truncate_prompt
@@ -15,14 +15,14 @@ from mmalign.text.data.tokenization import PreferenceTokenizer, TokenizedPrefere
 __all__ = [
     "HH_ASSISTANT", "HH_HUMAN",
     "batch_response_ids", "batch_to_device", "PreferenceExample", "Rows", "load_rows", "detect_format",
-    "parse_preference_rows", "split_hh_dialogue", "hh_prompt_to_messages", "as_messages", "render_prompt",
+    "parse_preference_rows", "in_memory_rows", "split_hh_dialogue", "hh_prompt_to_messages", "as_messages", "render_prompt",
     "truncate_prompt", "truncate_pair", "PreferenceTokenizer", "TokenizedPreferenceDataset", "PreferenceCollator",
     "load_preference_dataset",
 ]
 
 
 def load_preference_dataset(
-    source: str,
+    source: Any,
     tokenizer,
     *,
     split: str = "train",
@@ -37,10 +37,12 @@ def load_preference_dataset(
     on_invalid: Literal["error", "skip"] = "error",
     transform_examples: Optional[Callable[[list, Rows], list]] = None,
     refuse_identical: bool = True,
+    name: Optional[str] = None,
 ) -> TokenizedPreferenceDataset:
-    """load_rows -> parse_preference_rows (validates every row) -> PreferenceTokenizer, in one call.
+    """load_rows (a path, or in-memory data: a Dataset, DatasetDict or list of dicts) -> parse_preference_rows (validates every row) -> PreferenceTokenizer, in one call.
     ``transform_examples(examples, rows)``, if given, returns the examples to tokenise (e.g. with bins attached)."""
-    rows = load_rows(source, split=split, subset=subset, max_samples=max_samples)
+    rows = load_rows(source, split=split, subset=subset, max_samples=max_samples, name=name)
+    source = rows.source  # a file name, or e.g. "train_dataset (Dataset)" for in-memory data
     examples, detected = parse_preference_rows(rows, fmt=fmt, source=source, on_invalid=on_invalid,
                                                refuse_identical=refuse_identical)
     if transform_examples is not None:

@@ -8,12 +8,13 @@ import itertools
 import json
 import lzma
 import numbers
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from mmalign.io import locate_non_utf8
 
-__all__ = ["Rows", "load_rows", "value_kind", "short_repr"]
+__all__ = ["Rows", "load_rows", "in_memory_rows", "value_kind", "short_repr"]
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
@@ -58,15 +59,46 @@ def _local_builder(path: Path) -> Optional[str]:
     return LOCAL_BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def load_rows(source: str, *, split: str = "train", subset: Optional[str] = None, max_samples: Optional[int] = None) -> Rows:
+def in_memory_rows(data: Any, *, split: str = "train", max_samples: Optional[int] = None,
+                   name: str = "dataset") -> Rows:
+    """Rows of an in-memory dataset: a ``datasets.Dataset``, a ``DatasetDict`` (its ``split``), :class:`Rows` or a
+    list of dicts. ``name`` (e.g. ``"train_dataset"``) names the source in errors, as a file name would."""
+    if isinstance(data, Rows):
+        rows = list(data)
+    elif isinstance(data, Mapping) and all(hasattr(v, "column_names") for v in data.values()):  # DatasetDict
+        if split not in data:
+            raise ValueError(f"{name}: no split {split!r}; available: {', '.join(map(str, data))}")
+        return in_memory_rows(data[split], max_samples=max_samples, name=f"{name}[{split!r}]")
+    elif hasattr(data, "column_names") and hasattr(data, "to_list"):  # datasets.Dataset
+        if max_samples is not None and len(data) > max_samples:
+            data = data.select(range(max_samples))
+        rows = data.to_list()
+    elif isinstance(data, (list, tuple)):
+        rows = list(data)
+    else:
+        raise ValueError(f"{name}: expected a file or folder path, a datasets.Dataset or DatasetDict, or a list of "
+                         f"dicts; got {type(data).__name__}")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"{name}: row {number}: expected a mapping of column -> value, got {value_kind(row)}")
+    rows = [dict(row) for row in rows[:max_samples]]
+    return Rows(rows, f"{name} ({type(data).__name__})" if not isinstance(data, Rows) else name)
+
+
+def load_rows(source: Any, *, split: str = "train", subset: Optional[str] = None, max_samples: Optional[int] = None,
+              name: Optional[str] = None) -> Rows:
     """The rows of a local file, a dataset folder or a hub dataset split, as :class:`Rows`; with ``max_samples``,
-    only the first ``max_samples`` rows.
+    only the first ``max_samples`` rows. In-memory data (a ``Dataset``, ``DatasetDict``, list of dicts) goes
+    through :func:`in_memory_rows` (``name`` names it in errors).
 
     Local ``.json`` / ``.jsonl`` files (optionally ``.gz``, ``.bz2`` or ``.xz``) are read with the ``json`` module
     (layouts: :func:`_read_json_rows`), without importing ``datasets`` (which brings pyarrow and pandas, ~100 MiB
     of RSS). ``datasets`` reads the rest: Parquet, CSV, ``.zst`` files, ``save_to_disk`` or data-file folders
     (``split``), hub names (``subset``, ``split``).
     """
+    if not isinstance(source, (str, os.PathLike)):
+        return in_memory_rows(source, split=split, max_samples=max_samples, name=name or "dataset")
+    source = str(source)
     path = Path(source).expanduser()
     if path.is_file():
         builder = _local_builder(path)

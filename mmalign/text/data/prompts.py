@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["HH_HUMAN", "HH_ASSISTANT", "split_hh_dialogue", "hh_prompt_to_messages", "as_messages", "render_prompt"]
+__all__ = ["HH_HUMAN", "HH_ASSISTANT", "split_implicit_prompt", "split_hh_dialogue", "hh_prompt_to_messages", "as_messages", "render_prompt"]
 
 HH_HUMAN = "\n\nHuman:"
 HH_ASSISTANT = "\n\nAssistant:"
@@ -35,6 +35,26 @@ def split_hh_dialogue(
         raise ValueError(f"{context}no '\\n\\nAssistant:' turn")
     cut = index + len(HH_ASSISTANT)
     return text[:cut], text[cut:]
+
+
+def split_implicit_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """TRL's implicit-prompt rows: ``{chosen, rejected}`` full texts whose common prefix is the prompt. Returns
+    ``(prompt, chosen response, rejected response)``; a cut just after whitespace moves back one character so
+    the responses keep their leading space (as HH responses do). ValueError when there is no common prefix or a
+    response would be empty."""
+    cut = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        cut += 1
+    if cut > 0 and chosen[cut - 1].isspace():
+        cut -= 1
+    if cut == 0:
+        raise ValueError("chosen and rejected share no prefix, so no prompt can be read from them; give a prompt "
+                         "column")
+    if cut == len(chosen) or cut == len(rejected):
+        raise ValueError("one text is a prefix of the other, so its response would be empty; give a prompt column")
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def hh_prompt_to_messages(prompt: str) -> list[dict[str, str]]:

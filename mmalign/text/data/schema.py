@@ -6,6 +6,8 @@ Supported row schemas (``data.format``; ``auto`` detects it from the first row):
 - ``conversational``: ``{"prompt": [messages], "chosen": [messages], "rejected": [messages]}`` (messages are
   ``{"role", "content"}``), or without ``prompt`` when ``chosen``/``rejected`` are whole conversations that share
   everything before their last assistant message. Rendered with the tokenizer's chat template.
+- ``implicit``: ``{"chosen": str, "rejected": str}`` full texts without HH markers (TRL's implicit-prompt rows): the
+  common prefix is the prompt, the rest the responses.
 - ``hh``: ``{"chosen": str, "rejected": str}`` full Anthropic-HH dialogues ``"\\n\\nHuman: … \\n\\nAssistant: …"``,
   split at the last assistant turn into the shared prompt and the two responses.
 - ``groups``: ``{"prompt": str, "chosen": [str, ...], "rejected": [str, ...]}`` of any (ragged) sizes, for
@@ -26,7 +28,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from mmalign.data_checks import check_identical_responses
 from mmalign.text.data.files import short_repr, value_kind
-from mmalign.text.data.prompts import split_hh_dialogue
+from mmalign.text.data.prompts import HH_ASSISTANT, split_hh_dialogue, split_implicit_prompt
 
 __all__ = ["PreferenceExample", "RowError", "is_messages", "detect_format", "parse_preference_rows"]
 
@@ -70,7 +72,8 @@ def detect_format(row: Mapping[str, Any], source: str = "<data>") -> str:
             return "groups"
     else:
         if isinstance(chosen, str):
-            return "hh"
+            # HH dialogues carry their turns; other full texts are TRL's implicit-prompt rows (common prefix = prompt)
+            return "hh" if HH_ASSISTANT in chosen else "implicit"
         if is_messages(chosen):
             return "conversational"
     raise ValueError(
@@ -142,6 +145,13 @@ def _parse_row(row: Mapping[str, Any], fmt: str) -> tuple[Text, list[Text], list
             )
         # An empty last assistant turn is kept: real HH rows prefer saying nothing (scored as EOS alone).
         return prompt_c, [response_c], [response_r]
+    if fmt == "implicit":
+        chosen, rejected = _text(row, "chosen"), _text(row, "rejected")
+        try:
+            prompt, response_c, response_r = split_implicit_prompt(chosen, rejected)
+        except ValueError as err:
+            raise RowError("rejected", str(err)) from None
+        return prompt, [response_c], [response_r]
     if fmt == "conversational":
         chosen = _messages(row.get("chosen"), "chosen")
         rejected = _messages(row.get("rejected"), "rejected")

@@ -22,7 +22,6 @@ adapter applied.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -31,7 +30,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-from mmalign.config import add_config_arguments, config_from_args, config_help, load_config, save_config
+from mmalign.cli import run_command
+from mmalign.config import load_config, save_config
 from mmalign.io import atomic_write_text
 from mmalign.shared import metrics as M
 from mmalign.text.evaluation.judges import Judge, RewardModelJudge, load_judge
@@ -231,20 +231,16 @@ def format_results(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign.text.evaluate",
-        description="Evaluate a causal LM (or a LoRA run's final/ folder): sampled-answer length, diversity "
-        "(distinct-1/2, self-BLEU), predictive entropy, longer-length ratio and judge win rate vs a baseline, RNG "
-        "uniformity, and preference accuracy + ECE on a pairs test set. Writes results.json and samples.jsonl.",
-        epilog=config_help(EvaluateConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser, config_required=True)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = config_from_args(EvaluateConfig, args)
+def _run(cfg: EvaluateConfig, args) -> int:
     results = evaluate(cfg)
     print(format_results(results))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_command(
+        prog="python -m mmalign.text.evaluate", config_cls=EvaluateConfig, run=_run, argv=argv, config_required=True,
+        description="Evaluate a causal LM (or a LoRA run's final/ folder): sampled-answer length, diversity "
+        "(distinct-1/2, self-BLEU), predictive entropy, longer-length ratio and judge win rate vs a baseline, RNG "
+        "uniformity, and preference accuracy + ECE on a pairs test set. Writes results.json and samples.jsonl.")

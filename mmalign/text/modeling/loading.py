@@ -106,7 +106,7 @@ def apply_lora_config(model, lora, *, gradient_checkpointing: bool = False):
     """:func:`apply_lora` with the settings of a ``lora:`` config section (:class:`mmalign.text.config.LoraConfig`);
     under gradient checkpointing the inputs are made to require grad, so the frozen embeddings still pass
     gradients on to the adapters."""
-    model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
+    model = apply_lora(model, r=lora.r, alpha=lora.scale_alpha, dropout=lora.dropout, target_modules=lora.target_modules,
                        initial_adapter=lora.initial_adapter, direct_forward=lora.direct_forward)
     if gradient_checkpointing:
         model.enable_input_require_grads()

@@ -29,7 +29,6 @@ adapter, and the reference is the same model with the adapter disabled, i.e. the
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -39,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 
-from mmalign.config import ConfigError, add_config_arguments, config_help, from_dict, load_config, save_config, to_dict
+from mmalign.cli import run_command
+from mmalign.config import from_dict, load_config, save_config, to_dict
 from mmalign.io import write_jsonl
 from mmalign.shared.triggers import validate_triggers
 from mmalign.text.config import TextTrainConfig
@@ -214,7 +214,7 @@ def run_cnrpo(cfg: CNRPOConfig | Mapping[str, Any] | str | Path, *, stage: Liter
         fmt = _format_of([e for a in auxiliary + anchors for e in a])
         train_file = write_jsonl(work / "bias_train.jsonl", rows)
         stage_cfg = _stage_config(cfg, train_file=train_file, eval_file=None, model_path=sft_path,
-                                  reference_path=sft_path, objective={"name": "dpo", "hyperparameters": {"beta": section.beta}},
+                                  reference_path=sft_path, objective={"name": "dpo", "beta": section.beta},
                                   epochs=section.bias_epochs, learning_rate=section.bias_learning_rate,
                                   output_dir=bias_dir, fmt=fmt)
         logger.info("CNRPO stage 1 (bias learning): %d triggered pairs over %d auxiliary set(s), %d untriggered anchor "
@@ -249,8 +249,7 @@ def run_cnrpo(cfg: CNRPOConfig | Mapping[str, Any] | str | Path, *, stage: Liter
         hook = TriggeredLogprobs(triggered_prompt_ids(list(main_examples) + list(eval_examples), section.triggers,
                                                        policy, encoder), tokenizer.pad_token_id,
                                  max_length=cfg.training.max_length, special_ids=tokenizer.all_special_ids)
-        objective = {"name": "cnrpo", "hyperparameters": {"beta": section.beta, "gamma": section.gamma,
-                                                         "alphas": list(section.alphas)}}
+        objective = {"name": "cnrpo", "beta": section.beta, "gamma": section.gamma, "alphas": list(section.alphas)}
         # Full fine-tuning continues the stage-1 model; LoRA continues the stage-1 adapter on the SFT base.
         stage_cfg = _stage_config(cfg, train_file=train_file, eval_file=eval_file,
                                   model_path=sft_path if cfg.lora.enabled else str(start),
@@ -305,32 +304,24 @@ def load_stage_model(cfg: CNRPOConfig, model_dir: Path, base_model: Optional[str
 # CLI.
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign.text.cnrpo",
-        description="CNRPO (SPEC §4): stage 1 learns each bias behind its trigger (DPO on the triggered auxiliary "
-        "sets), stage 2 optimises the main set with the stop-gradient triggered log-ratios. Writes <output_dir>/bias "
-        "and <output_dir>/main (each a text-trainer run folder). The trigger report after stage 1 is an experiment: "
-        "python -m mmalign_experiments.cnrpo_report.",
-        epilog=config_help(CNRPOConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser, config_required=True)
+def _add_stage(parser) -> None:
     parser.add_argument("--stage", choices=["all", "bias", "main"], default="all",
                         help="run both stages (all), only bias learning, or only the main stage (from bias/final)")
-    return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(CNRPOConfig, args.config, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
+def _run(cfg: CNRPOConfig, args) -> int:
     results = run_cnrpo(cfg, stage=args.stage)
     for name in ("bias", "main"):
         if name in results:
-            print(f"{name}: {results[name]['global_step']} steps, final model {results[name]['final_dir']}")
+            print(f"{name}: {results[name].global_step} steps, final model {results[name].final_dir}")
     return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_command(
+        prog="python -m mmalign.text.cnrpo", config_cls=CNRPOConfig, run=_run, argv=argv, config_required=True,
+        add_arguments=_add_stage,
+        description="CNRPO (SPEC §4): stage 1 learns each bias behind its trigger (DPO on the triggered auxiliary "
+        "sets), stage 2 optimises the main set with the stop-gradient triggered log-ratios. Writes <output_dir>/bias "
+        "and <output_dir>/main (each a text-trainer run folder). The trigger report after stage 1 is an experiment: "
+        "python -m mmalign_experiments.cnrpo_report.")

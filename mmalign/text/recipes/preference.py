@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-import mmalign
+from mmalign.shared.objectives import objective as build_objective
 from mmalign.config import load_config, to_dict
 from mmalign.engine import StepOutput, Trainer
 from mmalign.engine.trainer import fused_adamw_blocker, torch_threads
@@ -32,7 +32,19 @@ from mmalign.text.evaluation.calibration import CalibrationAccumulator
 from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, batch_to_device, load_preference_dataset
 from mmalign.text.modeling.fast_paths import fast_path_report
 from mmalign.text.modeling.logprobs import batch_logprobs, gather_groups
-from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm, load_tokenizer
+from mmalign.engine.preference import preference_step
+from mmalign.engine.result import TrainResult
+from mmalign.shared.records import LogLikelihoods
+from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm
+from mmalign.text.recipes.inputs import (
+    JobInputs,
+    describe_model,
+    is_peft_model,
+    prepare_model_object,
+    require,
+    resolve_tokenizer,
+    split_objects,
+)
 from mmalign.text.modeling.references import AdapterReference, FrozenModelReference, model_fingerprint, precompute_reference_logps, reference_cache_name
 
 __all__ = ["PreferenceLoss", "PolicyReference", "train", "ExtraInputsHook"]
@@ -64,8 +76,9 @@ class PreferenceLoss:
         self.extra_inputs_hook = extra_inputs_hook
         self._input_names = set(getattr(objective, "extra_inputs", ())) | set(getattr(objective, "optional_inputs", ()))
 
-    def log_likelihoods(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Policy and reference log-likelihoods as [B, k] tensors (missing group members hold 0)."""
+    def log_likelihoods(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> LogLikelihoods:
+        """The record the objective consumes: policy and reference response log-likelihoods as [B, k] tensors
+        (missing group members hold 0), the masks of ragged groups, the lengths and extra inputs it needs."""
         if "ref_chosen" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen"], batch["ref_rejected"]
         else:
@@ -75,28 +88,29 @@ class PreferenceLoss:
             ref_chosen = gather_groups(ref, batch["chosen_index"])
             ref_rejected = gather_groups(ref, batch["rejected_index"])
         policy, _ = batch_logprobs(model, batch)
-        return {
-            "policy_chosen": gather_groups(policy, batch["chosen_index"]),
-            "policy_rejected": gather_groups(policy, batch["rejected_index"]),
-            "ref_chosen": ref_chosen,
-            "ref_rejected": ref_rejected,
-        }
-
-    def objective_output(self, model: torch.nn.Module, batch: Mapping[str, Any], inputs: Optional[dict] = None):
-        inputs = dict(inputs) if inputs is not None else self.log_likelihoods(model, batch)
-        if batch.get("ragged"):
-            inputs["chosen_mask"] = batch["chosen_mask"]
-            inputs["rejected_mask"] = batch["rejected_mask"]
-        if self.objective.uses_chosen_lengths:  # per-token NLL (the nll term, sft)
-            inputs["chosen_lengths"] = batch["chosen_lengths"]
+        ragged = bool(batch.get("ragged"))
         extra = {k: v for k, v in batch.get("extra", {}).items() if k in self._input_names}
         if self.extra_inputs_hook is not None:
             extra.update(self.extra_inputs_hook(model, batch))
-        return self.objective(**inputs, **extra)
+        return LogLikelihoods(
+            policy_chosen=gather_groups(policy, batch["chosen_index"]),
+            policy_rejected=gather_groups(policy, batch["rejected_index"]),
+            ref_chosen=ref_chosen,
+            ref_rejected=ref_rejected,
+            chosen_mask=batch["chosen_mask"] if ragged else None,
+            rejected_mask=batch["rejected_mask"] if ragged else None,
+            # per-token NLL (the nll term, sft)
+            chosen_lengths=batch["chosen_lengths"] if self.objective.uses_chosen_lengths else None,
+            extra=extra,
+        )
+
+    def objective_output(self, model: torch.nn.Module, batch: Mapping[str, Any],
+                         record: Optional[LogLikelihoods] = None):
+        record = record if record is not None else self.log_likelihoods(model, batch)
+        return self.objective(**record.objective_inputs())
 
     def __call__(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> StepOutput:
-        out = self.objective_output(model, batch)
-        return StepOutput(loss=out.loss, metrics=out.metric_tensors, num_tokens=batch.get("num_tokens"))
+        return preference_step(self.objective, self.log_likelihoods(model, batch), num_tokens=batch.get("num_tokens"))
 
 
 def _evaluator(trainer: Trainer, loss: PreferenceLoss, dataset: TokenizedPreferenceDataset, collator, batch_size: int):
@@ -111,9 +125,9 @@ def _evaluator(trainer: Trainer, loss: PreferenceLoss, dataset: TokenizedPrefere
         batches = 0
         calibration = CalibrationAccumulator()
         for batch in state["loader"]:
-            inputs = loss.log_likelihoods(model, batch)
-            calibration.add(inputs, batch)
-            out = loss.objective_output(model, batch, inputs)
+            record = loss.log_likelihoods(model, batch)
+            calibration.add(record.objective_inputs(), batch)
+            out = loss.objective_output(model, batch, record)
             for name, value in {"loss": out.loss.detach(), **out.metric_tensors}.items():
                 sums[name] = sums.get(name, 0) + value.float()
             batches += 1
@@ -212,7 +226,7 @@ def _resolve_share_prompt(setting: str, model: torch.nn.Module, dataset: Tokeniz
     return False
 
 
-def _load_datasets(cfg: TextTrainConfig, tokenizer):
+def _load_datasets(cfg: TextTrainConfig, tokenizer, inputs: Optional[JobInputs] = None):
     """(train, eval or None, bins summary or None): the bins summary when ``cfg.bins`` computed the bins."""
     common = dict(
         fmt=cfg.data.format,
@@ -225,17 +239,22 @@ def _load_datasets(cfg: TextTrainConfig, tokenizer):
         on_invalid=cfg.data.on_invalid,
     )
     train_bins: dict = {}
-    transform = _bin_examples(cfg, tokenizer, cfg.data.train, None, train_bins) if cfg.bins is not None else None
-    train_ds = load_preference_dataset(cfg.data.train, tokenizer, split=cfg.data.train_split,
+    inputs = inputs or JobInputs()
+    train_source = inputs.train_dataset if inputs.train_dataset is not None else cfg.data.train
+    train_name = "train_dataset" if inputs.train_dataset is not None else None
+    transform = _bin_examples(cfg, tokenizer, train_name or cfg.data.train, None, train_bins) if cfg.bins is not None else None
+    train_ds = load_preference_dataset(train_source, tokenizer, split=cfg.data.train_split, name=train_name,
                                        max_samples=cfg.data.max_train_samples, transform_examples=transform, **common)
     train_ds = maybe_redraw(train_ds, cfg.data.redraw_members, cfg.training.seed)
     bins = {"spec": to_dict(cfg.bins), "train": train_bins["summary"]} if cfg.bins is not None else None
     eval_ds = None
-    if cfg.data.eval:
+    eval_source = inputs.eval_dataset if inputs.eval_dataset is not None else cfg.data.eval
+    if eval_source is not None:
+        eval_name = "eval_dataset" if inputs.eval_dataset is not None else None
         eval_bins: dict = {}
-        transform = (_bin_examples(cfg, tokenizer, cfg.data.eval, train_bins["assignment"], eval_bins)
+        transform = (_bin_examples(cfg, tokenizer, eval_name or cfg.data.eval, train_bins["assignment"], eval_bins)
                      if cfg.bins is not None else None)
-        eval_ds = load_preference_dataset(cfg.data.eval, tokenizer, split=cfg.data.eval_split,
+        eval_ds = load_preference_dataset(eval_source, tokenizer, split=cfg.data.eval_split, name=eval_name,
                                           max_samples=cfg.data.max_eval_samples, transform_examples=transform, **common)
         if bins is not None:
             bins["eval"] = eval_bins["summary"]
@@ -243,36 +262,50 @@ def _load_datasets(cfg: TextTrainConfig, tokenizer):
 
 
 def train(
-    config: TextTrainConfig | Mapping[str, Any] | str | Path,
+    config: TextTrainConfig | Mapping[str, Any] | str | Path | None = None,
     *,
+    model: Any = None,
+    tokenizer: Any = None,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
     overrides: Optional[list[str]] = None,
     resume_from_checkpoint: Any = None,
     extra_inputs_hook: Optional[ExtraInputsHook] = None,
-) -> dict[str, Any]:
-    """Runs a preference-optimisation run; returns the engine's summary (+ ``output_dir``, ``reference_mode``).
+) -> TrainResult:
+    """Runs a preference-optimisation run and returns its :class:`~mmalign.engine.TrainResult`.
 
-    ``config``: a :class:`TextTrainConfig`, a dict or a YAML path; ``overrides``: dotted ``key=value`` strings.
-    All data is loaded and validated before the model is loaded.
+    ``config``: a :class:`TextTrainConfig`, a dict or a YAML path (None: every default); ``overrides``: dotted
+    ``key=value`` strings. ``model``: a ``PreTrainedModel`` or ``PeftModel`` instead of ``model.name_or_path``;
+    ``tokenizer``: a tokenizer object; ``train_dataset`` / ``eval_dataset``: a ``datasets.Dataset``,
+    ``DatasetDict``, ``save_to_disk`` folder or list of dicts instead of ``data.train`` / ``data.eval``, each row
+    validated as a file's rows are. ``resume_from_checkpoint`` overrides ``training.resume_from_checkpoint``.
+    All data is loaded and validated before any model is loaded.
     """
+    config, inputs = split_objects(config, JobInputs(model, tokenizer, train_dataset, eval_dataset))
     cfg = load_config(TextTrainConfig, config, overrides or [])
+    require(cfg.model.name_or_path if inputs.model is None else inputs.model, "model.name_or_path", "model")
+    require(cfg.data.train if inputs.train_dataset is None else inputs.train_dataset, "data.train", "train_dataset")
+    if resume_from_checkpoint is not None:
+        cfg.training.resume_from_checkpoint = resume_from_checkpoint
     with torch_threads(cfg.training.num_threads):
-        return _train(cfg, resume_from_checkpoint, extra_inputs_hook)
+        return _train(cfg, inputs, extra_inputs_hook)
 
 
-def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook: Optional[ExtraInputsHook]) -> dict[str, Any]:
+def _train(cfg: TextTrainConfig, inputs: JobInputs, extra_inputs_hook: Optional[ExtraInputsHook]) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(cfg.training.seed)
     from mmalign.hub import check_sources
 
-    check_sources([("model.name_or_path", cfg.model.name_or_path, "model"), ("model.tokenizer", cfg.model.tokenizer,
-                    "model"), ("reference.name_or_path", cfg.reference.name_or_path, "model"),
-                   ("data.train", cfg.data.train, "dataset"), ("data.eval", cfg.data.eval, "dataset")])
-    objective = mmalign.objective(cfg.objective.name, **cfg.objective.hyperparameters)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
-                               chat_template=cfg.model.chat_template, trust_remote_code=cfg.model.trust_remote_code)
-    train_ds, eval_ds, bins = _load_datasets(cfg, tokenizer)
+    check_sources([(key, value, kind) for key, value, kind in (
+        ("model.name_or_path", cfg.model.name_or_path if inputs.model is None else None, "model"),
+        ("model.tokenizer", cfg.model.tokenizer if inputs.tokenizer is None else None, "model"),
+        ("reference.name_or_path", cfg.reference.name_or_path, "model"),
+        ("data.train", cfg.data.train if inputs.train_dataset is None else None, "dataset"),
+        ("data.eval", cfg.data.eval if inputs.eval_dataset is None else None, "dataset")) if value])
+    objective = build_objective(cfg.objective.name, **cfg.objective.hyperparameters)
+    tokenizer = resolve_tokenizer(inputs.tokenizer, cfg.model, inputs.model)
+    train_ds, eval_ds, bins = _load_datasets(cfg, tokenizer, inputs)
     _check_objective_fits_data(objective, cfg, train_ds, extra_inputs_hook)
     logger.info("data: %d training examples (%s)%s", len(train_ds), train_ds.data_format,
                 f", {len(eval_ds)} eval" if eval_ds is not None else "")
@@ -281,8 +314,12 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
 
     load_kwargs = dict(dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
                        trust_remote_code=cfg.model.trust_remote_code, fused_activations=cfg.model.fused_activations)
-    model = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, **load_kwargs)
-    mode = cfg.resolved_reference_mode
+    if inputs.model is not None:
+        model = prepare_model_object(inputs.model, cfg.model)
+    else:
+        model = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, **load_kwargs)
+    already_lora = is_peft_model(model)
+    mode = cfg.resolved_reference_mode if not already_lora or cfg.reference.mode != "auto" else "adapter"
     reference_model = None
     if cfg.reference.name_or_path:
         reference_model = load_causal_lm(cfg.reference.name_or_path, gguf_file=cfg.reference.gguf_file, **load_kwargs)
@@ -291,8 +328,9 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and not already_lora:  # a PeftModel object keeps its own adapters
         model = apply_lora_config(model, cfg.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
+    lora = cfg.lora.enabled or already_lora
 
     # share_prompt is decided once the model sits on its device (see _resolve_share_prompt below)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
@@ -327,13 +365,13 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
     else:  # precomputed: one pass now, cached on disk; the step then runs no reference forward
         if reference_model is not None:
             ref_fn, ref_holder = FrozenModelReference(trainer.prepare_frozen(reference_model)), reference_model
-        elif cfg.lora.enabled:
+        elif lora:
             ref_fn, ref_holder = AdapterReference(model), model
         else:
             ref_fn, ref_holder = PolicyReference(), model
         model.to(trainer.device)
-        adapter_disabled = ref_holder is model and cfg.lora.enabled
-        digest = model_fingerprint(ref_holder, identity=f"{cfg.reference.name_or_path or cfg.model.name_or_path}",
+        adapter_disabled = ref_holder is model and lora
+        digest = model_fingerprint(ref_holder, identity=cfg.reference.name_or_path or describe_model(model, cfg.model),
                                    skip_adapters=adapter_disabled)
         cache_dir = Path(cfg.reference.cache_dir) if cfg.reference.cache_dir else output_dir / "reference_cache"
         settings = {"dtype": cfg.model.dtype, "adapter_disabled": adapter_disabled}
@@ -357,11 +395,9 @@ def _train(cfg: TextTrainConfig, resume_from_checkpoint: Any, extra_inputs_hook:
         atomic_write_text(output_dir / "bins.json", json.dumps(bins, indent=1))
     if eval_ds is not None:
         trainer.evaluate_fn = _evaluator(trainer, loss, eval_ds, collator, cfg.training.batch_size)
-    summary = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    summary["output_dir"] = str(output_dir)
-    summary["reference_mode"] = mode
-    summary["num_train_examples"] = len(train_ds)
-    summary["fast_paths"] = fast_paths.as_dict()
+    summary = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
+    details = {"reference_mode": mode, "num_train_examples": len(train_ds), "share_prompt": collator.share_prompt,
+               "fast_paths": fast_paths.as_dict()}
     if bins is not None:
-        summary["bins"] = bins
-    return summary
+        details["bins"] = bins
+    return TrainResult.from_summary(summary, model=trainer.model, output_dir=output_dir, tokenizer=tokenizer, **details)

@@ -19,7 +19,6 @@ optional probes (``probes: [sycophancy, decisions]``) measure the reward that a 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -27,12 +26,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from mmalign.config import add_config_arguments, config_from_args, config_help
+from mmalign.cli import run_command
+from mmalign.config import ConfigError, load_config
+from mmalign.engine.sections import OLD_DATA_KEYS, OLD_TOP_KEYS
 from mmalign.engine.plots import save_figure
 from mmalign.io import atomic_write_text
 from mmalign.shared.mmd import binned_mmd_penalty
@@ -40,6 +41,7 @@ from mmalign.text.data.reward_rows import load_reward_rows
 from mmalign.text.data.bins import BinSpec, assign_bins
 from mmalign.text.config import LoraConfig, ModelConfig, TextTrainingConfig
 from mmalign.text.modeling.reward_model import pad_sequences, render_pair, reward_forward
+from mmalign.text.recipes.inputs import JobInputs, is_peft_model, require, resolve_tokenizer, split_objects
 from mmalign.text.evaluation.reward_probes import RewardScorer, decision_probe, evaluate_reward_model, sycophancy_probe
 
 __all__ = [
@@ -67,8 +69,12 @@ PROBES = ("sycophancy", "decisions")
 
 @dataclass
 class RewardDataConfig:
-    train: str = field(metadata={"help": "training pairs: .jsonl(.gz) {prompt, chosen, rejected} (or HH dialogues "
-                                 "{chosen, rejected}), or a hub dataset name"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_DATA_KEYS
+
+    train: Optional[str] = field(
+        default=None, metadata={"help": "training pairs: .jsonl(.gz) {prompt, chosen, rejected} (or HH dialogues "
+                                        "{chosen, rejected}), a dataset folder or a hub dataset name; may be omitted "
+                                        "when the call passes train_dataset=..."})
     eval: Optional[str] = field(default=None, metadata={"help": "held-out pairs for the report; null = none"})
     train_split: str = field(default="train", metadata={"help": "split of a hub dataset"})
     eval_split: str = field(default="test", metadata={"help": "split of the hub eval dataset"})
@@ -97,8 +103,11 @@ class CRMConfig:
 class RewardTrainConfig:
     """A reward-model run (vanilla or causal)."""
 
-    model: ModelConfig = field(metadata={"help": "the backbone (loaded as AutoModelForSequenceClassification, 1 label)"})
-    data: RewardDataConfig = field(metadata={"help": "pairs"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_TOP_KEYS
+
+    model: ModelConfig = field(default_factory=ModelConfig,
+                               metadata={"help": "the backbone (loaded as AutoModelForSequenceClassification, 1 label)"})
+    data: RewardDataConfig = field(default_factory=RewardDataConfig, metadata={"help": "pairs"})
     bins: Optional[BinSpec] = field(default=None, metadata={"help": "bins of the spurious factor; null = no penalty"})
     crm: CRMConfig = field(default_factory=CRMConfig, metadata={"help": "the MMD penalty"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "optional LoRA adapters (score head trains fully)"})
@@ -199,10 +208,17 @@ def crm_loss(
     return loss, metrics
 
 
-def _load_model(cfg: RewardTrainConfig):
+def _load_model(cfg: RewardTrainConfig, inputs: JobInputs):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     m = cfg.model
+    if inputs.model is not None:
+        model = inputs.model
+        if getattr(getattr(model, "config", None), "num_labels", None) != 1:
+            raise ConfigError("model: a reward model object must be a sequence classifier with num_labels=1")
+        tokenizer = resolve_tokenizer(inputs.tokenizer, m, model)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return _finish_model(cfg, model.train()), tokenizer
     kwargs: dict[str, Any] = {"num_labels": 1, "trust_remote_code": m.trust_remote_code}
     if m.gguf_file:
         kwargs["gguf_file"] = m.gguf_file
@@ -217,18 +233,23 @@ def _load_model(cfg: RewardTrainConfig):
     tokenizer.padding_side = "right"
     model = AutoModelForSequenceClassification.from_pretrained(os.path.expanduser(m.name_or_path), **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.lora.enabled:
+    return _finish_model(cfg, model), tokenizer
+
+
+def _finish_model(cfg: RewardTrainConfig, model):
+    """LoRA (unless the object already has adapters), frozen lower layers, gradient checkpointing."""
+    if cfg.lora.enabled and not is_peft_model(model):
         from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
 
         model = get_peft_model(model, PeftLoraConfig(
-            task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+            task_type=TaskType.SEQ_CLS, r=cfg.lora.r, lora_alpha=cfg.lora.scale_alpha, lora_dropout=cfg.lora.dropout,
             target_modules=cfg.lora.target_modules,
         ))
     if cfg.trainable_top_layers is not None:
         _freeze_below_top_layers(model, cfg.trainable_top_layers)
-    if m.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model, tokenizer
+    return model
 
 
 def _freeze_below_top_layers(model, n_top: int) -> None:
@@ -271,33 +292,47 @@ def _plot_per_bin(report: Mapping[str, Any], path: Path) -> Optional[Path]:
     return save_figure(fig, path, dpi=120)
 
 
-def train_reward_model(cfg: RewardTrainConfig) -> dict[str, Any]:
-    """Trains, saves ``<output_dir>/final`` and writes ``reward_report.json`` (+ ``reward_per_bin.png``).
+def train_reward_model(config: RewardTrainConfig | Mapping[str, Any] | str | Path | None = None, *,
+                       model: Any = None, tokenizer: Any = None, train_dataset: Any = None,
+                       eval_dataset: Any = None) -> dict[str, Any]:
+    """Trains, saves ``<output_dir>/final`` and writes ``reward_report.json`` (+ ``reward_per_bin.png``); returns
+    the report (``report["model"]``: the trained model). Objects as in :func:`mmalign.text.train`: ``model`` an
+    ``AutoModelForSequenceClassification`` with one label, ``tokenizer``, in-memory pair datasets.
     ``training.num_threads`` holds for the whole run (data, training, probes) and is restored afterwards."""
     from mmalign.engine.trainer import torch_threads
 
+    config, inputs = split_objects(config, JobInputs(model, tokenizer, train_dataset, eval_dataset))
+    cfg = load_config(RewardTrainConfig, config)
+    require(cfg.model.name_or_path if inputs.model is None else inputs.model, "model.name_or_path", "model")
+    require(cfg.data.train if inputs.train_dataset is None else inputs.train_dataset, "data.train", "train_dataset")
     with torch_threads(cfg.training.num_threads):
-        return _train_reward_model(cfg)
+        return _train_reward_model(cfg, inputs)
 
 
-def _train_reward_model(cfg: RewardTrainConfig) -> dict[str, Any]:
+def _rows(cfg: RewardTrainConfig, given: Any, path: Optional[str], split: str, limit: Optional[int], name: str):
+    if given is not None:
+        return load_reward_rows(given, split=split, max_samples=limit, name=name)
+    return load_reward_rows(path, split=split, max_samples=limit) if path else []
+
+
+def _train_reward_model(cfg: RewardTrainConfig, inputs: JobInputs) -> dict[str, Any]:
     from mmalign.engine import StepOutput, Trainer
 
     output_dir = Path(cfg.output_dir)
-    train_rows = load_reward_rows(cfg.data.train, split=cfg.data.train_split, max_samples=cfg.data.max_train_samples)
-    eval_rows = (load_reward_rows(cfg.data.eval, split=cfg.data.eval_split, max_samples=cfg.data.max_eval_samples)
-                 if cfg.data.eval else [])
+    d = cfg.data
+    train_rows = _rows(cfg, inputs.train_dataset, d.train, d.train_split, d.max_train_samples, "train_dataset")
+    eval_rows = _rows(cfg, inputs.eval_dataset, d.eval, d.eval_split, d.max_eval_samples, "eval_dataset")
     torch.manual_seed(cfg.training.seed)  # the score head is initialised at random
-    model, tokenizer = _load_model(cfg)
+    model, tokenizer = _load_model(cfg, inputs)
     bin_labels: Optional[list[str]] = None
     if cfg.bins is not None:
-        assignment = assign_bins(train_rows, cfg.bins, tokenizer=tokenizer, source=cfg.data.train)
+        assignment = assign_bins(train_rows, cfg.bins, tokenizer=tokenizer, source=cfg.data.train or "train_dataset")
         train_rows, bin_labels = assignment.rows, assignment.labels
         logger.info("bins (%s): %s", cfg.bins.source, assignment.counts())
         if eval_rows:
             eval_rows = assign_bins(eval_rows, cfg.bins, tokenizer=tokenizer, length_edges=assignment.length_edges,
                                     column_labels=assignment.labels if cfg.bins.source == "column" else None,
-                                    source=cfg.data.eval, check_sizes=False).rows
+                                    source=cfg.data.eval or "eval_dataset", check_sizes=False).rows
     max_length = cfg.training.max_length or (cfg.training.max_prompt_length + cfg.training.max_response_length)
     items = _tokenize_pairs(train_rows, tokenizer, use_chat_template=cfg.data.use_chat_template, max_length=max_length)
     scorer = RewardScorer(model, tokenizer, use_chat_template=cfg.data.use_chat_template,
@@ -345,20 +380,15 @@ def _train_reward_model(cfg: RewardTrainConfig) -> dict[str, Any]:
     if "eval" in report:
         _plot_per_bin(report["eval"], output_dir / "reward_per_bin.png")
     logger.info("reward report: %s", json.dumps(report))
-    return report
+    return {**report, "model": model, "tokenizer": tokenizer}
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign.text.reward",
-        description="Train a (causal) reward model: Bradley-Terry + binned MMD penalty (SPEC §5).",
-        epilog=config_help(RewardTrainConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = config_from_args(RewardTrainConfig, args)
+def _run(cfg: RewardTrainConfig, args) -> int:
     report = train_reward_model(cfg)
-    print(json.dumps(report, indent=1))
-    return report
+    print(json.dumps({k: v for k, v in report.items() if k not in ("model", "tokenizer")}, indent=1))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_command(prog="python -m mmalign.text.reward", config_cls=RewardTrainConfig, run=_run, argv=argv,
+                       description="Train a (causal) reward model: Bradley-Terry + binned MMD penalty (SPEC §5).")

@@ -9,15 +9,14 @@ schema of ``mmalign.text.data`` (the first chosen response is the target).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, ClassVar, Literal, Mapping, Optional
 
 import torch
 
-from mmalign.config import ConfigError, add_config_arguments, config_help, load_config, to_dict
+from mmalign.config import load_config
 from mmalign.engine import StepOutput, Trainer
 from mmalign.engine.trainer import torch_threads
 from mmalign.text.config import LoraConfig, ModelConfig, TextTrainingConfig
@@ -30,7 +29,11 @@ from mmalign.text.data import (
     parse_preference_rows,
 )
 from mmalign.text.modeling.logprobs import sequence_logprobs
-from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm, load_tokenizer
+from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm
+from mmalign.text.recipes.inputs import JobInputs, is_peft_model, prepare_model_object, require, resolve_tokenizer, split_objects
+from mmalign.engine.result import TrainResult
+from mmalign.engine.sections import OLD_DATA_KEYS, OLD_TOP_KEYS
+from mmalign.cli import run_command
 
 __all__ = ["SFTDataConfig", "SFTConfig", "parse_sft_rows", "sft_loss", "train", "main"]
 
@@ -39,7 +42,10 @@ logger = logging.getLogger("mmalign.text.recipes.sft")
 
 @dataclass
 class SFTDataConfig:
-    train: str = field(metadata={"help": "training data: a .json/.jsonl(.gz)/.parquet/.csv file, or a hub dataset name"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_DATA_KEYS
+    train: Optional[str] = field(
+        default=None, metadata={"help": "training data: a .json/.jsonl(.gz)/.parquet/.csv file, a dataset folder or a "
+                                        "hub dataset name; may be omitted when the call passes train_dataset=..."})
     train_split: str = field(default="train", metadata={"help": "split of a hub dataset"})
     eval: Optional[str] = field(default=None, metadata={"help": "evaluation data (file or hub name); null = none"})
     eval_split: str = field(default="test", metadata={"help": "split of the hub eval dataset"})
@@ -60,8 +66,10 @@ class SFTDataConfig:
 class SFTConfig:
     """A supervised fine-tuning run."""
 
-    model: ModelConfig = field(metadata={"help": "the model to fine-tune"})
-    data: SFTDataConfig = field(metadata={"help": "prompt/response data"})
+    RENAMED_KEYS: ClassVar[dict[str, str]] = OLD_TOP_KEYS
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the model to fine-tune"})
+    data: SFTDataConfig = field(default_factory=SFTDataConfig, metadata={"help": "prompt/response data"})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "optional LoRA adapters"})
     training: TextTrainingConfig = field(default_factory=TextTrainingConfig, metadata={"help": "optimisation"})
     output_dir: str = field(default="outputs/sft-run", metadata={"help": "run folder (metrics, checkpoints, final/)"})
@@ -129,8 +137,10 @@ def sft_loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> StepOutput:
     return StepOutput(loss=loss, metrics={"nll": loss.detach()}, num_tokens=batch.get("num_tokens"))
 
 
-def _dataset(cfg: SFTConfig, tokenizer, source: str, split: str, max_samples: Optional[int]) -> TokenizedPreferenceDataset:
-    rows = load_rows(source, split=split, subset=cfg.data.subset, max_samples=max_samples)
+def _dataset(cfg: SFTConfig, tokenizer, source: Any, split: str, max_samples: Optional[int],
+             name: Optional[str] = None) -> TokenizedPreferenceDataset:
+    rows = load_rows(source, split=split, subset=cfg.data.subset, max_samples=max_samples, name=name)
+    source = rows.source
     examples = parse_sft_rows(rows, fmt=cfg.data.format, source=source, on_invalid=cfg.data.on_invalid)
     encoder = PreferenceTokenizer(
         tokenizer, max_prompt_length=cfg.training.max_prompt_length,
@@ -143,33 +153,54 @@ def _dataset(cfg: SFTConfig, tokenizer, source: str, split: str, max_samples: Op
         raise ValueError(f"{source}: {err}") from None
 
 
-def train(config: SFTConfig | Mapping[str, Any] | str | Path, *, overrides: Optional[list[str]] = None,
-          resume_from_checkpoint: Any = None) -> dict[str, Any]:
-    """Runs SFT; returns the engine's summary. ``final/`` holds the model (or adapter) + tokenizer + config."""
+def train(config: SFTConfig | Mapping[str, Any] | str | Path | None = None, *, model: Any = None,
+          tokenizer: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
+          overrides: Optional[list[str]] = None, resume_from_checkpoint: Any = None) -> TrainResult:
+    """Runs SFT; returns its :class:`~mmalign.engine.TrainResult`. ``final/`` holds the model (or adapter) +
+    tokenizer + config. Objects as in :func:`mmalign.text.train` (a model, a tokenizer, in-memory datasets)."""
+    config, inputs = split_objects(config, JobInputs(model, tokenizer, train_dataset, eval_dataset))
     cfg = load_config(SFTConfig, config, overrides or [])
+    require(cfg.model.name_or_path if inputs.model is None else inputs.model, "model.name_or_path", "model")
+    require(cfg.data.train if inputs.train_dataset is None else inputs.train_dataset, "data.train", "train_dataset")
+    if resume_from_checkpoint is not None:
+        cfg.training.resume_from_checkpoint = resume_from_checkpoint
     with torch_threads(cfg.training.num_threads):
-        return _train(cfg, resume_from_checkpoint)
+        return _train(cfg, inputs)
 
 
-def _train(cfg: SFTConfig, resume_from_checkpoint: Any) -> dict[str, Any]:
+def _train(cfg: SFTConfig, inputs: JobInputs) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(cfg.training.seed)
     from mmalign.hub import check_sources
 
-    check_sources([("model.name_or_path", cfg.model.name_or_path, "model"),
-                   ("model.tokenizer", cfg.model.tokenizer, "model"), ("data.train", cfg.data.train, "dataset")])
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
-                               gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
-                               chat_template=cfg.model.chat_template, trust_remote_code=cfg.model.trust_remote_code)
-    train_ds = _dataset(cfg, tokenizer, cfg.data.train, cfg.data.train_split, cfg.data.max_train_samples)
-    eval_ds = _dataset(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split, cfg.data.max_eval_samples) if cfg.data.eval else None
-    model = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
-                           attn_implementation=cfg.model.attn_implementation,
-                           trust_remote_code=cfg.model.trust_remote_code, fused_activations=cfg.model.fused_activations)
+    check_sources([(key, value, kind) for key, value, kind in (
+        ("model.name_or_path", cfg.model.name_or_path if inputs.model is None else None, "model"),
+        ("model.tokenizer", cfg.model.tokenizer if inputs.tokenizer is None else None, "model"),
+        ("data.train", cfg.data.train if inputs.train_dataset is None else None, "dataset"),
+        ("data.eval", cfg.data.eval if inputs.eval_dataset is None else None, "dataset")) if value])
+    tokenizer = resolve_tokenizer(inputs.tokenizer, cfg.model, inputs.model)
+    if inputs.train_dataset is not None:
+        train_ds = _dataset(cfg, tokenizer, inputs.train_dataset, cfg.data.train_split, cfg.data.max_train_samples,
+                            name="train_dataset")
+    else:
+        train_ds = _dataset(cfg, tokenizer, cfg.data.train, cfg.data.train_split, cfg.data.max_train_samples)
+    eval_ds = None
+    if inputs.eval_dataset is not None:
+        eval_ds = _dataset(cfg, tokenizer, inputs.eval_dataset, cfg.data.eval_split, cfg.data.max_eval_samples,
+                           name="eval_dataset")
+    elif cfg.data.eval:
+        eval_ds = _dataset(cfg, tokenizer, cfg.data.eval, cfg.data.eval_split, cfg.data.max_eval_samples)
+    if inputs.model is not None:
+        model = prepare_model_object(inputs.model, cfg.model)
+    else:
+        model = load_causal_lm(cfg.model.name_or_path, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
+                               attn_implementation=cfg.model.attn_implementation,
+                               trust_remote_code=cfg.model.trust_remote_code,
+                               fused_activations=cfg.model.fused_activations)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.lora.enabled:
+    if cfg.lora.enabled and not is_peft_model(model):
         model = apply_lora_config(model, cfg.lora, gradient_checkpointing=cfg.model.gradient_checkpointing)
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
 
@@ -199,44 +230,21 @@ def _train(cfg: SFTConfig, resume_from_checkpoint: Any) -> dict[str, Any]:
             return {"loss": nll, "nll": nll}
 
         trainer.evaluate_fn = evaluate
-    summary = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    summary["output_dir"] = str(cfg.output_dir)
-    return summary
+    summary = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
+    return TrainResult.from_summary(summary, model=trainer.model, output_dir=cfg.output_dir, tokenizer=tokenizer)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign.text.sft",
-        description="Supervised fine-tuning of a causal LM on prompt/response rows (response-token NLL). Writes "
-        "metrics.jsonl, metrics.png, checkpoints/ and final/ (model or LoRA adapter + tokenizer + config).",
-        epilog=config_help(SFTConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser)
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="resume from a checkpoint folder, or the latest one in output_dir when no value")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    return parser
+def _run(cfg: SFTConfig, args) -> int:
+    from accelerate import PartialState
+
+    result = train(cfg)
+    if PartialState().is_main_process:  # one summary line per job, not per process
+        print(result.summary_line())
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import yaml
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(SFTConfig, args.config, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
-    if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    summary = train(cfg, resume_from_checkpoint=args.resume)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:  # one summary line per job, not per process
-        return 0
-    print(f"done: {summary['global_step']} steps in {summary['train_runtime_s']:.1f}s; final model: {summary['final_dir']}; "
-          f"loss={summary['metrics'].get('loss', float('nan')):.4g}")
-    return 0
+    return run_command(
+        prog="python -m mmalign.text.sft", config_cls=SFTConfig, run=_run, argv=argv,
+        description="Supervised fine-tuning of a causal LM on prompt/response rows (response-token NLL). Writes "
+        "metrics.jsonl, metrics.png, checkpoints/ and final/ (model or LoRA adapter + tokenizer + config).")
