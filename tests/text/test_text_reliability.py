@@ -129,3 +129,16 @@ def test_code_hooks_are_named_in_help_and_refused_outside_the_allow_list(tmp_pat
     assert callable(hook)
     assert "code hook model.text_conditioner = 'mmalign.image.text_encoders:load_text_encoder': imported " \
            "load_text_encoder from" in caplog.text and "text_encoders.py" in caplog.text
+
+
+def test_the_reward_model_trainer_checks_its_sources_before_loading(tmp_path, monkeypatch):
+    from mmalign.text.recipes.reward import train_reward_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    data = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 4)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"model.name_or_path: 'someone/reward-base'"):
+        train_reward_model({"model": {"name_or_path": "someone/reward-base"}, "data": {"train": str(data)},
+                            "output_dir": str(tmp_path / "rm")})
+    assert time.perf_counter() - start < 5
