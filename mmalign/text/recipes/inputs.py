@@ -16,7 +16,8 @@ import torch
 from mmalign.config import ConfigError
 from mmalign.text.modeling.loading import fuse_activations, load_tokenizer
 
-__all__ = ["JobInputs", "split_objects", "require", "is_peft_model", "resolve_tokenizer", "prepare_model_object"]
+__all__ = ["JobInputs", "split_objects", "require", "is_peft_model", "resolve_tokenizer", "prepare_model_object",
+           "check_job_sources"]
 
 
 @dataclass
@@ -101,3 +102,16 @@ def describe_model(model: Any, model_config) -> str:
     if model_config.name_or_path:
         return str(model_config.name_or_path)
     return getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+
+
+def check_job_sources(cfg: Any, inputs: JobInputs, *extra: tuple[str, Any, str]) -> None:
+    """Checks the model, tokenizer and data sources the config names and no object replaces (and ``extra``
+    ``(key, value, kind)`` ones) before anything loads: offline hub names fail in seconds, naming the key."""
+    from mmalign.hub import check_sources
+
+    given = (("model.name_or_path", cfg.model.name_or_path, inputs.model, "model"),
+             ("model.tokenizer", cfg.model.tokenizer, inputs.tokenizer, "model"),
+             ("data.train", cfg.data.train, inputs.train_dataset, "dataset"),
+             ("data.eval", cfg.data.eval, inputs.eval_dataset, "dataset"))
+    sources = [(key, value, kind) for key, value, obj, kind in given if obj is None and value]
+    check_sources(sources + [(key, value, kind) for key, value, kind in extra if value])

@@ -38,6 +38,7 @@ from mmalign.shared.records import LogLikelihoods
 from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm
 from mmalign.text.recipes.inputs import (
     JobInputs,
+    check_job_sources,
     describe_model,
     is_peft_model,
     prepare_model_object,
@@ -295,14 +296,7 @@ def _train(cfg: TextTrainConfig, inputs: JobInputs, extra_inputs_hook: Optional[
     from accelerate.utils import set_seed
 
     set_seed(cfg.training.seed)
-    from mmalign.hub import check_sources
-
-    check_sources([(key, value, kind) for key, value, kind in (
-        ("model.name_or_path", cfg.model.name_or_path if inputs.model is None else None, "model"),
-        ("model.tokenizer", cfg.model.tokenizer if inputs.tokenizer is None else None, "model"),
-        ("reference.name_or_path", cfg.reference.name_or_path, "model"),
-        ("data.train", cfg.data.train if inputs.train_dataset is None else None, "dataset"),
-        ("data.eval", cfg.data.eval if inputs.eval_dataset is None else None, "dataset")) if value])
+    check_job_sources(cfg, inputs, ("reference.name_or_path", cfg.reference.name_or_path, "model"))
     objective = build_objective(cfg.objective.name, **cfg.objective.hyperparameters)
     tokenizer = resolve_tokenizer(inputs.tokenizer, cfg.model, inputs.model)
     train_ds, eval_ds, bins = _load_datasets(cfg, tokenizer, inputs)

@@ -41,7 +41,9 @@ from mmalign.text.data.reward_rows import load_reward_rows
 from mmalign.text.data.bins import BinSpec, assign_bins
 from mmalign.text.config import LoraConfig, ModelConfig, TextTrainingConfig
 from mmalign.text.modeling.reward_model import pad_sequences, render_pair, reward_forward
-from mmalign.text.recipes.inputs import JobInputs, is_peft_model, require, resolve_tokenizer, split_objects
+from mmalign.text.recipes.inputs import (
+    JobInputs, check_job_sources, is_peft_model, require, resolve_tokenizer, split_objects,
+)
 from mmalign.text.evaluation.reward_probes import RewardScorer, decision_probe, evaluate_reward_model, sycophancy_probe
 
 __all__ = [
@@ -318,15 +320,9 @@ def _rows(cfg: RewardTrainConfig, given: Any, path: Optional[str], split: str, l
 def _train_reward_model(cfg: RewardTrainConfig, inputs: JobInputs) -> dict[str, Any]:
     from mmalign.engine import StepOutput, Trainer
 
-    from mmalign.hub import check_sources
-
+    check_job_sources(cfg, inputs)  # offline: fail in seconds, naming the key
     output_dir = Path(cfg.output_dir)
     d = cfg.data
-    check_sources([(key, value, kind) for key, value, kind in (  # offline: fail in seconds, naming the key
-        ("model.name_or_path", cfg.model.name_or_path if inputs.model is None else None, "model"),
-        ("model.tokenizer", cfg.model.tokenizer if inputs.tokenizer is None else None, "model"),
-        ("data.train", d.train if inputs.train_dataset is None else None, "dataset"),
-        ("data.eval", d.eval if inputs.eval_dataset is None else None, "dataset")) if value])
     train_rows = _rows(cfg, inputs.train_dataset, d.train, d.train_split, d.max_train_samples, "train_dataset")
     eval_rows = _rows(cfg, inputs.eval_dataset, d.eval, d.eval_split, d.max_eval_samples, "eval_dataset")
     torch.manual_seed(cfg.training.seed)  # the score head is initialised at random

@@ -30,7 +30,9 @@ from mmalign.text.data import (
 )
 from mmalign.text.modeling.logprobs import sequence_logprobs
 from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm
-from mmalign.text.recipes.inputs import JobInputs, is_peft_model, prepare_model_object, require, resolve_tokenizer, split_objects
+from mmalign.text.recipes.inputs import (
+    JobInputs, check_job_sources, is_peft_model, prepare_model_object, require, resolve_tokenizer, split_objects,
+)
 from mmalign.engine.result import TrainResult
 from mmalign.engine.sections import OLD_DATA_KEYS, OLD_TOP_KEYS
 from mmalign.cli import run_command
@@ -172,13 +174,7 @@ def _train(cfg: SFTConfig, inputs: JobInputs) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(cfg.training.seed)
-    from mmalign.hub import check_sources
-
-    check_sources([(key, value, kind) for key, value, kind in (
-        ("model.name_or_path", cfg.model.name_or_path if inputs.model is None else None, "model"),
-        ("model.tokenizer", cfg.model.tokenizer if inputs.tokenizer is None else None, "model"),
-        ("data.train", cfg.data.train if inputs.train_dataset is None else None, "dataset"),
-        ("data.eval", cfg.data.eval if inputs.eval_dataset is None else None, "dataset")) if value])
+    check_job_sources(cfg, inputs)
     tokenizer = resolve_tokenizer(inputs.tokenizer, cfg.model, inputs.model)
     if inputs.train_dataset is not None:
         train_ds = _dataset(cfg, tokenizer, inputs.train_dataset, cfg.data.train_split, cfg.data.max_train_samples,
