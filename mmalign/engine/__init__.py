@@ -5,7 +5,11 @@ from mmalign.engine.guards import NonFiniteError
 from mmalign.engine.plots import plot_metrics, read_metrics
 from mmalign.engine.run_identity import RunConflictError
 from mmalign.engine.result import TrainResult
-from mmalign.engine.trainer import EpochSampler, StepOutput, Trainer, find_latest_checkpoint, torch_threads
+from mmalign.engine.run_identity import find_latest_checkpoint
+from mmalign.engine.sampling import EpochSampler
+from mmalign.engine.step import StepOutput
+from mmalign.engine.threads import torch_threads
+from mmalign.engine.trainer import Trainer
 
 __all__ = [
     "TrainingConfig",

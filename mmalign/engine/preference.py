@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from mmalign.engine.trainer import StepOutput
+from mmalign.engine.step import StepOutput
 from mmalign.shared.records import LogLikelihoods
 
 __all__ = ["preference_step"]

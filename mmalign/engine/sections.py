@@ -27,7 +27,7 @@ OLD_TOP_KEYS = {
 def check_objective(name: str, hyperparameters: dict[str, Any], *, key: str = "objective") -> None:
     """Builds the objective once, so an unknown name or a missing / unknown / out-of-range hyperparameter stops the
     config before any model loads."""
-    from mmalign.shared.objectives import available_objectives, objective
+    from mmalign.shared.objectives.registry import available_objectives, objective
 
     names = available_objectives()
     if name not in names:

@@ -11,154 +11,43 @@ device sync per step; metric tensors are summed on device and reduced once per l
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from mmalign.config import save_config, to_dict
 from mmalign.engine import checkpoints as ckpt
-from mmalign.engine.checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE_NAME, CheckpointError
+from mmalign.engine.checkpoints import TRAINER_STATE_NAME
+from mmalign.engine.checkpointing import CheckpointingMixin
 from mmalign.engine.config import TrainingConfig
 from mmalign.engine.faults import fault_point
 from mmalign.engine.guards import NonFiniteGuard
+from mmalign.engine.metric_window import MetricWindow
+from mmalign.engine.optim import fused_adamw_blocker, lr_lambda
 from mmalign.engine.run_identity import clear_checkpoints, find_latest_checkpoint, resolve_run, write_run_id
 from mmalign.engine.plots import DEFAULT_PLOT_KEYS, plot_metrics
 from mmalign.engine.reporting import MetricsWriter, format_metrics, truncate_jsonl
+from mmalign.engine.sampling import EpochSampler
+from mmalign.engine.step import StepOutput
+from mmalign.engine.threads import torch_threads
 
-__all__ = ["StepOutput", "Trainer", "EpochSampler", "find_latest_checkpoint", "torch_threads", "TRAINER_STATE_NAME"]
+# StepOutput, EpochSampler, torch_threads and fused_adamw_blocker live in their own modules; kept importable here.
+__all__ = ["StepOutput", "Trainer", "EpochSampler", "find_latest_checkpoint", "torch_threads", "TRAINER_STATE_NAME",
+           "fused_adamw_blocker"]
 
 logger = logging.getLogger("mmalign.engine")
 
-# parameter dtypes torch's fused AdamW kernel takes (CPU and CUDA)
-_FUSED_ADAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-
-def fused_adamw_blocker(params: Sequence[torch.nn.Parameter]) -> Optional[str]:
-    """Why torch's fused AdamW cannot take ``params`` (None: it can): it needs CPU/CUDA floating-point tensors."""
-    if not params:
-        return "no trainable parameters"
-    odd = sorted({f"{p.device.type}/{str(p.dtype).replace('torch.', '')}" for p in params
-                  if p.device.type not in ("cpu", "cuda") or p.dtype not in _FUSED_ADAM_DTYPES})
-    return f"parameters on {', '.join(odd)} (the fused kernel takes CPU/CUDA floating point)" if odd else None
-
-
-WINDOW_STATE_NAME = "metric_window_{}.json"
 CONSOLE_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm", "learning_rate", "tokens/s")
 
 
-@dataclass
-class StepOutput:
-    """What ``compute_loss`` returns for one micro-batch.
-
-    ``loss`` is the scalar to back-propagate; ``metrics`` are scalars (0-dim tensors preferred: they are averaged
-    on device without a sync); ``num_tokens`` is the number of tokens processed (for tokens/s), a host int.
-    """
-
-    loss: torch.Tensor
-    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
-    num_tokens: Optional[int] = None
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation of the dataset per epoch from ``seed + epoch`` (or the identity when not shuffling).
-
-    Its own generator keeps the data order independent of the global RNG, so resuming mid-epoch replays the
-    same order, and model-side randomness (dropout) never shifts the data order.
-    """
-
-    def __init__(self, num_samples: int, *, seed: int, shuffle: bool = True):
-        self.num_samples = num_samples
-        self.seed = seed
-        self.shuffle = shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_samples))
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
-
-
-class _MetricWindow:
-    """Running sums of metric tensors over a logging window, kept on device (no sync until ``reduce``)."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor | float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, name: str, value: torch.Tensor | float) -> None:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().float()
-        previous = self.sums.get(name)
-        self.sums[name] = value if previous is None else previous + value
-        self.counts[name] = self.counts.get(name, 0) + 1
-
-    def __bool__(self) -> bool:
-        return bool(self.sums)
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "sums": {k: float(v) for k, v in self.sums.items()},
-            "counts": dict(self.counts),
-        }
-
-    def load(self, state: Mapping[str, Any], device: torch.device) -> None:
-        self.sums = {k: torch.tensor(v, device=device) for k, v in state.get("sums", {}).items()}
-        self.counts = dict(state.get("counts", {}))
-
-    def clear(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: Optional[int]):
-    """``torch.set_num_threads(num_threads)`` for the duration of the block (None: leave as is), then restore."""
-    if num_threads is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _lr_lambda(kind: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    def schedule(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
-        if kind == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return schedule
-
-
-class Trainer:
+class Trainer(CheckpointingMixin):
     """Trains ``model`` on ``train_dataset`` with ``compute_loss``; see the module docstring.
 
     Args:
@@ -286,133 +175,6 @@ class Trainer:
             generator=generator,
         )
 
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def _checkpoint_root(self) -> Path:
-        return self.output_dir / "checkpoints"
-
-    def save_checkpoint(self) -> Path:
-        """Writes ``checkpoints/checkpoint-<step>`` atomically (temp folder, manifest last, then a rename that
-        replaces an existing folder of that step only once the new one is complete); see ``checkpoints.py``."""
-        acc = self.accelerator
-        self._guard.check(acc, last_checkpoint=self._last_checkpoint, learning_rate=self.config.learning_rate)
-        root = self._checkpoint_root()
-        final = root / f"{CHECKPOINT_PREFIX}{self.global_step}"
-        tmp = root / f".tmp-{CHECKPOINT_PREFIX}{self.global_step}"
-        if acc.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            model = acc.unwrap_model(self._prepared_model)
-            state = model.state_dict()
-            if self._partial_checkpoint:
-                # frozen weights (a LoRA base model) are reloaded from their source: keep only what trains
-                trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-                state = {k: v for k, v in state.items() if k in trainable}
-            ckpt.save_model_state(state, tmp / ckpt.MODEL_NAME)
-            ckpt.save_optimizer_state(self._optimizer, tmp / ckpt.OPTIMIZER_NAME)
-            ckpt.save_json_state(ckpt.scheduler_state(self._scheduler), tmp / ckpt.SCHEDULER_NAME)
-            if acc.scaler is not None:
-                ckpt.save_json_state(acc.scaler.state_dict(), tmp / ckpt.SCALER_NAME)
-            for index, obj in enumerate(self._registered_states()):
-                ckpt.save_custom_state(obj, tmp / ckpt.CUSTOM_NAME.format(index))
-        fault_point("checkpoint_files", self.global_step)
-        ckpt.save_rng_state(tmp / ckpt.RNG_NAME.format(acc.process_index))
-        # Each process's partial metric window (sums since the last log), so a resume mid-window logs the same
-        # averages as an uninterrupted run.
-        window = {"window": self._window.state(), "window_tokens": self._window_tokens,
-                  "window_steps": self._window_steps}
-        with open(tmp / WINDOW_STATE_NAME.format(acc.process_index), "w") as fh:
-            json.dump(window, fh)
-        # every process writes its own RNG/window state into tmp: all must finish before the main process renames it
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {
-                "global_step": self.global_step,
-                "epoch": self.epoch,
-                "batches_in_epoch": self.batches_in_epoch,
-                "batches_per_epoch": self._batches_per_epoch,
-                "total_steps": self._total_steps,
-                "num_processes": acc.num_processes,
-                "run_id": self.run_id,
-            }
-            with open(tmp / TRAINER_STATE_NAME, "w") as fh:
-                json.dump(state, fh, indent=1)
-            ckpt.write_manifest(tmp, {"run_id": self.run_id, "global_step": self.global_step})
-            fault_point("checkpoint_manifest", self.global_step)
-            ckpt.replace_folder(tmp, final)
-            fault_point("before_rotation", self.global_step)
-            self._rotate_checkpoints()
-        acc.wait_for_everyone()
-        self._last_checkpoint = str(final)
-        return final
-
-    def register_state(self, obj: Any) -> None:
-        """Checkpoints ``obj`` (``state_dict`` / ``load_state_dict`` of tensors and plain values) with the run."""
-        self._extra_states.append(obj)
-
-    def _registered_states(self) -> list:
-        # objects given to accelerate's register_for_checkpointing are kept too, but stored without pickle
-        return self._extra_states + list(getattr(self.accelerator, "_custom_objects", []))
-
-    def _rotate_checkpoints(self) -> None:
-        limit = self.config.save_total_limit
-        if limit is None:
-            return
-        # only this run's checkpoints exist here (run_identity refuses to share a folder)
-        checkpoints = ckpt.list_checkpoints(self._checkpoint_root())
-        for _, path in checkpoints[: max(0, len(checkpoints) - limit)]:
-            (path / ckpt.MANIFEST_NAME).unlink(missing_ok=True)  # first: a folder half deleted is never "complete"
-            fault_point("mid_rotation", self.global_step)
-            shutil.rmtree(path, ignore_errors=True)
-
-    def _load_checkpoint(self, path: Path) -> None:
-        acc = self.accelerator
-        state = ckpt.read_trainer_state(path)
-        if state["batches_per_epoch"] != self._batches_per_epoch:
-            raise ValueError(
-                f"{path}: the checkpoint was written with {state['batches_per_epoch']} batches per epoch, this run has "
-                f"{self._batches_per_epoch}; resume with the same data, batch_size and number of processes"
-            )
-        model = acc.unwrap_model(self._prepared_model)
-        weights = ckpt.load_model_state(path / ckpt.MODEL_NAME)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or (missing and not self._partial_checkpoint):
-            raise CheckpointError(f"{path}: the weights do not fit this model (missing {missing[:5]}, unexpected "
-                                  f"{unexpected[:5]}); resume with the model the checkpoint was written from")
-        ckpt.load_optimizer_state(self._optimizer, path / ckpt.OPTIMIZER_NAME)
-        ckpt.load_scheduler_state(self._scheduler, ckpt.load_json_state(path / ckpt.SCHEDULER_NAME))
-        if acc.scaler is not None and (path / ckpt.SCALER_NAME).exists():
-            acc.scaler.load_state_dict(ckpt.load_json_state(path / ckpt.SCALER_NAME))
-        for index, obj in enumerate(self._registered_states()):
-            custom = path / ckpt.CUSTOM_NAME.format(index)
-            if not custom.is_file():
-                raise CheckpointError(f"{custom}: missing; the checkpoint was written without the state of "
-                                      f"{type(obj).__name__}, so the run cannot resume exactly")
-            ckpt.load_custom_state(obj, custom)
-        rng_file = path / ckpt.RNG_NAME.format(acc.process_index)
-        try:
-            ckpt.load_rng_state(rng_file)
-        except CheckpointError as err:
-            if not self.config.allow_inexact_resume:
-                raise CheckpointError(
-                    f"{err}: the random generator state cannot be restored, so the resumed run would not repeat "
-                    "the uninterrupted one (other dropout masks, noise); resume from another checkpoint, or set "
-                    "training.allow_inexact_resume: true to continue with fresh randomness"
-                ) from None
-            logger.warning("%s; training.allow_inexact_resume: continuing with the current random state (the run "
-                           "will not repeat an uninterrupted one)", err)
-        self.global_step = state["global_step"]
-        self.epoch = state["epoch"]
-        self.batches_in_epoch = state["batches_in_epoch"]
-        window_file = path / WINDOW_STATE_NAME.format(acc.process_index)
-        window = json.loads(window_file.read_text()) if window_file.exists() else {}
-        self._window.load(window.get("window", {}), acc.device)
-        self._window_tokens = window.get("window_tokens", 0)
-        self._window_steps = window.get("window_steps", 0)
-
     # ------------------------------------------------------------------------------------------ logging
     def _flush_window(self, elapsed: float) -> dict[str, float]:
         """Reduces the window's metric sums across processes (one collective, one host sync)."""
@@ -516,14 +278,14 @@ class Trainer:
         self._total_steps = total_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-            _lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps),
+            lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps),
         )
         # Not acc.prepare'd: accelerate would step it num_processes times per step; it is checkpointed explicitly.
         self._prepared_model, self._optimizer, self._scheduler = model, optimizer, scheduler
         self._guard = NonFiniteGuard(acc.device)
         self._last_checkpoint: Optional[str] = None
 
-        self._window = _MetricWindow()
+        self._window = MetricWindow()
         self._window_tokens = 0
         self._window_steps = 0
         self._last_eval_step = -1

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from mmalign.image.conditioning import TextConditioner, split_conditioning
-from mmalign.shared.objectives import masked_mean
+from mmalign.shared.objectives.batch import masked_mean
 from mmalign.shared.records import LogLikelihoods
 
 __all__ = ["DiffusionPreferenceModel", "denoising_errors", "denoising_target", "per_sample_error"]

@@ -172,8 +172,8 @@ def online(config: ImageOnlineConfig | Mapping[str, Any] | str | os.PathLike, *,
 
     from mmalign.config import load_config
     from mmalign.engine import Trainer
-    from mmalign.engine.trainer import torch_threads
-    from mmalign.image.data import collate_groups
+    from mmalign.engine.threads import torch_threads
+    from mmalign.image.data.dataset import collate_groups
     from mmalign.image.training import build_dataset, build_objective, build_preference_model, make_compute_loss, save_trained_unet
     from mmalign.io import atomic_write_text
     from mmalign.rewards import build_reward, score

@@ -94,7 +94,7 @@ def _as_list(value: Any) -> list:
 def load_records(config: ImageTrainConfig, train_dataset: Any = None):
     """The training groups, every row checked, before any model loads: from ``data.train`` or the in-memory
     ``train_dataset`` (a ``Dataset``, ``DatasetDict``, ``save_to_disk`` folder or list of dicts)."""
-    from mmalign.image.data import load_group_records
+    from mmalign.image.data.loading import load_group_records
 
     data = config.data
     source = train_dataset if train_dataset is not None else data.train
@@ -107,7 +107,7 @@ def load_records(config: ImageTrainConfig, train_dataset: Any = None):
 
 def build_dataset(config: ImageTrainConfig, model=None, records=None):
     """Records → :class:`ImagePreferenceDataset`; with ``cache_latents`` every image is VAE-encoded once."""
-    from mmalign.image.data import ImagePreferenceDataset, LatentCache
+    from mmalign.image.data.dataset import ImagePreferenceDataset, LatentCache
 
     data = config.data
     records = load_records(config) if records is None else records
@@ -138,7 +138,7 @@ def build_dataset(config: ImageTrainConfig, model=None, records=None):
 def build_objective(config: ImageTrainConfig, records=None):
     """``mmalign.objective(name, beta=β, **hyperparameters)``, checked against the data (groups, bins, triggers);
     ``records``: the training groups (or a dataset with ``max_group_sizes``)."""
-    from mmalign.shared.objectives import objective as build
+    from mmalign.shared.objectives.registry import objective as build
 
     spec = config.objective
     objective = build(spec.name, **spec.objective_kwargs())
@@ -168,7 +168,7 @@ def make_compute_loss(objective):
     from mmalign.engine import StepOutput
     from mmalign.engine.preference import preference_step
     from mmalign.image.diffusion import denoising_errors
-    from mmalign.shared.objectives import masked_mean
+    from mmalign.shared.objectives.batch import masked_mean
 
     beta = objective.beta
     needs_lengths = objective.uses_chosen_lengths
@@ -271,7 +271,7 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | Non
     :class:`~mmalign.image.diffusion.DiffusionPreferenceModel` (also in ``result.details["preference_model"]``).
     """
     from mmalign.config import ConfigError, load_config
-    from mmalign.engine.trainer import torch_threads
+    from mmalign.engine.threads import torch_threads
 
     config, pipeline, train_dataset = _split_objects(config, pipeline, train_dataset)
     config = load_config(ImageTrainConfig, config, overrides)
@@ -305,7 +305,7 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | Non
 
             prepare_family_training(model, config, dataset)
         output_dir = Path(config.output_dir)
-        from mmalign.image.data import collate_groups
+        from mmalign.image.data.dataset import collate_groups
         from mmalign.image.families.memory import trainer_class
 
         trainer = trainer_class(config.model.optimizer)(

@@ -79,7 +79,7 @@ def _file_problem(handle: BinaryIO, channels: int, convert: bool) -> Optional[st
 
 def image_problem(entry: Any, base_dir: Optional[Path], channels: int, convert: bool) -> Optional[str]:
     """What is wrong with one image entry (path, bytes, HF dict, PIL image, array), or None."""
-    from mmalign.image.data import DatasetCell
+    from mmalign.image.data.records import DatasetCell
 
     if isinstance(entry, DatasetCell):
         entry = entry.resolve()

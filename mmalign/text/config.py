@@ -176,7 +176,7 @@ class TextTrainConfig:
             raise ValueError(f"training.eval_steps: {self.training.eval_steps} does nothing without data.eval; set "
                              "training.eval_steps: 0 or give data.eval")
         if self.bins is not None:
-            from mmalign.shared.objectives import objective as build_objective
+            from mmalign.shared.objectives.registry import objective as build_objective
 
             objective = build_objective(self.objective.name, **self.objective.hyperparameters)
             if "bins" not in getattr(objective, "extra_inputs", ()):

@@ -33,7 +33,7 @@ import torch
 import mmalign
 from mmalign.config import ConfigError, add_config_arguments, config_help, load_config, to_dict
 from mmalign.engine import Trainer
-from mmalign.engine.trainer import torch_threads
+from mmalign.engine.threads import torch_threads
 from mmalign.entrypoints import make_module_callable
 from mmalign.rewards import build_reward, score
 from mmalign.text.data import load_rows, render_prompt, split_hh_dialogue

@@ -27,7 +27,7 @@ import torch
 from mmalign.engine import StepOutput
 from mmalign.rewards import WeightedSum, normalize_per_group, reward_name, score
 from mmalign.shared.divergences import divergence_estimate, divergence_penalty
-from mmalign.shared.objectives import masked_mean
+from mmalign.shared.objectives.batch import masked_mean
 from mmalign.shared.policy_gradient import clipped_policy_loss, form_groups, group_advantages
 from mmalign.text.data import PreferenceCollator, batch_to_device
 from mmalign.text.modeling.logprobs import batch_logprobs, gather_groups

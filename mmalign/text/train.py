@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from mmalign.cli import run_command
 from mmalign.entrypoints import make_module_callable
-from mmalign.shared.objectives import available_objectives
+from mmalign.shared.objectives.registry import available_objectives
 from mmalign.text.config import TextTrainConfig
 from mmalign.text.recipes.preference import train
 

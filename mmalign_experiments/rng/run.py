@@ -66,7 +66,7 @@ def _training_config(cfg: RngConfig, method: RngMethodConfig, model_path: str, d
 
 def run_rng(config: RngConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Runs the whole experiment; returns the results dict also written to ``output_dir/results.json``."""
-    from mmalign.engine.trainer import torch_threads
+    from mmalign.engine.threads import torch_threads
 
     cfg = load_config(RngConfig, config, overrides or [])
     with torch_threads(cfg.training.num_threads):  # restored afterwards

@@ -162,7 +162,7 @@ def evaluate(config: EvaluateConfig | dict | str | Path, overrides: Optional[lis
 
     ``judge`` (a callable) overrides ``config.judge``.
     """
-    from mmalign.engine.trainer import torch_threads
+    from mmalign.engine.threads import torch_threads
 
     cfg = load_config(EvaluateConfig, config, overrides or [])
     with torch_threads(cfg.num_threads):  # restored afterwards

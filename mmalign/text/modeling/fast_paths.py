@@ -54,7 +54,7 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
                      share_prompt_setting: str, share_prompt: bool, adamw_blocker: Optional[str]) -> FastPathReport:
     """Inspects ``model`` (after LoRA and activation fusing) and the decisions taken. ``direct_forward``: the
     ``lora.direct_forward`` setting, None without LoRA; ``adamw_blocker``: why fused AdamW cannot be used, or None
-    (:func:`mmalign.engine.trainer.fused_adamw_blocker`). Logs a warning for every enabled fast path not taken."""
+    (:func:`mmalign.engine.optim.fused_adamw_blocker`). Logs a warning for every enabled fast path not taken."""
 
     config = getattr(model, "config", None)
     layout = (f"{getattr(config, 'model_type', type(model).__name__)}, "

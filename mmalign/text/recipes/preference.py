@@ -20,10 +20,11 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from mmalign.shared.objectives import objective as build_objective
+from mmalign.shared.objectives.registry import objective as build_objective
 from mmalign.config import load_config, to_dict
 from mmalign.engine import StepOutput, Trainer
-from mmalign.engine.trainer import fused_adamw_blocker, torch_threads
+from mmalign.engine.optim import fused_adamw_blocker
+from mmalign.engine.threads import torch_threads
 from mmalign.io import atomic_write_text
 from mmalign.text.data.bins import BinAssignment, assign_example_bins, check_bin_column
 from mmalign.text.config import TextTrainConfig

@@ -301,7 +301,7 @@ def train_reward_model(config: RewardTrainConfig | Mapping[str, Any] | str | Pat
     the report (``report["model"]``: the trained model). Objects as in :func:`mmalign.text.train`: ``model`` an
     ``AutoModelForSequenceClassification`` with one label, ``tokenizer``, in-memory pair datasets.
     ``training.num_threads`` holds for the whole run (data, training, probes) and is restored afterwards."""
-    from mmalign.engine.trainer import torch_threads
+    from mmalign.engine.threads import torch_threads
 
     config, inputs = split_objects(config, JobInputs(model, tokenizer, train_dataset, eval_dataset))
     cfg = load_config(RewardTrainConfig, config)

@@ -18,7 +18,7 @@ import torch
 
 from mmalign.config import load_config
 from mmalign.engine import StepOutput, Trainer
-from mmalign.engine.trainer import torch_threads
+from mmalign.engine.threads import torch_threads
 from mmalign.text.config import LoraConfig, ModelConfig, TextTrainingConfig
 from mmalign.text.data import (
     PreferenceCollator,
