@@ -159,7 +159,7 @@ def test_image_config_errors_come_before_any_model_loads(tmp_path, monkeypatch):
     del rows[1]["rejected"]
     with pytest.raises(ValueError, match=r"train_dataset \(list\) row 2: missing field 'rejected'"):
         mmalign.image.train(base, train_dataset=rows)
-    with pytest.raises(ValueError, match=r"dpo is pairwise but the data has groups of up to 2 chosen"):
+    with pytest.raises(ValueError, match=r"train_dataset: the data has groups \(up to 2 chosen, 1 rejected\) but objective 'dpo' is pairwise"):
         mmalign.image.train(base, train_dataset=[{**_image_rows(1)[0], "chosen": _image_rows(2)[0]["chosen"] * 2}])
 
 

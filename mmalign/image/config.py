@@ -97,11 +97,16 @@ class ImageDataConfig:
         default="groups", metadata={"help": "groups: {prompt, chosen: [...], rejected: [...]}; pick_a_pic: "
                                             "{caption, jpg_0, jpg_1, label_0}, ties dropped"})
     train_split: str = field(default="train", metadata={"help": "split of a dataset folder or hub dataset"})
+    eval: Optional[str] = field(
+        default=None, metadata={"help": "held-out preference groups (same forms as data.train), evaluated with fixed "
+                                        "noise every training.eval_steps; null = none (eval_dataset=... in a call)"})
+    eval_split: str = field(default="test", metadata={"help": "split of the eval dataset folder or hub dataset"})
     prompt_field: str = field(default="prompt", metadata={"help": "prompt column"})
     chosen_field: str = field(default="chosen", metadata={"help": "chosen image(s) column"})
     rejected_field: str = field(default="rejected", metadata={"help": "rejected image(s) column"})
     bin_field: Optional[str] = field(default=None, metadata={"help": "integer bin column (causal_dpo)"})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N rows"})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "use only the first N eval rows"})
     resolution: int = field(default=512, metadata={"help": "square training resolution (resize + crop)"})
     center_crop: bool = field(default=True, metadata={"help": "center crop (else top-left)"})
     random_flip: bool = field(default=False, metadata={"help": "random horizontal flips"})
@@ -219,10 +224,6 @@ class ImageTrainConfig:
     output_dir: str = field(default="runs/image", metadata={"help": "run folder (metrics.jsonl, checkpoints/, final/)"})
 
     def __post_init__(self) -> None:
-        if self.training.eval_steps and not self.generation.prompts:
-            raise ValueError(f"training.eval_steps: {self.training.eval_steps} does nothing without evaluation: the "
-                             "image evaluation generates generation.prompts, which is empty; set "
-                             "training.eval_steps: 0 or give generation.prompts")
         if self.lora.initial_adapter:
             raise ValueError("lora.initial_adapter: continuing a saved adapter is not supported on the image side; "
                              "pass a pipeline with the adapter loaded (pipeline=...) or train a fresh one")

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from mmalign.engine import targets
 from mmalign.image.conditioning import TextConditioner, split_conditioning
 from mmalign.shared.objectives.batch import masked_mean
 from mmalign.shared.records import LogLikelihoods
@@ -126,6 +127,8 @@ class DiffusionPreferenceModel(nn.Module):
         if reference_unet is None and not getattr(unet, "_hf_peft_config_loaded", False):
             raise ValueError("DiffusionPreferenceModel: without a reference_unet the policy UNet needs a LoRA adapter "
                              "(its disabled-adapter base is the reference)")
+        # the adapter-disabled reference runs in eval mode when the UNet has active dropout (fixed targets)
+        self._reference_dropout = reference_unet is None and targets.has_active_dropout(unet)
         self.caption_dropout = float(caption_dropout)
         self.triggers = tuple(triggers)
         self.trigger_policy = trigger_policy
@@ -152,15 +155,13 @@ class DiffusionPreferenceModel(nn.Module):
 
     @contextlib.contextmanager
     def _reference_mode(self):
-        """Yields the reference UNet: the frozen copy, or the policy UNet with its adapters disabled."""
+        """Yields the reference UNet: the frozen copy, or the policy UNet with its adapters disabled (the engine's
+        :func:`~mmalign.engine.targets.reference_forward`, no grad, shared with the text backend)."""
         if self.reference_unet is not None:
             yield self.reference_unet
             return
-        self.unet.disable_adapters()
-        try:
+        with targets.reference_forward(self.unet, deterministic=self._reference_dropout):
             yield self.unet
-        finally:
-            self.unet.enable_adapters()
 
     # -------------------------------------------------------------------------------------- pieces
     @torch.no_grad()
@@ -322,21 +323,24 @@ class DiffusionPreferenceModel(nn.Module):
         rejected = slots[batch_size * k_chosen:].view(batch_size, k_rejected)
         return chosen, rejected
 
-    @torch.no_grad()
     def _triggered(self, prompts, noisy, member_t, target, group_index, valid, batch_size, k_chosen, k_rejected,
                    chosen_mask, rejected_mask) -> dict[str, Tensor]:
+        """CNRPO's triggered inputs through the engine's :func:`~mmalign.engine.targets.triggered_log_likelihoods`:
+        each trigger re-encodes the prompts and denoises the same ``x_t``; ``−e`` per member, group means there."""
         from mmalign.shared.triggers import TriggerPolicy, apply_trigger
 
         policy = self.trigger_policy or TriggerPolicy()
-        chosen_columns, rejected_columns = [], []
-        for trigger in self.triggers:
-            triggered_prompts = [apply_trigger(prompt, trigger, policy) for prompt in prompts]
-            conditions = self._per_member(self.encode_prompts(triggered_prompts), group_index)
-            error = self._unet_error(self.unet, noisy, member_t, conditions, target)
-            chosen, rejected = self._to_groups(-error, valid, batch_size, k_chosen, k_rejected)
-            chosen_columns.append(masked_mean(chosen, chosen_mask))
-            rejected_columns.append(masked_mean(rejected, rejected_mask))
-        return {
-            "triggered_chosen": torch.stack(chosen_columns, dim=1),
-            "triggered_rejected": torch.stack(rejected_columns, dim=1),
-        }
+
+        def score() -> tuple[Tensor, Tensor]:
+            chosen_columns, rejected_columns = [], []
+            for trigger in self.triggers:
+                triggered_prompts = [apply_trigger(prompt, trigger, policy) for prompt in prompts]
+                conditions = self._per_member(self.encode_prompts(triggered_prompts), group_index)
+                error = self._unet_error(self.unet, noisy, member_t, conditions, target)
+                chosen, rejected = self._to_groups(-error, valid, batch_size, k_chosen, k_rejected)
+                chosen_columns.append(chosen)
+                rejected_columns.append(rejected)
+            return torch.stack(chosen_columns, dim=1), torch.stack(rejected_columns, dim=1)  # [B, n_triggers, k]
+
+        return targets.triggered_log_likelihoods(self.unet, score, n_triggers=len(self.triggers),
+                                                 chosen_mask=chosen_mask, rejected_mask=rejected_mask)

@@ -91,22 +91,26 @@ def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-def load_records(config: ImageTrainConfig, train_dataset: Any = None):
-    """The training groups, every row checked, before any model loads: from ``data.train`` or the in-memory
-    ``train_dataset`` (a ``Dataset``, ``DatasetDict``, ``save_to_disk`` folder or list of dicts)."""
+def load_records(config: ImageTrainConfig, train_dataset: Any = None, *, split: str = "train"):
+    """The training groups (``split="eval"``: the held-out ones), every row checked, before any model loads: from
+    ``data.train`` / ``data.eval`` or the in-memory ``train_dataset`` / ``eval_dataset`` given here (a ``Dataset``,
+    ``DatasetDict``, ``save_to_disk`` folder or list of dicts)."""
     from mmalign.image.data.loading import load_group_records
 
     data = config.data
-    source = train_dataset if train_dataset is not None else data.train
+    path, data_split, limit = ((data.train, data.train_split, data.max_train_samples) if split == "train"
+                               else (data.eval, data.eval_split, data.max_eval_samples))
+    source = train_dataset if train_dataset is not None else path
     return load_group_records(
-        source, format=data.format, split=data.train_split, prompt_field=data.prompt_field,
+        source, format=data.format, split=data_split, prompt_field=data.prompt_field,
         chosen_field=data.chosen_field, rejected_field=data.rejected_field, bin_field=data.bin_field,
-        max_samples=data.max_train_samples, name="train_dataset" if train_dataset is not None else "data.train",
+        max_samples=limit, name=f"{split}_dataset" if train_dataset is not None else f"data.{split}",
     )
 
 
-def build_dataset(config: ImageTrainConfig, model=None, records=None):
-    """Records → :class:`ImagePreferenceDataset`; with ``cache_latents`` every image is VAE-encoded once."""
+def build_dataset(config: ImageTrainConfig, model=None, records=None, *, evaluation: bool = False):
+    """Records → :class:`ImagePreferenceDataset`; with ``cache_latents`` every image is VAE-encoded once.
+    ``evaluation``: held-out data, never flipped."""
     from mmalign.image.data.dataset import ImagePreferenceDataset, LatentCache
 
     data = config.data
@@ -118,15 +122,17 @@ def build_dataset(config: ImageTrainConfig, model=None, records=None):
         channels = model.unet.config.in_channels
     dataset = ImagePreferenceDataset(
         records, resolution=data.resolution, channels=channels, center_crop=data.center_crop,
-        random_flip=data.random_flip, convert_images=data.convert_images, allow_ragged_groups=data.allow_ragged_groups,
+        random_flip=data.random_flip and not evaluation, convert_images=data.convert_images,
+        allow_ragged_groups=data.allow_ragged_groups,
     )
     from mmalign.image.validation import check_image_records
 
     check_image_records(dataset)  # every image's header, size and end, before any step
     from mmalign.data_checks import check_identical_responses
 
+    source = (data.eval or "eval_dataset") if evaluation else (data.train or "train_dataset")
     check_identical_responses(((i + 1, r.chosen, r.rejected) for i, r in enumerate(records)
-                               if all(isinstance(m, str) for m in r.chosen + r.rejected)), source=data.train or "train_dataset",
+                               if all(isinstance(m, str) for m in r.chosen + r.rejected)), source=source,
                               what="image")
     if data.cache_latents:
         if model is None or model.vae is None:
@@ -136,30 +142,24 @@ def build_dataset(config: ImageTrainConfig, model=None, records=None):
 
 
 def build_objective(config: ImageTrainConfig, records=None):
-    """``mmalign.objective(name, beta=β, **hyperparameters)``, checked against the data (groups, bins, triggers);
-    ``records``: the training groups (or a dataset with ``max_group_sizes``)."""
+    """``mmalign.objective(name, beta=β, **hyperparameters)``, checked against the data (groups, bins, triggers) by
+    the objective layer's :func:`~mmalign.shared.compatibility.check_objective_fits_data`; ``records``: the training
+    groups (or a dataset with ``max_group_sizes``)."""
+    from mmalign.shared.compatibility import DataFacts, check_objective_fits_data
     from mmalign.shared.objectives.registry import objective as build
 
     spec = config.objective
     objective = build(spec.name, **spec.objective_kwargs())
-    if objective.name == "cnrpo":
-        alphas = getattr(objective, "alphas", [])
-        if len(alphas) != len(spec.triggers):
-            raise ValueError(f"cnrpo: {len(alphas)} alphas (objective.alphas) but {len(spec.triggers)} "
-                             "triggers (objective.triggers); give one alpha per trigger")
-    elif spec.triggers:
-        raise ValueError(f"objective.triggers are used by cnrpo only, not {objective.name!r}")
-    if "bins" in objective.extra_inputs and not config.data.bin_field:
-        raise ValueError(f"{objective.name} needs per-example bins: set data.bin_field")
-    sizes = None
+    sizes = (1, 1)
     if hasattr(records, "max_group_sizes"):
         sizes = records.max_group_sizes
     elif records:
         sizes = (max(len(r.chosen) for r in records), max(len(r.rejected) for r in records))
-    if sizes is not None and not objective.accepts_groups and sizes != (1, 1):
-        k_w, k_l = sizes
-        raise ValueError(f"{objective.name} is pairwise but the data has groups of up to {k_w} chosen / {k_l} rejected "
-                         "images; use mdpo or mipo")
+    check_objective_fits_data(objective, DataFacts(
+        source=config.data.train or "train_dataset", group_sizes=sizes,
+        inputs=frozenset({"bins"} if config.data.bin_field else ()), triggers=tuple(spec.triggers),
+        hints={"bins": "set data.bin_field (an integer bin column)",
+               "triggered_chosen": "set objective.triggers (one trigger per alpha)"}))
     return objective
 
 
@@ -266,31 +266,40 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | Non
     ``config``: an :class:`ImageTrainConfig`, a dict or a YAML path. ``pipeline``: a diffusers pipeline object
     (its UNet is trained in place) instead of ``model.name_or_path``; ``train_dataset``: a ``datasets.Dataset``,
     ``DatasetDict``, ``save_to_disk`` folder or list of dicts (image cells: PIL images, uint8 arrays, bytes or
-    paths) instead of ``data.train``. The config, the objective and every data row are checked before any model
+    paths) instead of ``data.train``; ``eval_dataset``: held-out groups in the same forms instead of ``data.eval``,
+    scored with the training objective every ``training.eval_steps`` and at the end (``eval_loss``,
+    ``eval_rewards/accuracies``, ...). The config, the objective and every data row are checked before any model
     loads. ``result.model`` is the pipeline when one was given, else the trained
     :class:`~mmalign.image.diffusion.DiffusionPreferenceModel` (also in ``result.details["preference_model"]``).
     """
     from mmalign.config import ConfigError, load_config
     from mmalign.engine.threads import torch_threads
 
-    config, pipeline, train_dataset = _split_objects(config, pipeline, train_dataset)
+    config, pipeline, train_dataset, eval_dataset = _split_objects(config, pipeline, train_dataset, eval_dataset)
     config = load_config(ImageTrainConfig, config, overrides)
     if pipeline is None and not config.model.name_or_path:
         raise ConfigError("model.name_or_path: required; set it in the config or pass pipeline=... to the call")
     if train_dataset is None and not config.data.train:
         raise ConfigError("data.train: required; set it in the config or pass train_dataset=... to the call")
-    if eval_dataset is not None:
-        raise ConfigError("eval_dataset: the image backend evaluates by sampling (generation.prompts), not on a "
-                          "held-out preference set; leave eval_dataset out")
+    if config.training.eval_steps and not (config.generation.prompts or config.data.eval or eval_dataset is not None):
+        raise ConfigError(f"training.eval_steps: {config.training.eval_steps} does nothing without evaluation: the "
+                          "image evaluation scores data.eval (or eval_dataset=...) and generates generation.prompts, "
+                          "all empty; set training.eval_steps: 0, or give held-out data or generation.prompts")
     from accelerate.utils import set_seed
 
     from mmalign.hub import check_sources
 
     if train_dataset is None:
         check_sources([("data.train", config.data.train, "dataset")])
+    if eval_dataset is None and config.data.eval:
+        check_sources([("data.eval", config.data.eval, "dataset")])
     with torch_threads(config.training.num_threads):
         records = load_records(config, train_dataset)
+        has_eval = eval_dataset is not None or bool(config.data.eval)
+        eval_records = load_records(config, eval_dataset, split="eval") if has_eval else None
         objective = build_objective(config, records)
+        if eval_records is not None:
+            build_objective(config, eval_records)  # the held-out groups must fit the objective too
         spec = config.objective
         if pipeline is None:  # after the data and objective checks: a config error is reported first
             check_sources([("model.name_or_path", config.model.name_or_path, "model")])
@@ -300,6 +309,7 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | Non
         if torch.cuda.is_available():
             model.to("cuda")
         dataset = build_dataset(config, model, records)
+        eval_set = build_dataset(config, model, eval_records, evaluation=True) if eval_records is not None else None
         if getattr(model, "family", None) is not None:  # text-embedding cache, features used (SDXL / SD3 / FLUX)
             from mmalign.image.families.build import prepare_family_training
 
@@ -320,26 +330,51 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | Non
             resolved_config=config,
             plot_keys=PLOT_KEYS,
         )
+        if eval_set is not None:
+            trainer.evaluate_fn = _with_held_out(trainer, eval_set, collate_groups, make_compute_loss(objective),
+                                                 config.training)
         summary = trainer.train(resume_from_checkpoint=config.training.resume_from_checkpoint)
     return TrainResult.from_summary(summary, model=pipeline if pipeline is not None else trainer.model,
                                     output_dir=output_dir, preference_model=trainer.model)
 
 
-def _split_objects(config: Any, pipeline: Any, train_dataset: Any):
-    """Objects written into a config mapping where a path would go (``model: pipe``, ``data.train: ds``)."""
+def _split_objects(config: Any, pipeline: Any, train_dataset: Any, eval_dataset: Any = None):
+    """Objects written into a config mapping where a path would go (``model: pipe``, ``data.train: ds``,
+    ``data.eval: ds``); those passed as arguments win."""
     if not isinstance(config, Mapping):
-        return config, pipeline, train_dataset
+        return config, pipeline, train_dataset, eval_dataset
     config = dict(config)
     model = config.get("model")
     if model is not None and not isinstance(model, (Mapping, str, os.PathLike)):
         pipeline = pipeline if pipeline is not None else config.pop("model")
     data = config.get("data")
-    if isinstance(data, Mapping) and data.get("train") is not None and not isinstance(data["train"], (str, os.PathLike)):
+    if isinstance(data, Mapping):
         data = dict(data)
-        train = data.pop("train")
-        train_dataset = train_dataset if train_dataset is not None else train
+        if data.get("train") is not None and not isinstance(data["train"], (str, os.PathLike)):
+            train = data.pop("train")
+            train_dataset = train_dataset if train_dataset is not None else train
+        if data.get("eval") is not None and not isinstance(data["eval"], (str, os.PathLike)):
+            held_out = data.pop("eval")
+            eval_dataset = eval_dataset if eval_dataset is not None else held_out
         config["data"] = data
-    return config, pipeline, train_dataset
+    return config, pipeline, train_dataset, eval_dataset
+
+
+def _with_held_out(trainer, eval_set, collate_fn, compute_loss, training) -> Any:
+    """The trainer's evaluation: the held-out metrics (the engine's sharded loop), then any generation samples."""
+    from mmalign.image.evaluation import held_out_evaluation
+
+    held_out = held_out_evaluation(trainer, eval_set, collate_fn, training.batch_size, compute_loss,
+                                   seed=training.seed)
+    generate = trainer.evaluate_fn
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        metrics = held_out(model)
+        if generate is not None:
+            metrics.update(generate(model))
+        return metrics
+
+    return evaluate
 
 
 def _run(config: ImageTrainConfig, args) -> int:

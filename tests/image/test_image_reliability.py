@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmalign.config import ConfigError, load_config
-from mmalign.image import ImageTrainConfig, train
+from mmalign.config import ConfigError
+from mmalign.image import train
 from mmalign.image.data import ImagePreferenceDataset, load_group_records
 from mmalign.image.validation import check_image_records
 from tests.image.test_image_training import _config as _training_config
@@ -96,9 +96,16 @@ def test_a_bad_image_stops_the_run_before_step_one(tiny_sd_path, toy_data, tmp_p
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_eval_steps_without_generation_prompts_is_refused(tiny_sd_path, toy_data, tmp_path):
-    with pytest.raises(ConfigError, match="training.eval_steps.*generation.prompts"):
-        load_config(ImageTrainConfig, _config(tiny_sd_path, toy_data, tmp_path, eval_steps=5))
+def test_eval_steps_without_held_out_data_or_generation_prompts_is_refused(tiny_sd_path, toy_data, tmp_path,
+                                                                             monkeypatch):
+    import mmalign.image.training as training
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(training, "build_preference_model", no_loading)
+    with pytest.raises(ConfigError, match="training.eval_steps.*data.eval .*generation.prompts"):
+        train(_config(tiny_sd_path, toy_data, tmp_path, eval_steps=5))
 
 
 def test_face_model_train_state_loads_without_pickle(tmp_path):

@@ -136,7 +136,8 @@ def test_config_errors(tiny_sd_path, toy_data, tmp_path):
         load_config(ImageTrainConfig, {**config, "diffusion": {"vae_batch_size": 0}})
     assert load_config(ImageTrainConfig, {**config, "diffusion": {"vae_batch_size": None}}).diffusion.vae_batch_size is None
     config["objective"] = {"name": "cnrpo", "beta": 1.0, "alphas": [0.1]}
-    with pytest.raises(ValueError, match="1 alphas .* but 0 triggers"):
+    with pytest.raises(ValueError, match=r"objective 'cnrpo' needs input\(s\) \['triggered_chosen', 'triggered_rejected'\].*"
+                                         "set objective.triggers"):
         train(config)
 
 
@@ -145,7 +146,7 @@ def test_pairwise_objective_refuses_groups(tiny_sd_path, tmp_path):
 
     data = write_toy_preference_dataset(tmp_path / "groups", num_prompts=2, chosen_per_prompt=2, image_size=16)
     config = _config(tiny_sd_path, data, tmp_path / "run", max_steps=1)
-    with pytest.raises(ValueError, match="dpo is pairwise but the data has groups of up to 2 chosen"):
+    with pytest.raises(ValueError, match="the data has groups \\(up to 2 chosen, 1 rejected\\) but objective 'dpo' is pairwise"):
         train(config)
 
 

@@ -1,8 +1,9 @@
 """The three kinds of reference policy (SPEC §0: ``ρ = logp_θ − logp_ref``), all returning per-sequence response
 log-likelihoods [N]:
 
-- :class:`AdapterReference` — under LoRA, the same model with its adapters disabled (:func:`adapters_disabled`
-  + ``no_grad``): the frozen base IS the initial policy, so no second copy of the weights is held.
+- :class:`AdapterReference` — under LoRA, the same model with its adapters disabled (the engine's
+  :func:`~mmalign.engine.targets.reference_forward`, shared with the image backend): the frozen base IS the
+  initial policy, so no second copy of the weights is held.
 - :class:`FrozenModelReference` — a separate frozen model (a different SFT model, or a copy of the initial
   policy for full fine-tuning).
 - precomputed — :func:`precompute_reference_logps` runs one of the above once over the dataset before training
@@ -11,7 +12,6 @@ log-likelihoods [N]:
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mmalign.engine import targets
+from mmalign.engine.targets import adapters_disabled, eval_mode
 from mmalign.text.data import batch_to_device
 from mmalign.text.modeling.loading import unwrap
 from mmalign.text.modeling.logprobs import batch_logprobs
@@ -38,49 +40,19 @@ __all__ = [
 logger = logging.getLogger("mmalign.text.models")
 
 
-def _has_active_dropout(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for name, m in model.named_modules() if "lora_" not in name)
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module, needed: bool):
-    """Eval mode for a no-grad target forward (reference, CNRPO triggered log-likelihoods) when ``needed`` (the model
-    has active dropout; the targets must be deterministic); train mode is restored after."""
-    if not needed or not model.training:
-        yield
-        return
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train()
-
-
 class AdapterReference:
-    """The LoRA model with adapters disabled, under ``no_grad``: the base model as the reference, no copy."""
+    """The LoRA model with adapters disabled, under ``no_grad``: the base model as the reference, no copy (the
+    engine's :func:`~mmalign.engine.targets.reference_forward`, scoring with the response log-probabilities)."""
 
     def __init__(self, model: torch.nn.Module):
         if not hasattr(unwrap(model), "disable_adapter"):
             raise ValueError("reference mode 'adapter' needs a PEFT (LoRA) model")
-        self._dropout = _has_active_dropout(unwrap(model))
+        self._dropout = targets.has_active_dropout(unwrap(model))
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        with torch.no_grad(), adapters_disabled(unwrap(model)), eval_mode(model, self._dropout):
+        with targets.reference_forward(unwrap(model), deterministic=self._dropout, mode_of=model):
             logps, _ = batch_logprobs(model, batch)
         return logps
-
-
-@contextlib.contextmanager
-def adapters_disabled(peft_model: torch.nn.Module):
-    """The adapters of a PEFT model switched off, then on again: ``PeftModel.disable_adapter()`` without the
-    ``get_model_status()`` scan it runs on every entry (~3 ms per call on a 0.6M-parameter GPT-2, 5 % of a
-    training step there). For models whose adapters are enabled, as during training."""
-    tuner = peft_model.base_model
-    tuner.disable_adapter_layers()
-    try:
-        yield
-    finally:
-        tuner.enable_adapter_layers()
 
 
 class FrozenModelReference:

@@ -5,10 +5,10 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from mmalign.engine import targets
 from mmalign.shared.triggers import TriggerPolicy
 from mmalign.text.data import HH_ASSISTANT, PreferenceCollator, PreferenceExample, PreferenceTokenizer, batch_response_ids, batch_to_device, truncate_prompt
 from mmalign.text.modeling.logprobs import batch_logprobs
-from mmalign.text.modeling.references import eval_mode
 from mmalign.text.recipes.cnrpo_config import CNRPO_ROW_COLUMN
 
 
@@ -36,7 +36,8 @@ class TriggeredLogprobs:
     responses are the very tokens the trainer scores (read from the batch, in either collator layout).
     ``max_length``: a triggered prompt is cut from the left so it + the longer of the two appended responses
     fits (a leading token in ``special_ids``, e.g. BOS, is kept), as the trainer cuts a pair's shared prompt.
-    The forward runs in eval mode (no dropout): these are fixed targets, like the reference's log-likelihoods.
+    The forward is the engine's :func:`~mmalign.engine.targets.triggered_log_likelihoods` (no grad, eval mode: fixed
+    targets, like the reference's log-likelihoods), shared with the image backend.
     """
 
     def __init__(self, triggered_prompt_ids: Sequence[Sequence[Sequence[int]]], pad_token_id: int, *,
@@ -65,13 +66,16 @@ class TriggeredLogprobs:
         # the trainer's layout: with a shared prompt, one row holds the triggered prompt and both responses
         collate = PreferenceCollator(self.pad_token_id, share_prompt="segment_ids" in batch)
         triggered = batch_to_device(collate(items), device)
-        with torch.no_grad(), eval_mode(model, True):
+
+        def score() -> tuple[torch.Tensor, torch.Tensor]:  # one forward over every (row, trigger) pair
             logps, _ = batch_logprobs(model, triggered)
-        out = torch.zeros(len(rows), self.n_triggers, 2, dtype=logps.dtype, device=device)
-        for n, (b, i) in enumerate(owners):
-            out[b, i, 0] = logps[triggered["chosen_index"][n, 0]]
-            out[b, i, 1] = logps[triggered["rejected_index"][n, 0]]
-        return {"triggered_chosen": out[..., 0], "triggered_rejected": out[..., 1]}
+            out = torch.zeros(len(rows), self.n_triggers, 2, dtype=logps.dtype, device=device)
+            for n, (b, i) in enumerate(owners):
+                out[b, i, 0] = logps[triggered["chosen_index"][n, 0]]
+                out[b, i, 1] = logps[triggered["rejected_index"][n, 0]]
+            return out[..., :1], out[..., 1:]  # [B, n_triggers, 1]: the pair's one member per side
+
+        return targets.triggered_log_likelihoods(model, score, n_triggers=self.n_triggers)
 
 
 def triggered_prompt_ids(examples: Sequence[PreferenceExample], triggers: Sequence[str], policy: TriggerPolicy,

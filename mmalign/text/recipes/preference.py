@@ -33,8 +33,10 @@ from mmalign.text.evaluation.calibration import CalibrationAccumulator
 from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, batch_to_device, load_preference_dataset
 from mmalign.text.modeling.fast_paths import fast_path_report
 from mmalign.text.modeling.logprobs import batch_logprobs, gather_groups
+from mmalign.engine.evaluation import ShardedEvaluation
 from mmalign.engine.preference import preference_step
 from mmalign.engine.result import TrainResult
+from mmalign.shared.compatibility import DataFacts, check_objective_fits_data
 from mmalign.shared.records import LogLikelihoods
 from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm
 from mmalign.text.recipes.inputs import (
@@ -115,55 +117,44 @@ class PreferenceLoss:
         return preference_step(self.objective, self.log_likelihoods(model, batch), num_tokens=batch.get("num_tokens"))
 
 
+class _PreferenceEvalPass:
+    """One held-out evaluation (the engine's sharded loop): the objective's loss and metrics per batch, and the
+    calibration (ECE) of the implicit reward over the whole set."""
+
+    def __init__(self, loss: PreferenceLoss):
+        self.loss = loss
+        self.calibration = CalibrationAccumulator()
+
+    def batch(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        record = self.loss.log_likelihoods(model, batch)
+        self.calibration.add(record.objective_inputs(), batch)
+        out = self.loss.objective_output(model, batch, record)
+        return {"loss": out.loss.detach(), **out.metric_tensors}
+
+    def result(self, reduced: dict[str, float], accelerator) -> dict[str, float]:
+        return {**reduced, "ece": self.calibration.compute(accelerator)}
+
+
 def _evaluator(trainer: Trainer, loss: PreferenceLoss, dataset: TokenizedPreferenceDataset, collator, batch_size: int):
-    state: dict[str, Any] = {}
-
-    def evaluate(model: torch.nn.Module) -> dict[str, float]:
-        acc = trainer.accelerator
-        if "loader" not in state:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
-            state["loader"] = acc.prepare(loader)
-        sums: dict[str, torch.Tensor] = {}
-        batches = 0
-        calibration = CalibrationAccumulator()
-        for batch in state["loader"]:
-            record = loss.log_likelihoods(model, batch)
-            calibration.add(record.objective_inputs(), batch)
-            out = loss.objective_output(model, batch, record)
-            for name, value in {"loss": out.loss.detach(), **out.metric_tensors}.items():
-                sums[name] = sums.get(name, 0) + value.float()
-            batches += 1
-        names = sorted(sums)
-        stacked = torch.stack([sums[n] / max(1, batches) for n in names])
-        if acc.num_processes > 1:
-            stacked = acc.reduce(stacked, reduction="mean")
-        return {**dict(zip(names, stacked.tolist())), "ece": calibration.compute(acc)}
-
-    return evaluate
+    return ShardedEvaluation(trainer, dataset, collator, batch_size, lambda: _PreferenceEvalPass(loss))
 
 
 def _check_objective_fits_data(objective, cfg: TextTrainConfig, dataset: TokenizedPreferenceDataset,
-                               hook: Optional[ExtraInputsHook]) -> None:
-    k_w, k_l = dataset.max_group_sizes
-    if (k_w > 1 or k_l > 1) and not objective.accepts_groups:
-        raise ValueError(
-            f"{cfg.data.train}: the data has groups (up to {k_w} chosen, {k_l} rejected) but objective "
-            f"{objective.name!r} is pairwise; use objective.name mdpo or mipo"
-        )
+                               hook: Optional[ExtraInputsHook], source: str) -> None:
     # a column counts only if every row has it: the collator passes on names common to the whole batch
     available = set.intersection(*(set(item.get("extra", {})) for item in dataset.items)) if dataset.items else set()
-    missing = [name for name in getattr(objective, "extra_inputs", ()) if name not in available]
-    if missing and hook is None:
-        how_bins = ("; for causal_dpo's bins add a bins: section (source: length, column or keywords) or write the "
-                    "columns with python -m mmalign.text.bins") if "bins" in missing else ""
-        raise ValueError(
-            f"{cfg.data.train}: objective {objective.name!r} needs input(s) {missing}: give them as numeric data "
-            f"columns of the same name, or pass extra_inputs_hook=... to mmalign.text.recipes.preference.train{how_bins}"
-        )
+    # an extra_inputs_hook may supply any input
+    supplied = available | (set(objective.extra_inputs) if hook is not None else set())
+    check_objective_fits_data(objective, DataFacts(
+        source=source, group_sizes=dataset.max_group_sizes, inputs=frozenset(supplied),
+        hints={"*": "give them as numeric data columns of the same name, or pass extra_inputs_hook=... to "
+                    "mmalign.text.recipes.preference.train",
+               "bins": "for causal_dpo's bins add a bins: section (source: length, column or keywords) or write the "
+                       "columns with python -m mmalign.text.bins"}))
     if "bins" in getattr(objective, "extra_inputs", ()) and cfg.bins is None and "bins" in available:
         # a precomputed column: refuse what a bins: section refuses (NaN or fractional ids, tiny bins, one bin)
         check_bin_column([item["extra"]["bins"] for item in dataset.items], [item["row"] for item in dataset.items],
-                         source=cfg.data.train)
+                         source=source)
 
 
 def _bin_examples(cfg: TextTrainConfig, tokenizer, source: str, fitted: Optional[BinAssignment], found: dict):
@@ -301,7 +292,7 @@ def _train(cfg: TextTrainConfig, inputs: JobInputs, extra_inputs_hook: Optional[
     objective = build_objective(cfg.objective.name, **cfg.objective.hyperparameters)
     tokenizer = resolve_tokenizer(inputs.tokenizer, cfg.model, inputs.model)
     train_ds, eval_ds, bins = _load_datasets(cfg, tokenizer, inputs)
-    _check_objective_fits_data(objective, cfg, train_ds, extra_inputs_hook)
+    _check_objective_fits_data(objective, cfg, train_ds, extra_inputs_hook, cfg.data.train or "train_dataset")
     logger.info("data: %d training examples (%s)%s", len(train_ds), train_ds.data_format,
                 f", {len(eval_ds)} eval" if eval_ds is not None else "")
     if bins is not None:

@@ -18,6 +18,7 @@ import torch
 
 from mmalign.config import load_config
 from mmalign.engine import StepOutput, Trainer
+from mmalign.engine.evaluation import ShardedEvaluation
 from mmalign.engine.threads import torch_threads
 from mmalign.text.config import LoraConfig, ModelConfig, TextTrainingConfig
 from mmalign.text.data import (
@@ -139,6 +140,20 @@ def sft_loss(model: torch.nn.Module, batch: Mapping[str, Any]) -> StepOutput:
     return StepOutput(loss=loss, metrics={"nll": loss.detach()}, num_tokens=batch.get("num_tokens"))
 
 
+class _SFTEvalPass:
+    """One held-out evaluation (the engine's sharded loop): the per-token NLL of the responses over the whole set."""
+
+    def batch(self, model: torch.nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        logps, counts = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                                          logits_start=batch.get("logits_start"))
+        return {"nll_sum": -logps.sum(), "tokens": counts.sum().float()}
+
+    def result(self, reduced: dict[str, float], accelerator) -> dict[str, float]:
+        # the ratio in float32, as the sums were taken
+        nll = float(torch.tensor(reduced.get("nll_sum", 0.0)) / torch.tensor(reduced.get("tokens", 0.0)).clamp_min(1))
+        return {"loss": nll, "nll": nll}
+
+
 def _dataset(cfg: SFTConfig, tokenizer, source: Any, split: str, max_samples: Optional[int],
              name: Optional[str] = None) -> TokenizedPreferenceDataset:
     rows = load_rows(source, split=split, subset=cfg.data.subset, max_samples=max_samples, name=name)
@@ -208,24 +223,8 @@ def _train(cfg: SFTConfig, inputs: JobInputs) -> TrainResult:
                       collate_fn=collator, compute_loss=sft_loss, save_model=save_model, resolved_config=cfg,
                       plot_keys=("loss",))
     if eval_ds is not None:
-        loaders: list = []
-
-        def evaluate(model: torch.nn.Module) -> dict[str, float]:
-            acc = trainer.accelerator
-            if not loaders:  # prepared once: accelerate keeps a reference to every prepared loader
-                loaders.append(acc.prepare(torch.utils.data.DataLoader(
-                    eval_ds, batch_size=cfg.training.batch_size, collate_fn=collator)))
-            loader = loaders[0]
-            total = torch.zeros(2, device=acc.device)
-            for batch in loader:
-                logps, counts = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                                  batch["loss_mask"], logits_start=batch.get("logits_start"))
-                total += torch.stack([-logps.sum(), counts.sum().float()])
-            total = acc.reduce(total, reduction="sum") if acc.num_processes > 1 else total
-            nll = float(total[0] / total[1].clamp_min(1))
-            return {"loss": nll, "nll": nll}
-
-        trainer.evaluate_fn = evaluate
+        trainer.evaluate_fn = ShardedEvaluation(trainer, eval_ds, collator, cfg.training.batch_size, _SFTEvalPass,
+                                                reduction="sum")
     summary = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
     return TrainResult.from_summary(summary, model=trainer.model, output_dir=cfg.output_dir, tokenizer=tokenizer)
 
