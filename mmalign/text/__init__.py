@@ -9,13 +9,13 @@ Subpackages: ``data`` (reading files, row schemas, prompt rendering, tokenisatio
 ``modeling`` (loading, LoRA, references, memory-efficient response log-likelihoods, sampling), ``recipes``
 (preference training, SFT, reward models, CNRPO) and ``evaluation``. ``config`` holds :class:`TextTrainConfig`.
 The modules ``train``, ``sft``, ``reward``, ``cnrpo``, ``evaluate``, ``bins`` and ``smollm`` are the
-``python -m mmalign.text.<name>`` command lines; ``train``, ``sft`` and ``online`` (online alignment against a
-reward, :mod:`mmalign.text.online`) are also callable.
+``python -m mmalign.text.<name>`` command lines; ``train``, ``sft``, ``evaluate`` and ``online`` (online alignment
+against a reward, :mod:`mmalign.text.online`) are also callable.
 """
 import importlib
 from typing import Any
 
-__all__ = ["train", "sft", "online", "TextTrainConfig"]
+__all__ = ["train", "sft", "evaluate", "online", "TextTrainConfig"]
 
 _MODULES = ("train", "sft", "online", "reward", "cnrpo", "evaluate", "config", "data", "modeling", "recipes", "evaluation")
 

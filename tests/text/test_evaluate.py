@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from mmalign.text.evaluation.evaluate import (
-    EvaluateConfig,
     answer_metrics,
     format_prompts,
     length_bias_metrics,
@@ -185,11 +184,11 @@ def test_evaluate_end_to_end_and_cli(tiny_model_dir, tmp_path, capsys):
         main(["--help"])
 
 
-def test_config_needs_something_to_evaluate():
-    from mmalign.config import ConfigError, load_config
+def test_config_needs_something_to_evaluate(tmp_path):
+    from mmalign.config import ConfigError
 
-    with pytest.raises(ConfigError, match="nothing to evaluate"):
-        load_config(EvaluateConfig, {"model": "x"})
+    with pytest.raises(ConfigError, match="nothing to evaluate"):  # before any model loads: "x" is no model
+        evaluate({"model": "x", "output_dir": str(tmp_path)})
 
 
 def test_evaluate_length_bias_reads_a_lora_adapter_folder_like_its_merged_model(tiny_model_dir, tmp_path):

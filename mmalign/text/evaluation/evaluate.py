@@ -17,7 +17,10 @@ Metrics (all computed with :mod:`mmalign.shared.metrics`):
   against the baseline's answers and the judge score ``50 + (n_win − n_lose)/N · 100`` (SPEC §5).
 
 A model path may be a LoRA adapter folder (e.g. a training run's ``final/``): its base model is loaded and the
-adapter applied.
+adapter applied. Objects work as in :func:`mmalign.text.train`: ``evaluate(config, model=..., tokenizer=...,
+prompts=..., preference_data=...)`` takes a ``PreTrainedModel`` / ``PeftModel``, a tokenizer, and the data as a
+``datasets.Dataset``, a list of dicts or (prompts) a plain list of prompt strings; every row is checked, and an
+error names the row and the field.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 
 from mmalign.cli import run_command
@@ -95,7 +98,9 @@ class SamplingConfig:
 class EvaluateConfig:
     """Evaluation of one model (optionally against a baseline)."""
 
-    model: str = field(metadata={"help": "model folder or hub name, or a LoRA adapter folder (a run's final/)"})
+    model: Optional[str] = field(default=None, metadata={"help": "model folder or hub name, or a LoRA adapter folder "
+                                                                  "(a run's final/); may be omitted when the call "
+                                                                  "passes model=..."})
     baseline: Optional[str] = field(
         default=None, metadata={"help": "baseline model (e.g. the SFT model) for the longer-length ratio and judge win rate"}
     )
@@ -124,8 +129,6 @@ class EvaluateConfig:
     output_dir: str = field(default="outputs/text-eval", metadata={"help": "writes results.json and samples.jsonl"})
 
     def __post_init__(self) -> None:
-        if self.prompts is None and self.preference_data is None:
-            raise ValueError("nothing to evaluate: set prompts and/or preference_data")
         if self.judge and ":" in self.judge and not Path(self.judge).is_dir():
             from mmalign.code_hooks import check_code_hook
 
@@ -135,18 +138,30 @@ class EvaluateConfig:
 
 
 # ------------------------------------------------------------------------------------------------ running
-def _read_prompt_rows(path: str, limit: Optional[int]) -> list[dict[str, Any]]:
+def _read_prompt_rows(source: Any, limit: Optional[int], name: str = "prompts") -> list[dict[str, Any]]:
+    """The prompt rows of a file path, a ``datasets.Dataset``, a list of dicts or a plain list of prompt strings,
+    each checked: a ``prompt`` string, optional integer ``low`` / ``high`` (RNG metrics)."""
     from mmalign.text.data import load_rows
 
-    rows = list(load_rows(path, max_samples=limit))
+    if isinstance(source, (list, tuple)):  # plain prompt strings stand for {"prompt": ...} rows
+        rows = []
+        for number, row in enumerate(source, start=1):
+            if not isinstance(row, (str, Mapping)):
+                raise ValueError(f"{name} (list): row {number}: expected a prompt string or a mapping with a 'prompt' "
+                                 f"string, got {type(row).__name__}")
+            rows.append({"prompt": row} if isinstance(row, str) else row)
+        source = rows
+    loaded = load_rows(source, max_samples=limit, name=name)
+    label = str(source) if isinstance(source, (str, Path)) else loaded.source
+    rows = list(loaded)
     for i, row in enumerate(rows):
         if not isinstance(row.get("prompt"), str):
-            raise ValueError(f"{path}: row {i + 1}: field 'prompt': expected a string, got {row.get('prompt')!r}")
-        for name in ("low", "high"):
-            if name in row and row[name] is not None and not isinstance(row[name], int):
-                raise ValueError(f"{path}: row {i + 1}: field {name!r}: expected an integer, got {row[name]!r}")
+            raise ValueError(f"{label}: row {i + 1}: field 'prompt': expected a string, got {row.get('prompt')!r}")
+        for key in ("low", "high"):
+            if key in row and row[key] is not None and (isinstance(row[key], bool) or not isinstance(row[key], int)):
+                raise ValueError(f"{label}: row {i + 1}: field {key!r}: expected an integer, got {row[key]!r}")
     if not rows:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{label}: no prompts")
     return rows
 
 
@@ -156,42 +171,112 @@ def _sample(model, tokenizer, prompts: list[str], s: SamplingConfig, *, add_spec
                               add_special_tokens=add_special_tokens)
 
 
-def evaluate(config: EvaluateConfig | dict | str | Path, overrides: Optional[list[str]] = None, *,
-             judge: Optional[Judge] = None) -> dict[str, Any]:
+_OBJECT_KEYS = ("model", "prompts", "preference_data")
+
+
+def _is_path(value: Any) -> bool:
+    return value is None or isinstance(value, (str, Path))
+
+
+def evaluate(config: EvaluateConfig | dict | str | Path | None = None, overrides: Optional[list[str]] = None, *,
+             judge: Optional[Judge] = None, model: Any = None, tokenizer: Any = None, prompts: Any = None,
+             preference_data: Any = None) -> dict[str, Any]:
     """Runs every metric the config asks for; writes ``results.json`` (+ ``samples.jsonl``); returns the results.
 
-    ``judge`` (a callable) overrides ``config.judge``.
+    ``judge`` (a callable) overrides ``config.judge``. ``model`` (a ``PreTrainedModel`` or ``PeftModel``) and
+    ``tokenizer`` stand for ``config.model``; ``prompts`` (a ``datasets.Dataset``, a list of dicts or a list of
+    prompt strings) and ``preference_data`` (a ``Dataset`` or a list of pair dicts) for the config's paths; objects
+    may also stand in the config dict where a path would go. The config may then omit what the objects supply.
+    A model object is evaluated in eval mode, and its train/eval mode is restored afterwards.
     """
+    from mmalign.config import ConfigError
     from mmalign.engine.threads import torch_threads
 
+    objects = {"model": model, "prompts": prompts, "preference_data": preference_data}
+    if isinstance(config, Mapping):
+        config = dict(config)
+        for key in _OBJECT_KEYS:
+            if not _is_path(config.get(key)):
+                value = config.pop(key)
+                objects[key] = objects[key] if objects[key] is not None else value
     cfg = load_config(EvaluateConfig, config, overrides or [])
+    if objects["model"] is None and not cfg.model:
+        raise ConfigError("model: required; set it in the config or pass model=... to the call")
+    if tokenizer is not None and objects["model"] is None:
+        raise ConfigError("tokenizer: a tokenizer object goes with a model object (model=...); a model path brings "
+                          "its own tokenizer")
+    if all(objects[key] is None and getattr(cfg, key) is None for key in ("prompts", "preference_data")):
+        raise ConfigError("nothing to evaluate: set prompts and/or preference_data (or pass prompts=... / "
+                          "preference_data=...)")
     with torch_threads(cfg.num_threads):  # restored afterwards
-        return _evaluate(cfg, judge)
+        return _evaluate(cfg, judge, objects, tokenizer)
 
 
-def _evaluate(cfg: EvaluateConfig, judge: Optional[Judge]) -> dict[str, Any]:
+def _model_object(model: Any, tokenizer: Any):
+    """(model, tokenizer, name) for a model object: its tokenizer given, or loaded from the folder it came from."""
+    from mmalign.config import ConfigError
+    from mmalign.text.modeling.loading import load_tokenizer
+
+    if not hasattr(model, "generate") or not hasattr(model, "config"):
+        raise ConfigError(f"model: expected a causal LM object (PreTrainedModel or PeftModel) or a path; got "
+                          f"{type(model).__name__}")
+    source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if tokenizer is None:
+        if not source or not Path(source).is_dir():
+            raise ConfigError("tokenizer: required with a model object that was not loaded from a local folder; "
+                              "pass tokenizer=...")
+        tokenizer = load_tokenizer(source)
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        if getattr(tokenizer, "eos_token", None) is None:
+            raise ConfigError("tokenizer: the tokenizer object has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, str(source) if source else f"<{type(model).__name__}>"
+
+
+def _evaluate(cfg: EvaluateConfig, judge: Optional[Judge], objects: Optional[dict[str, Any]] = None,
+              tokenizer: Any = None) -> dict[str, Any]:
+    objects = objects or {}
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     from mmalign.hub import check_sources
 
-    check_sources([("model", cfg.model, "model"), ("baseline", cfg.baseline, "model")])
-    model, tokenizer = load_model_for_eval(cfg.model)
-    results: dict[str, Any] = {"model": cfg.model, "baseline": cfg.baseline}
+    given = objects.get("model")
+    check_sources([("model", cfg.model if given is None else None, "model"), ("baseline", cfg.baseline, "model")])
+    prompt_source = objects.get("prompts") if objects.get("prompts") is not None else cfg.prompts
+    pair_source = objects.get("preference_data") if objects.get("preference_data") is not None else cfg.preference_data
+    rows = _read_prompt_rows(prompt_source, cfg.max_prompts) if prompt_source is not None else None  # before loading
+    if given is not None:
+        model, tokenizer, model_name = _model_object(given, tokenizer)
+        was_training = model.training
+        model.eval()
+    else:
+        model, tokenizer = load_model_for_eval(cfg.model)
+        model_name, was_training = cfg.model, False
+    try:
+        return _run_metrics(cfg, judge, model, tokenizer, model_name, rows, pair_source, out_dir)
+    finally:
+        if was_training:
+            given.train()
 
-    if cfg.preference_data:
-        results.update(preference_metrics(model, tokenizer, cfg.preference_data, use_chat_template=cfg.use_chat_template,
+
+def _run_metrics(cfg: EvaluateConfig, judge: Optional[Judge], model, tokenizer, model_name: str,
+                 rows: Optional[list[dict[str, Any]]], pair_source: Any, out_dir: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {"model": model_name, "baseline": cfg.baseline}
+
+    if pair_source is not None:
+        results.update(preference_metrics(model, tokenizer, pair_source, use_chat_template=cfg.use_chat_template,
                                           system_prompt=cfg.system_prompt, max_pairs=cfg.max_pairs,
-                                          batch_size=cfg.batch_size, ece_bins=cfg.ece_bins))
-    if cfg.prompts:
-        rows = _read_prompt_rows(cfg.prompts, cfg.max_prompts)
+                                          batch_size=cfg.batch_size, ece_bins=cfg.ece_bins,
+                                          name=None if _is_path(pair_source) else "preference_data"))
+    if rows is not None:
         raw_prompts = [r["prompt"] for r in rows]
         prompts = format_prompts(tokenizer, raw_prompts, use_chat_template=cfg.use_chat_template,
                                  system_prompt=cfg.system_prompt)
         samples = _sample(model, tokenizer, prompts, cfg.sampling, add_special_tokens=not cfg.use_chat_template)
         baseline_samples = None
         if cfg.baseline:
-            del model
+            del model  # (a model object stays with its caller)
             base_model, base_tokenizer = load_model_for_eval(cfg.baseline)
             base_prompts = format_prompts(base_tokenizer, raw_prompts, use_chat_template=cfg.use_chat_template,
                                           system_prompt=cfg.system_prompt)

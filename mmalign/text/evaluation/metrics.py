@@ -156,16 +156,18 @@ def pair_logprobs(model, tokenizer, dataset, *, batch_size: int = 8) -> dict[str
     return out
 
 
-def preference_metrics(model, tokenizer, data_path: str, *, use_chat_template: bool = False,
+def preference_metrics(model, tokenizer, data_path: Any, *, use_chat_template: bool = False,
                        system_prompt: Optional[str] = None, max_pairs: Optional[int] = None, batch_size: int = 8,
-                       ece_bins: int = 10) -> dict[str, float]:
-    """Preference accuracy and ECE on pairs, from length-normalised log-likelihoods (SPEC §2)."""
+                       ece_bins: int = 10, name: Optional[str] = None) -> dict[str, float]:
+    """Preference accuracy and ECE on pairs, from length-normalised log-likelihoods (SPEC §2). ``data_path``: a file
+    or folder, or in-memory rows (a ``datasets.Dataset``, a list of dicts) that ``name`` names in errors."""
     from mmalign.text.data import load_preference_dataset
 
     dataset = load_preference_dataset(data_path, tokenizer, max_samples=max_pairs, use_chat_template=use_chat_template,
-                                      system_prompt=system_prompt, refuse_identical=False)  # scored, not trained on
+                                      system_prompt=system_prompt, refuse_identical=False,  # scored, not trained on
+                                      name=name)
     if dataset.max_group_sizes != (1, 1):
-        raise ValueError(f"{data_path}: preference metrics need pairs (one chosen and one rejected per row)")
+        raise ValueError(f"{name or data_path}: preference metrics need pairs (one chosen and one rejected per row)")
     scores = pair_logprobs(model, tokenizer, dataset, batch_size=batch_size)
     chosen_scores = [lp / max(n, 1) for lp, n in zip(scores["chosen"], scores["chosen_tokens"])]
     rejected_scores = [lp / max(n, 1) for lp, n in zip(scores["rejected"], scores["rejected_tokens"])]
