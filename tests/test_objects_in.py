@@ -8,17 +8,10 @@ import torch
 import mmalign
 from mmalign.config import ConfigError
 from mmalign.engine import TrainResult
-from mmalign.testing import build_tiny_causal_lm, build_tiny_tokenizer, tiny_preference_rows
+from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows
 
 TRAINING = {"batch_size": 4, "max_steps": 4, "logging_steps": 1, "learning_rate": 2e-3, "lr_scheduler": "constant",
             "progress_bar": False, "plot": False, "num_threads": 1, "max_prompt_length": 32, "max_response_length": 24}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = build_tiny_tokenizer()
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 def _margins(result: TrainResult) -> list[float]:
@@ -99,13 +92,6 @@ def test_sft_and_reward_models_take_objects(tokenizer, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------ image
-@pytest.fixture(scope="module")
-def tiny_sd_path(tmp_path_factory):
-    from mmalign.image.testing import save_tiny_sd_pipeline
-
-    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
-
-
 def _image_rows(n: int, size: int = 16) -> list[dict]:
     """Bright chosen vs dark rejected images as PIL images and uint8 arrays (the toy "brighter is better" task)."""
     from PIL import Image

@@ -11,24 +11,10 @@ import mmalign
 from mmalign.engine import targets
 from mmalign.engine.evaluation import ShardedEvaluation
 from mmalign.shared.compatibility import DataFacts, check_objective_fits_data
-from mmalign.testing import build_tiny_causal_lm, build_tiny_tokenizer, tiny_preference_rows
+from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows
+from tests.test_objects_in import TRAINING as OBJECTS_TRAINING
 
-TRAINING = {"batch_size": 4, "max_steps": 2, "logging_steps": 1, "learning_rate": 1e-3, "lr_scheduler": "constant",
-            "progress_bar": False, "plot": False, "num_threads": 1, "max_prompt_length": 32, "max_response_length": 24}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = build_tiny_tokenizer()
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
-
-
-@pytest.fixture(scope="module")
-def tiny_sd_path(tmp_path_factory):
-    from mmalign.image.testing import save_tiny_sd_pipeline
-
-    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+TRAINING = {**OBJECTS_TRAINING, "max_steps": 2, "learning_rate": 1e-3}
 
 
 def _text_config(tmp_path, **sections):

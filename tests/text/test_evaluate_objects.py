@@ -8,16 +8,9 @@ import torch
 
 import mmalign
 from mmalign.config import ConfigError
-from mmalign.testing import build_tiny_causal_lm, build_tiny_tokenizer, tiny_preference_rows
+from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows
 
 SAMPLING = {"num_samples": 2, "max_new_tokens": 4, "batch_size": 4, "seed": 3}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tok = build_tiny_tokenizer()
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 @pytest.fixture(scope="module")
