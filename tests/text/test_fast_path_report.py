@@ -69,6 +69,8 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
     assert report["lora_layers"] == report["lora_direct_layers"] == expected_lora
     # during training (policy, adapter-disabled reference, share_prompt check) no call fell back to peft's forward
     assert not fallbacks.LORA_FALLBACK_CALLS
+    # every training step's backward wrote the LM head's gradient into its logits (no second [M, V] tensor)
+    assert fallbacks.FAST_PATH_CALLS["LM-head gradient in place"] == 2
     assert not [r for r in caplog.records if "fast path" in r.getMessage()]
 
 

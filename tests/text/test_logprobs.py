@@ -101,3 +101,67 @@ def test_peft_wrapped_model_gets_logits_to_keep_with_same_logprobs(tiny_tokenize
     hook.remove()
     assert seen == [batch["input_ids"].shape[1] - batch["logits_start"], None]
     torch.testing.assert_close(short, full, rtol=1e-5, atol=1e-5)
+
+
+def _head_logits(seed: int, rows: int = 9, width: int = 6, vocab: int = 40):
+    """float32 logits made by a linear head from hidden rows (an MmBackward0 output, as the LM head gives)."""
+    torch.manual_seed(seed)
+    hidden = torch.randn(rows, width, requires_grad=True)
+    head = torch.randn(vocab, width, requires_grad=True)
+    return hidden, head, hidden @ head.t(), torch.randint(0, vocab, (rows,))
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 4])
+def test_in_place_backward_equals_allocating_backward_and_unchunked(chunk_rows):
+    weights = torch.randn(9)
+    grads = {}
+    for reuse in (False, True):
+        hidden, head, logits, labels = _head_logits(5)
+        lp = token_logprobs(logits, labels, chunk_rows, reuse_logits=reuse)
+        (lp * weights).sum().backward()
+        grads[reuse] = (lp.detach(), hidden.grad, head.grad)
+    hidden, head, logits, labels = _head_logits(5)
+    exact = torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+    (exact * weights).sum().backward()
+    for got in grads.values():
+        torch.testing.assert_close(got[0], exact.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], hidden.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[2], head.grad, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.equal(a, b)  # the same kernels on the same numbers: bit-identical
+
+
+def test_in_place_backward_writes_into_the_logits_and_only_when_allowed():
+    seen = {}
+
+    def keep(grad):
+        seen["ptr"] = grad.data_ptr()
+
+    hidden, head, logits, labels = _head_logits(6)
+    logits.register_hook(keep)
+    token_logprobs(logits, labels, reuse_logits=True).sum().backward()
+    assert seen["ptr"] == logits.data_ptr()  # no second [M, V] tensor
+
+    # a leaf (the caller may read it again) or a non-fresh output is never overwritten
+    leaf = torch.randn(5, 30, requires_grad=True)
+    before = leaf.detach().clone()
+    token_logprobs(leaf, torch.randint(0, 30, (5,)), reuse_logits=True).sum().backward()
+    assert torch.equal(leaf.detach(), before) and leaf.grad.data_ptr() != leaf.data_ptr()
+
+    # a second backward through the same graph fails loudly instead of reading overwritten logits
+    hidden, head, logits, labels = _head_logits(7)
+    lp = token_logprobs(logits, labels, reuse_logits=True).sum()
+    lp.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.backward()
+
+
+def test_in_place_backward_of_bf16_logits_equals_the_allocating_one():
+    grads = {}
+    for reuse in (False, True):
+        hidden, head, logits, labels = _head_logits(8)
+        hidden_bf16 = hidden.detach().bfloat16().requires_grad_()
+        logits = hidden_bf16 @ head.detach().bfloat16().t()
+        token_logprobs(logits, labels, 2, reuse_logits=reuse).sum().backward()
+        grads[reuse] = hidden_bf16.grad
+    assert torch.equal(grads[False], grads[True])

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-__all__ = ["warn_not_taken", "lora_fallback", "LORA_FALLBACK_CALLS", "reset_warnings"]
+__all__ = ["warn_not_taken", "lora_fallback", "fast_path_taken", "LORA_FALLBACK_CALLS", "FAST_PATH_CALLS", "reset_warnings"]
 
 logger = logging.getLogger("mmalign.text.modeling.fast_paths")
 
 # Calls of a direct-forward LoRA layer that went through peft's forward instead, by reason (tests read it).
 LORA_FALLBACK_CALLS: Counter = Counter()
+# Calls that took a per-call fast path, by fast path (tests assert the benchmarked layouts take them).
+FAST_PATH_CALLS: Counter = Counter()
 _warned: set[tuple[str, str]] = set()
 
 
@@ -28,7 +30,13 @@ def lora_fallback(reason: str) -> None:
     warn_not_taken("lora.direct_forward", f"{reason}; this call goes through peft's forward")
 
 
+def fast_path_taken(fast_path: str) -> None:
+    """Counts one call that took the per-call fast path ``fast_path``."""
+    FAST_PATH_CALLS[fast_path] += 1
+
+
 def reset_warnings() -> None:
-    """Forgets which warnings were given and the fallback counts (tests)."""
+    """Forgets which warnings were given and the fallback and fast-path counts (tests)."""
     _warned.clear()
     LORA_FALLBACK_CALLS.clear()
+    FAST_PATH_CALLS.clear()

@@ -6,8 +6,11 @@ scores only the response tokens:
 1. only the logits of positions that predict a response token are kept (``logits_to_keep`` where the model
    supports it trims the prompt-only prefix before the LM head; then a row selection);
 2. the token log-prob ``log_softmax(logits)[label]`` is computed by :class:`SelectedTokenLogProb`, an autograd
-   function that works in float32 on row chunks and saves only the (model-dtype) logits for backward, where the
-   softmax is recomputed chunk by chunk — never a full-vocabulary float32 ``log_softmax`` copy kept alive;
+   function that works in float32 on row chunks (16 MiB of float32 each) and saves only the (model-dtype) logits
+   for backward, where the softmax is recomputed chunk by chunk — never a full-vocabulary float32 ``log_softmax``
+   copy, only one chunk at a time; for the logits the LM head just produced (nothing else holds them) the
+   backward writes the gradient into the saved float32 logits in place, so no second [M, V] tensor is allocated
+   at the start of backward, where a step's memory peaks;
 3. token log-probs are summed per sequence (``index_add_``).
 
 ``shared_prompt_logprobs`` scores the collator's shared-prompt layout (``PreferenceCollator(share_prompt=True)``):
@@ -23,7 +26,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from mmalign.text.modeling.fallbacks import warn_not_taken
+from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.scored_head import lm_head_on_rows
 
 from mmalign.text.modeling.loading import unwrap
@@ -36,15 +39,24 @@ __all__ = [
 # attention implementations that take an arbitrary 4D mask as given (transformers hands a 4D mask through as-is)
 SHARED_PROMPT_ATTENTION = ("eager", "sdpa")
 
-# float32 elements per chunk in the log-softmax (64 Mi elements = 256 MiB of float32 at a time).
-_CHUNK_ELEMENTS = 1 << 26
+# float32 elements per chunk in the log-softmax (4 Mi elements = 16 MiB of float32 at a time: SmolLM2's 49k vocabulary
+# gives 85-row chunks; a larger chunk only adds a transient [chunk, V] tensor on top of the step's activations).
+_CHUNK_ELEMENTS = 1 << 22
+
+# autograd nodes whose output tensor no backward saves: logits made by one of them can take their own gradient
+# in place (the LM head's matmul on 2-D rows, its 3-D reshape, the row gather of the fallback path)
+_FRESH_OUTPUT_NODES = ("MmBackward0", "AddmmBackward0", "UnsafeViewBackward0", "IndexBackward0")
 
 
 class SelectedTokenLogProb(torch.autograd.Function):
-    """``log_softmax(logits)[label]`` per row, float32, chunked; backward = ``onehot(label) − softmax``."""
+    """``log_softmax(logits)[label]`` per row, float32, chunked; backward = ``onehot(label) − softmax``.
+
+    ``in_place``: backward overwrites the saved logits with their gradient (in their dtype) instead of
+    allocating one; only for logits nothing else uses (a second backward through the same graph then fails loudly
+    on autograd's version check instead of reading overwritten values)."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, chunk_rows: int, in_place: bool = False) -> torch.Tensor:
         rows = logits.shape[0]
         out = torch.empty(rows, dtype=torch.float32, device=logits.device)
         for start in range(0, rows, chunk_rows):
@@ -54,28 +66,45 @@ class SelectedTokenLogProb(torch.autograd.Function):
                 -1, labels[start:end].unsqueeze(-1)).squeeze(-1)
         ctx.save_for_backward(logits, labels)
         ctx.chunk_rows = chunk_rows
+        ctx.in_place = in_place
         return out
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         logits, labels = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
+        grad_logits = logits if ctx.in_place else torch.empty_like(logits)
         grad_output = grad_output.float()
         for start in range(0, logits.shape[0], ctx.chunk_rows):
             end = min(logits.shape[0], start + ctx.chunk_rows)
             g = grad_output[start:end].unsqueeze(-1)
+            if ctx.in_place and logits.dtype == torch.float32:  # the softmax written over its own logits chunk
+                chunk = torch.softmax(logits[start:end], dim=-1, out=grad_logits[start:end]).mul_(-g)
+                chunk.scatter_add_(-1, labels[start:end].unsqueeze(-1), g)
+                continue
             # recomputed softmax (fused kernel) instead of a stored [M, V] float32 one
             chunk = torch.softmax(logits[start:end].float(), dim=-1).mul_(-g)
             chunk.scatter_add_(-1, labels[start:end].unsqueeze(-1), g)
-            grad_logits[start:end] = chunk
-        return grad_logits, None, None
+            grad_logits[start:end] = chunk  # (in place: over the chunk just read, in the logits' dtype)
+        if ctx.in_place:
+            fast_path_taken("LM-head gradient in place")
+        return grad_logits, None, None, None
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: Optional[int] = None) -> torch.Tensor:
-    """log-probs [M] (float32) of ``labels`` [M] under ``logits`` [M, V] without a float32 [M, V] copy."""
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: Optional[int] = None, *,
+                   reuse_logits: bool = False) -> torch.Tensor:
+    """log-probs [M] (float32) of ``labels`` [M] under ``logits`` [M, V] without a float32 [M, V] copy.
+
+    ``reuse_logits``: the caller hands over ``logits`` (nothing else reads them later); the backward then writes
+    their gradient into them instead of a new [M, V] tensor when they are contiguous and the output of a layer that
+    saves no output (``_FRESH_OUTPUT_NODES``); otherwise a warning says once why not."""
     if chunk_rows is None:
         chunk_rows = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
-    return SelectedTokenLogProb.apply(logits, labels, chunk_rows)
+    in_place = reuse_logits and logits.is_contiguous() and type(logits.grad_fn).__name__ in _FRESH_OUTPUT_NODES
+    if reuse_logits and logits.requires_grad and not in_place:
+        warn_not_taken("LM-head gradient in place", f"the logits ({type(logits.grad_fn).__name__}, "
+                       f"{'contiguous' if logits.is_contiguous() else 'strided'}) may be saved by another backward "
+                       "node; their gradient gets its own [M, V] tensor")
+    return SelectedTokenLogProb.apply(logits, labels, chunk_rows, in_place)
 
 
 def _takes_kwarg(module: torch.nn.Module, name: str) -> tuple[bool, bool]:
@@ -163,7 +192,7 @@ def sequence_logprobs(
     selected_logits = _scored_logits(logits, hook, labels[mask].shape[0], lambda: logits[:, :-1][mask])  # [M, V]
     selected_labels = labels[mask]
     del logits
-    token_lp = token_logprobs(selected_logits, selected_labels, chunk_rows)
+    token_lp = token_logprobs(selected_logits, selected_labels, chunk_rows, reuse_logits=True)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(mask)[mask]
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
     sums = sums.index_add(0, rows, token_lp)
@@ -231,7 +260,7 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     del outputs
     selected_logits = _scored_logits(logits, hook, rows.shape[0], lambda: logits[rows, columns])  # [M, V]
     del logits
-    token_lp = token_logprobs(selected_logits, batch["score_labels"], chunk_rows)
+    token_lp = token_logprobs(selected_logits, batch["score_labels"], chunk_rows, reuse_logits=True)
     members = batch["score_members"]
     num_members = int(batch["num_members"])
     sums = torch.zeros(num_members, dtype=torch.float32, device=device).index_add(0, members, token_lp)
