@@ -65,6 +65,7 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
     else:
         assert report["layout"].startswith("llama")
         assert report["fused_gelus"] == 0 and report["python_gelus"] == 0  # SiLU: nothing to fuse
+        assert report["lean_gated_mlps"] == 2 and report["plain_gated_mlps"] == 0  # one gated MLP per block
     expected_lora = (4 if layout == "gpt2" else 7) * 2 if lora else 0  # adapted projections per block × 2 blocks
     assert report["lora_layers"] == report["lora_direct_layers"] == expected_lora
     # during training (policy, adapter-disabled reference, share_prompt check) no call fell back to peft's forward

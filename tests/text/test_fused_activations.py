@@ -42,3 +42,39 @@ def test_loading_fuses_by_default_and_not_when_asked(tiny_tokenizer, tmp_path):
     # exact GELU (Llama's SiLU, BERT's erf GELU) is left alone
     llama = build_tiny_causal_lm(tokenizer=tiny_tokenizer)
     assert fuse_activations(llama) == 0
+
+
+def test_lean_gated_mlp_equals_transformers_forward_and_backward(tiny_tokenizer):
+    import copy
+
+    from mmalign.text.modeling.gated_mlp import is_lean_gated_mlp, use_lean_gated_mlps
+
+    plain = build_tiny_causal_lm(tokenizer=tiny_tokenizer)  # Llama layout: SiLU-gated MLPs
+    lean = copy.deepcopy(plain)
+    assert use_lean_gated_mlps(lean) == plain.config.num_hidden_layers
+    assert all(is_lean_gated_mlp(layer.mlp) for layer in lean.model.layers)
+    ids = torch.randint(0, plain.config.vocab_size, (3, 12))
+    losses = [m(input_ids=ids, labels=ids).loss for m in (plain, lean)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    for (name, a), (_, b) in zip(plain.named_parameters(), lean.named_parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    # the function keeps only gate and up for backward: one [tokens, intermediate] tensor fewer per MLP
+    saved = {}
+    for label, model in (("plain", plain), ("lean", lean)):
+        storages = set()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: storages.add(t.untyped_storage().data_ptr()) or t,
+                                                      lambda t: t):
+            model(input_ids=ids)
+        saved[label] = len(storages)
+    assert saved["plain"] - saved["lean"] == plain.config.num_hidden_layers
+
+
+def test_gated_mlp_with_a_hooked_activation_keeps_its_forward(tiny_tokenizer):
+    from mmalign.text.modeling.gated_mlp import is_lean_gated_mlp
+
+    model = build_tiny_causal_lm(tokenizer=tiny_tokenizer)
+    model.model.layers[0].mlp.act_fn.register_forward_hook(lambda *args: None)
+    fuse_activations(model)
+    assert not is_lean_gated_mlp(model.model.layers[0].mlp) and is_lean_gated_mlp(model.model.layers[1].mlp)

@@ -3,7 +3,8 @@
 Both swap module *behaviour* only: configs, parameters, saved weights and adapters are unchanged, and each is
 tested to give the same outputs and gradients as the code it replaces (up to float rounding).
 
-- :func:`fuse_activations` — transformers' Python tanh-GELUs (GPT-2 family) become torch's fused tanh-GELU.
+- :func:`fuse_activations` — transformers' Python tanh-GELUs (GPT-2 family) become torch's fused tanh-GELU, and
+  SiLU-gated MLPs keep one activation fewer for backward (:mod:`mmalign.text.modeling.gated_mlp`).
 - :func:`use_direct_lora_forward` — peft LoRA ``Linear`` layers run as base + one in-place ``addmm_``.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from mmalign.text.modeling.fallbacks import lora_fallback
+from mmalign.text.modeling.gated_mlp import use_lean_gated_mlps
 
 __all__ = ["fuse_activations", "use_direct_lora_forward", "is_python_tanh_gelu", "is_direct_lora_forward"]
 
@@ -28,7 +30,10 @@ _PYTHON_TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")
 def fuse_activations(model: torch.nn.Module) -> int:
     """Replaces Python-level tanh-GELU modules by ``torch.nn.GELU(approximate="tanh")`` (the same function, float
     rounding aside; forward + backward on CPU about half the Python version's time); returns how many
-    were replaced. Only module objects change: the config and the saved weights do not."""
+    were replaced. SiLU-gated MLPs (Llama family) get the forward that keeps one activation fewer for backward
+    (:func:`mmalign.text.modeling.gated_mlp.use_lean_gated_mlps`). Only module objects and their forwards change:
+    the config and the saved weights do not."""
+    use_lean_gated_mlps(model)
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -18,6 +18,7 @@ import torch
 
 from mmalign.text.modeling.fallbacks import warn_not_taken
 from mmalign.text.modeling.fast_layers import is_direct_lora_forward, is_python_tanh_gelu
+from mmalign.text.modeling.gated_mlp import _GATED_MLPS, is_lean_gated_mlp
 from mmalign.text.modeling.logprobs import accepts_logits_to_keep
 
 __all__ = ["FastPathReport", "fast_path_report"]
@@ -35,6 +36,8 @@ class FastPathReport:
     lora_direct_layers: int = 0  # of which run the direct forward
     fused_gelus: int = 0  # torch GELU(approximate="tanh") modules
     python_gelus: int = 0  # Python tanh-GELU modules left
+    lean_gated_mlps: int = 0  # SiLU-gated MLPs keeping one activation fewer (model.fused_activations)
+    plain_gated_mlps: int = 0  # transformers' gated MLPs left with their own forward
     share_prompt: bool = False
     fused_adamw: bool = False
     logits_to_keep: bool = False  # the LM head runs only where a response token is scored
@@ -46,8 +49,14 @@ class FastPathReport:
     def summary(self) -> str:
         lora = f"{self.lora_direct_layers}/{self.lora_layers} LoRA layers direct" if self.lora_layers else "no LoRA"
         gelu = f"{self.fused_gelus} fused GELU" + (f", {self.python_gelus} Python GELU left" if self.python_gelus else "")
+        if self.lean_gated_mlps or self.plain_gated_mlps:
+            gelu += f"; {self.lean_gated_mlps}/{self.lean_gated_mlps + self.plain_gated_mlps} lean gated MLPs"
         return (f"{self.layout}; {lora}; {gelu}; share_prompt {'on' if self.share_prompt else 'off'}; "
                 f"fused AdamW {'on' if self.fused_adamw else 'off'}; logits_to_keep {'on' if self.logits_to_keep else 'off'}")
+
+
+def hidden_act_is_silu(activation) -> bool:
+    return activation in ("silu", "swish")
 
 
 def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], fused_activations: bool,
@@ -73,6 +82,10 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
             report.fused_gelus += 1
         elif is_python_tanh_gelu(module):
             report.python_gelus += 1
+        elif is_lean_gated_mlp(module):
+            report.lean_gated_mlps += 1
+        elif type(module).__name__ in _GATED_MLPS:
+            report.plain_gated_mlps += 1
     if direct_forward and slow_bases:
         report.not_taken["lora.direct_forward"] = (
             f"{sum(slow_bases.values())} of {report.lora_layers} LoRA layers keep peft's forward "
@@ -83,6 +96,10 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
         report.not_taken["model.fused_activations"] = (
             f"the model's activation {activation!r} is a Python tanh-GELU but {report.python_gelus} such module(s) "
             f"are left and {report.fused_gelus} fused (transformers' activation classes changed?)")
+    if fused_activations and report.plain_gated_mlps and hidden_act_is_silu(activation):
+        report.not_taken["model.fused_activations (gated MLP)"] = (
+            f"{report.plain_gated_mlps} SiLU-gated MLP(s) keep transformers' forward (hooks on the activation, or its "
+            "class changed?): each keeps one activation more for backward")
     if share_prompt_setting != "off" and not share_prompt:
         report.not_taken["training.share_prompt"] = ("the check against the padded layout failed (see the warning "
                                                       "above); every response is encoded with its own prompt copy")
