@@ -316,7 +316,9 @@ def run_case(c: dict, args) -> dict:
            "--threads", str(args.threads), "--pairs", str(args.pairs), "--batch-size", str(args.batch_size),
            "--gradient-checkpointing", args.gradient_checkpointing]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+               OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
+               # the workers import this tree's mmalign, not whichever checkout an editable install points at
+               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     if args.omp_wait_policy:
         # On a shared, oversubscribed machine OpenMP threads that spin-wait for a descheduled partner make every
         # step several times slower (measured 18 s vs 0.3 s per tiny step); PASSIVE removes that, for all alike.
@@ -338,7 +340,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--only", default=None, help="substring filter on case names, e.g. 'tiny/dpo/full'")
+    parser.add_argument("--only", default=None, help="substring filter on case names, e.g. 'tiny/dpo/full'; "
+                        "several separated by commas: a case matching any of them")
     parser.add_argument("--json", default=None, help="write raw results here")
     parser.add_argument("--gradient-checkpointing", choices=["default", "off", "on"], default="off",
                         help="off/on for all three (equal settings); default = each one's own default (TRL: on)")
@@ -356,7 +359,8 @@ def main() -> None:
         worker(args)
         return
 
-    selected = [c for c in cases(args.suite) if args.only is None or args.only in case_name(c)]
+    wanted = None if args.only is None else [part for part in args.only.split(",") if part]
+    selected = [c for c in cases(args.suite) if wanted is None or any(part in case_name(c) for part in wanted)]
     raw: dict[str, list[dict]] = {case_name(c): [] for c in selected}
     for repeat in range(args.repeats):
         for c in selected:

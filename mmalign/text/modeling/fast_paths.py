@@ -18,7 +18,7 @@ import torch
 
 from mmalign.text.modeling.fallbacks import warn_not_taken
 from mmalign.text.modeling.fast_layers import is_direct_lora_forward, is_python_tanh_gelu
-from mmalign.text.modeling.gated_mlp import _GATED_MLPS, is_lean_gated_mlp
+from mmalign.text.modeling.gated_mlp import GATED_MLP_CLASSES, is_lean_gated_mlp
 from mmalign.text.modeling.logprobs import accepts_logits_to_keep
 
 __all__ = ["FastPathReport", "fast_path_report"]
@@ -84,7 +84,7 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
             report.python_gelus += 1
         elif is_lean_gated_mlp(module):
             report.lean_gated_mlps += 1
-        elif type(module).__name__ in _GATED_MLPS:
+        elif type(module).__name__ in GATED_MLP_CLASSES:
             report.plain_gated_mlps += 1
     if direct_forward and slow_bases:
         report.not_taken["lora.direct_forward"] = (

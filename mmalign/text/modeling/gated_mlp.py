@@ -15,10 +15,10 @@ import types
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SiluMul", "silu_mul", "use_lean_gated_mlps", "is_lean_gated_mlp"]
+__all__ = ["SiluMul", "silu_mul", "use_lean_gated_mlps", "is_lean_gated_mlp", "GATED_MLP_CLASSES"]
 
 # transformers' MLP classes whose forward is exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``
-_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 _SILU_MODULES = ("SiLU", "SiLUActivation")
 
 
@@ -54,7 +54,7 @@ def use_lean_gated_mlps(model: torch.nn.Module) -> int:
     replaced = 0
     for module in model.modules():
         act = getattr(module, "act_fn", None)
-        if (type(module).__name__ in _GATED_MLPS and type(act).__name__ in _SILU_MODULES
+        if (type(module).__name__ in GATED_MLP_CLASSES and type(act).__name__ in _SILU_MODULES
                 and not (act._forward_hooks or act._forward_pre_hooks or "forward" in act.__dict__)
                 and all(isinstance(getattr(module, n, None), torch.nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))):
             module.forward = types.MethodType(_lean_gated_forward, module)

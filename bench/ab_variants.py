@@ -1,0 +1,92 @@
+"""Step-level variants for bench/ab_step.py: ``variant(name, new)`` is a context manager that switches one
+candidate change on (new) or leaves the library as it is (old). Candidates that were kept live in the library;
+this module then toggles the library's own switch."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+import mmalign.text.modeling.logprobs as logprobs
+
+_ORIGINAL_MASK = logprobs.shared_prompt_attention_mask
+_ORIGINAL_TOKEN_LOGPROBS = logprobs.token_logprobs
+
+
+def _float_mask(segment_ids, implementation, dtype):
+    # the additive float mask eager gets, handed to sdpa as well
+    return _ORIGINAL_MASK(segment_ids, "eager" if implementation == "sdpa" else implementation, dtype)
+
+
+class _LseTokenLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels):
+        lse = torch.logsumexp(logits, dim=-1)
+        out = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
+        ctx.save_for_backward(logits, labels, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        out = torch.exp(logits - lse.unsqueeze(-1)).mul_(-g)
+        out.scatter_add_(-1, labels.unsqueeze(-1), g)
+        return out, None
+
+
+def _lse_token_logprobs(logits, labels, chunk_rows=None):
+    return _LseTokenLogProb.apply(logits, labels)
+
+
+@contextlib.contextmanager
+def variant(name: str, new: bool, models=()):
+    if not new or name == "none":
+        yield
+        return
+    if name == "silu_mul":  # the lean SiLU-gated MLP forward on every gated MLP
+        from mmalign.text.modeling.gated_mlp import GATED_MLP_CLASSES, use_lean_gated_mlps
+
+        for m in models:
+            if m is not None:
+                use_lean_gated_mlps(m)
+        try:
+            yield
+        finally:
+            for m in models:
+                for module in (m.modules() if m is not None else ()):
+                    if type(module).__name__ in GATED_MLP_CLASSES:
+                        module.__dict__.pop("forward", None)
+        return
+    if name == "eager":  # transformers' eager attention (matmul, mask add, softmax, matmul) instead of sdpa
+        configs = [m.config for m in models if m is not None]
+        before = [c._attn_implementation for c in configs]
+        for c in configs:
+            c._attn_implementation = "eager"
+        try:
+            yield
+        finally:
+            for c, b in zip(configs, before):
+                c._attn_implementation = b
+        return
+    if name == "float_mask":
+        logprobs.shared_prompt_attention_mask = _float_mask
+        try:
+            yield
+        finally:
+            logprobs.shared_prompt_attention_mask = _ORIGINAL_MASK
+    elif name == "lse":
+        logprobs.token_logprobs = _lse_token_logprobs
+        try:
+            yield
+        finally:
+            logprobs.token_logprobs = _ORIGINAL_TOKEN_LOGPROBS
+    elif name == "gqa":
+        os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
+        try:
+            yield
+        finally:
+            os.environ.pop("TRANSFORMERS_SDPA_FORCE_GQA", None)
+    else:
+        raise ValueError(name)
