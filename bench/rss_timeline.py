@@ -1,0 +1,63 @@
+"""Resident memory over one benchmark worker run (not a test): samples RSS every 20 ms while bench_text_dpo.py's
+mmalign / TRL / bare worker trains SmolLM2-135M + LoRA, and prints the peak, the RSS at every optimizer step and a
+0.5 s timeline, to tell a step's peak from loading and from memory the allocator keeps between steps.
+
+    PYTHONPATH=. OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/rss_timeline.py mmalign 3   # impl, timed steps
+"""
+import argparse
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_text_dpo as bench  # noqa: E402
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("impl", choices=["mmalign", "trl", "bare"])
+    parser.add_argument("steps", type=int, nargs="?", default=3)
+    cli = parser.parse_args()
+    samples, marks, start, stop = [], [], time.perf_counter(), threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append((time.perf_counter() - start, rss_mib()))
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    torch.set_num_threads(2)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    args = argparse.Namespace(impl=cli.impl, model="smollm2", loss="dpo", lora=1, variant="live", steps=cli.steps,
+                              warmup=1, threads=2, pairs=8, batch_size=8, gradient_checkpointing="off")
+    register_optimizer_step_post_hook(lambda *_: marks.append((time.perf_counter() - start, rss_mib())))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        path = bench.model_path("smollm2", work)
+        {"mmalign": bench.run_mmalign, "trl": bench.run_trl, "bare": bench.run_bare}[cli.impl](args, path, work, bench.StepTimer())
+    stop.set()
+    peak = max(samples, key=lambda s: s[1])
+    print(f"{cli.impl}: peak RSS {peak[1]:.0f} MiB at {peak[0]:.1f} s (ru_maxrss "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB); RSS at each optimizer step: "
+          + ", ".join(f"{r:.0f} MiB ({t:.1f} s)" for t, r in marks))
+    buckets: dict[float, float] = {}
+    for t, r in samples:
+        buckets[round(t * 2) / 2] = max(buckets.get(round(t * 2) / 2, 0.0), r)
+    print("timeline (s: max MiB): " + " ".join(f"{k:.1f}:{v:.0f}" for k, v in sorted(buckets.items())))
+
+
+if __name__ == "__main__":
+    main()
