@@ -7,9 +7,7 @@ ONE process, so that machine load hits A and B alike; reports medians of the per
     ... bench/ab_step.py --model smollm2 --lora --change gqa --pairs 6
 
 Changes (new vs old): float_mask — the shared-prompt mask given to sdpa as an additive float mask built once per
-batch vs a boolean one (sdpa converts a boolean mask in every call); lse — token log-probs as
-``logit[label] − logsumexp`` with the softmax of backward from the saved logsumexp vs ``log_softmax`` + a recomputed
-softmax; gqa — sdpa's grouped-query attention on the key/value heads vs transformers' repeat_kv copies; eager —
+batch vs a boolean one (sdpa converts a boolean mask in every call); gqa — sdpa's grouped-query attention on the key/value heads vs transformers' repeat_kv copies; eager —
 transformers' eager attention vs sdpa; silu_mul — the SiLU-gated MLP keeping one activation fewer
 (mmalign.text.modeling.gated_mlp) vs transformers' forward.
 """
@@ -26,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CHANGES = ("none", "float_mask", "lse", "gqa", "eager", "silu_mul")
+CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul")
 
 
 def main() -> None:

@@ -6,38 +6,15 @@ from __future__ import annotations
 import contextlib
 import os
 
-import torch
 
 import mmalign.text.modeling.logprobs as logprobs
 
 _ORIGINAL_MASK = logprobs.shared_prompt_attention_mask
-_ORIGINAL_TOKEN_LOGPROBS = logprobs.token_logprobs
 
 
 def _float_mask(segment_ids, implementation, dtype):
     # the additive float mask eager gets, handed to sdpa as well
     return _ORIGINAL_MASK(segment_ids, "eager" if implementation == "sdpa" else implementation, dtype)
-
-
-class _LseTokenLogProb(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, labels):
-        lse = torch.logsumexp(logits, dim=-1)
-        out = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
-        ctx.save_for_backward(logits, labels, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, labels, lse = ctx.saved_tensors
-        g = grad.unsqueeze(-1)
-        out = torch.exp(logits - lse.unsqueeze(-1)).mul_(-g)
-        out.scatter_add_(-1, labels.unsqueeze(-1), g)
-        return out, None
-
-
-def _lse_token_logprobs(logits, labels, chunk_rows=None):
-    return _LseTokenLogProb.apply(logits, labels)
 
 
 @contextlib.contextmanager
@@ -76,12 +53,6 @@ def variant(name: str, new: bool, models=()):
             yield
         finally:
             logprobs.shared_prompt_attention_mask = _ORIGINAL_MASK
-    elif name == "lse":
-        logprobs.token_logprobs = _lse_token_logprobs
-        try:
-            yield
-        finally:
-            logprobs.token_logprobs = _ORIGINAL_TOKEN_LOGPROBS
     elif name == "gqa":
         os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
         try:
