@@ -14,7 +14,6 @@ transformers' eager attention vs sdpa; silu_mul — the SiLU-gated MLP keeping o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
