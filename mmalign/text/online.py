@@ -21,7 +21,6 @@ with the checkpoint). Under LoRA the reference is the adapter-disabled base. Log
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import sys
@@ -31,8 +30,10 @@ from typing import Any, Mapping, Optional
 import torch
 
 import mmalign
-from mmalign.config import ConfigError, add_config_arguments, config_help, load_config, to_dict
+from mmalign.cli import run_command
+from mmalign.config import load_config
 from mmalign.engine import Trainer
+from mmalign.engine.result import TrainResult
 from mmalign.engine.threads import torch_threads
 from mmalign.entrypoints import make_module_callable
 from mmalign.rewards import build_reward, score
@@ -146,18 +147,21 @@ def plot_reward_hacking(metrics_path: str | Path, png_path: str | Path) -> Optio
 
 
 def online(config: OnlineConfig | Mapping[str, Any] | str | Path, *, reward: Any = None, heldout_reward: Any = None,
-           overrides: Optional[list[str]] = None, resume_from_checkpoint: Any = None) -> dict[str, Any]:
-    """Runs an online job; returns the engine's summary (+ ``output_dir``, ``reward``, ``reward_hacking_plot``).
+           overrides: Optional[list[str]] = None, resume_from_checkpoint: Any = None) -> TrainResult:
+    """Runs an online job; returns its :class:`~mmalign.engine.TrainResult` (as ``mmalign.text.train``), with the
+    details ``num_prompts``, ``reward`` (its name), ``algorithm`` and ``reward_hacking_plot``.
 
     ``reward`` / ``heldout_reward``: reward objects or callables (:mod:`mmalign.rewards`) used instead of the
     config's ``reward:`` / ``heldout_reward:`` sections. Everything is validated before the first step.
     """
     cfg = load_config(OnlineConfig, config, overrides or [])
+    if resume_from_checkpoint is not None:
+        cfg.training.resume_from_checkpoint = resume_from_checkpoint
     with torch_threads(cfg.training.num_threads):
-        return _online(cfg, reward, heldout_reward, resume_from_checkpoint)
+        return _online(cfg, reward, heldout_reward)
 
 
-def _online(cfg: OnlineConfig, reward: Any, heldout: Any, resume_from_checkpoint: Any) -> dict[str, Any]:
+def _online(cfg: OnlineConfig, reward: Any, heldout: Any) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(cfg.training.seed)
@@ -218,50 +222,35 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any, resume_from_checkpoint
         trainer.evaluate_fn = _evaluator(cfg, tokenizer, eval_items, reward, heldout)
     logger.info("online %s: %d prompts, k=%d, share_prompt=%s, reference=%s", algo.name, len(train_items),
                 cfg.sampling.k, share, "none" if loss.reference is None else type(loss.reference).__name__)
-    summary = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    summary["output_dir"] = str(output_dir)
-    summary["num_prompts"] = len(train_items)
-    summary["reward"] = getattr(reward, "name", type(reward).__name__)
+    summary = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
     plot = None
     if trainer.is_main_process and cfg.training.plot:
         plot = plot_reward_hacking(output_dir / "metrics.jsonl", output_dir / "reward_hacking.png")
-    summary["reward_hacking_plot"] = str(plot) if plot else None
-    return summary
+    return TrainResult.from_summary(summary, model=trainer.model, output_dir=output_dir, tokenizer=tokenizer,
+                                    num_prompts=len(train_items), algorithm=algo.name,
+                                    reward=getattr(reward, "name", type(reward).__name__),
+                                    reward_hacking_plot=str(plot) if plot else None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign.text.online",
-        description="Online alignment of a causal LM against a reward: RLOO/GRPO (PPO clip, divergence to the "
-        "reference in the reward or the loss), online group objectives (mdpo, mipo, dpo... on groups formed by "
-        "reward), best-of-n and rejection-sampling fine-tuning. Writes metrics.jsonl, metrics.png, "
-        "reward_hacking.png, config.yaml, checkpoints/ and final/ to output_dir.",
-        epilog=config_help(OnlineConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, config_required=False)
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="resume from a checkpoint folder, or from the latest one in output_dir when no value")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    return parser
+DESCRIPTION = (
+    "Online alignment of a causal LM against a reward: RLOO/GRPO (PPO clip, divergence to the reference in the "
+    "reward or the loss), online group objectives (mdpo, mipo, dpo, cnrpo, causal_dpo... on groups formed by "
+    "reward), best-of-n and rejection-sampling fine-tuning. Writes metrics.jsonl, metrics.png, reward_hacking.png, "
+    "config.yaml, checkpoints/ and final/ to output_dir.")
+
+
+def _run(cfg: OnlineConfig, args) -> int:
+    from accelerate import PartialState
+
+    result = online(cfg)
+    if PartialState().is_main_process:  # one summary line per job, not per process
+        print(result.summary_line())
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import yaml
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(OnlineConfig, args.config, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
-    if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    summary = online(cfg, resume_from_checkpoint=args.resume)
-    metrics = {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}
-    print(f"done: {summary['global_step']} steps in {summary['train_runtime_s']:.1f}s; final model: "
-          f"{summary['final_dir']}; last metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return 0
+    return run_command(prog="python -m mmalign.text.online", description=DESCRIPTION, config_cls=OnlineConfig,
+                       run=_run, argv=argv)
 
 
 make_module_callable(__name__, online)
