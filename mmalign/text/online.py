@@ -42,6 +42,7 @@ from mmalign.text.modeling.logprobs import SHARED_PROMPT_ATTENTION, attention_im
 from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm, load_tokenizer, unwrap
 from mmalign.text.modeling.references import AdapterReference, FrozenModelReference
 from mmalign.text.online_config import OnlineConfig
+from mmalign.text.online_inputs import ONLINE_EXTRA_INPUTS, add_prompt_features
 from mmalign.text.rollout import OnlineLoss, RepeatedBatches
 from mmalign.text.modeling.sampling import sample_completions
 
@@ -76,7 +77,7 @@ def load_prompts(source: str, tokenizer, cfg: OnlineConfig, *, max_samples: Opti
             raise ValueError(f"{source}: row {number}: prompt of {len(ids)} tokens + sampling.max_new_tokens="
                              f"{cfg.sampling.max_new_tokens} exceeds the model's context of {context} tokens")
         items.append({"prompt": prompt if isinstance(prompt, str) else text, "text": text, "prompt_ids": ids,
-                      "add_special_tokens": special})
+                      "add_special_tokens": special, "raw_prompt": prompt, "row": number, "source_row": row})
     if skipped:
         logger.warning("%s: %d prompt(s) longer than the context allows left out (prompts.too_long: skip)", source, skipped)
     if not items:
@@ -178,9 +179,10 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any) -> TrainResult:
         if not objective.accepts_groups and (algo.group_size or cfg.sampling.k // 2) != 1:
             raise ValueError(f"algorithm.group_size: objective {objective.name!r} is pairwise: set group_size: 1 "
                              "(best vs worst sample) or use mdpo/mipo")
-        if getattr(objective, "extra_inputs", ()):
-            raise ValueError(f"algorithm.objective: {objective.name!r} needs inputs {objective.extra_inputs} that "
-                             "online groups do not have")
+        unknown = set(getattr(objective, "extra_inputs", ())) - set(ONLINE_EXTRA_INPUTS)
+        if unknown:
+            raise ValueError(f"algorithm.objective: {objective.name!r} needs inputs {sorted(unknown)} that online "
+                             "groups do not have")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
                                chat_template=cfg.model.chat_template, trust_remote_code=cfg.model.trust_remote_code)
@@ -190,6 +192,7 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any) -> TrainResult:
     context = _context_length(model)
     train_items = load_prompts(cfg.prompts.train, tokenizer, cfg, max_samples=cfg.prompts.max_train_samples,
                                context=context)
+    train_items = add_prompt_features(train_items, cfg, tokenizer, context=context, source=cfg.prompts.train)
     eval_items = (load_prompts(cfg.prompts.eval, tokenizer, cfg, max_samples=cfg.prompts.max_eval_samples,
                                context=context) if cfg.prompts.eval else None)
     if len({i["add_special_tokens"] for i in train_items}) > 1:
