@@ -277,6 +277,13 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | Non
 
     config, pipeline, train_dataset, eval_dataset = _split_objects(config, pipeline, train_dataset, eval_dataset)
     config = load_config(ImageTrainConfig, config, overrides)
+    if config.rounds is not None:  # online rounds: the data are generated (mmalign.image.online)
+        if pipeline is not None or train_dataset is not None:
+            raise ConfigError("rounds: online rounds load the model from model.name_or_path and generate their data; "
+                              "pass neither pipeline= nor train_dataset=")
+        from mmalign.image.online import online, online_config
+
+        return online(online_config(config))
     if pipeline is None and not config.model.name_or_path:
         raise ConfigError("model.name_or_path: required; set it in the config or pass pipeline=... to the call")
     if train_dataset is None and not config.data.train:
