@@ -74,6 +74,6 @@ def train(config: Any = None, **objects: Any):
         from mmalign.text.recipes.preference import train as train_text
 
         return train_text(config, **objects)
-    from mmalign.image.train import train as train_image
+    from mmalign.image.training import train as train_image
 
     return train_image(config, **objects)
