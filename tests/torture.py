@@ -26,6 +26,10 @@ if kind == "image":
     import mmalign.image
     cfg["training"]["resume_from_checkpoint"] = "latest" if resume else None
     mmalign.image.train(cfg)
+elif kind == "image_online":
+    import mmalign.image
+    cfg["training"]["resume_from_checkpoint"] = "latest" if resume else None
+    mmalign.image.online(cfg)
 elif kind == "online":
     import mmalign.text
     mmalign.text.online(cfg, resume_from_checkpoint="latest" if resume else None)

@@ -14,7 +14,7 @@ Entry points (imported lazily, so ``import mmalign.image`` stays light):
 from importlib import import_module
 
 _LAZY = {
-    "train": "mmalign.image.training",
+    "train": "mmalign.image.train",
     "online": "mmalign.image.online",
     "ImageTrainConfig": "mmalign.image.config",
     "DiffusionPreferenceModel": "mmalign.image.diffusion",

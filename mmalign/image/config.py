@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Optional
 
 from mmalign.engine.config import TrainingConfig
+from mmalign.image.rounds_config import RoundsConfig
 from mmalign.engine.sections import (
     OLD_DATA_KEYS,
     OLD_MODEL_KEYS,
@@ -222,6 +223,9 @@ class ImageTrainConfig:
     training: TrainingConfig = field(default_factory=lambda: TrainingConfig(learning_rate=1e-5),
                                      metadata={"help": "optimisation, logging, checkpoints"})
     output_dir: str = field(default="runs/image", metadata={"help": "run folder (metrics.jsonl, checkpoints/, final/)"})
+    rounds: Optional[RoundsConfig] = field(default=None, metadata={
+        "help": "online rounds instead of a fixed data set: generate k images per prompt with the policy, score them "
+                "with rounds.reward, train on chosen/rejected groups, repeat (mmalign.image.online; data.train unused)"})
 
     def __post_init__(self) -> None:
         if self.lora.initial_adapter:

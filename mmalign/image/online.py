@@ -12,20 +12,23 @@ Each round (the curated self-consuming loop; thesis §3.6.4's iterative mDPO):
 5. evaluate: images for the held-out prompts (fixed seeds, the same every round) scored by the held-out reward
    (default: the training reward), and for a classifier reward the Simpson index of its labels per prompt (SPEC §6).
 
-``rounds.jsonl`` gets one row per round (round 0 = before training) and ``rounds.png`` plots it.
+``rounds.jsonl`` gets one row per round (round 0 = before training) and ``rounds.png`` plots it. The same run is
+``python -m mmalign.image.online --config rounds.yaml [--resume]`` and, from an image training config with a
+``rounds:`` section, ``mmalign.image.train`` / ``python -m mmalign.image.train``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional
 
 import torch
 
 from mmalign.engine.config import TrainingConfig
+from mmalign.engine.result import TrainResult
 from mmalign.engine.sections import LoraConfig
 from mmalign.image.config import (
     DiffusionConfig,
@@ -165,63 +168,200 @@ def _plot_rounds(rows: list[dict], path: Path) -> Optional[Path]:
     return save_figure(fig, path)
 
 
-def online(config: ImageOnlineConfig | Mapping[str, Any] | str | os.PathLike, *, reward: Any = None,
-           heldout_reward: Any = None, overrides=()) -> dict[str, Any]:
-    """Runs the rounds; returns ``{"rounds": [row per round], "output_dir", "model"}`` (round 0 = untrained)."""
-    import numpy as np
+def online_config(config: ImageTrainConfig) -> ImageOnlineConfig:
+    """The online-rounds config of an image training config with a ``rounds:`` section (its model, lora, objective,
+    diffusion, training and output_dir; ``data.resolution`` as the generated image side)."""
+    if config.rounds is None:
+        raise ValueError("rounds: this image training config has no rounds: section")
+    from dataclasses import fields
 
+    from mmalign.image.rounds_config import ROUND_KEYS
+
+    if {f.name for f in fields(type(config.rounds))} != set(ROUND_KEYS):
+        raise AssertionError("RoundsConfig and ROUND_KEYS disagree")  # a developer error, caught by the tests
+    values = {key: getattr(config.rounds, key) for key in ROUND_KEYS}
+    try:
+        return ImageOnlineConfig(**values, model=config.model, lora=config.lora, objective=config.objective,
+                                 diffusion=config.diffusion, training=config.training, output_dir=config.output_dir,
+                                 resolution=config.data.resolution)
+    except ValueError as err:
+        from mmalign.config import ConfigError
+
+        raise ConfigError(f"rounds: {err}") from None
+
+
+def _save_policy(model, path: Path) -> None:
+    """The trainable (LoRA) tensors of the policy UNet after a round, written atomically: the round's resume point."""
+    from safetensors.torch import save_file
+
+    state = {name: p.detach().cpu().contiguous() for name, p in model.unet.named_parameters() if p.requires_grad}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def _load_policy(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the policy of a finished round is missing; cannot resume the rounds")
+    state = load_file(str(path))
+    trainable = {name for name, p in model.unet.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        raise ValueError(f"{path}: its tensors do not match the policy's trainable parameters (another lora config?)")
+    with torch.no_grad():
+        for name, p in model.unet.named_parameters():
+            if name in state:
+                p.copy_(state[name].to(p.device, p.dtype))
+
+
+def _finished_rounds(output_dir: Path, resume: Any, overwrite: bool) -> list[dict]:
+    """The rows of the rounds a resumed run keeps (``rounds.jsonl``); [] for a fresh run, which refuses a folder
+    that already holds rounds unless ``training.overwrite_output_dir``."""
+    path = output_dir / "rounds.jsonl"
+    if resume in (None, False):
+        if path.exists() and not overwrite:
+            raise ValueError(f"output_dir {str(output_dir)!r} holds the rounds of another run ({path}); resume it "
+                             "(--resume / training.resume_from_checkpoint: latest), choose another output_dir or "
+                             "set training.overwrite_output_dir: true")
+        return []
+    if resume not in (True, "latest"):
+        raise ValueError(f"training.resume_from_checkpoint={resume!r}: image rounds resume from their output_dir "
+                         "only; use 'latest'")
+    if not path.exists():
+        logger.warning("resume: no rounds.jsonl in %s; starting from scratch", output_dir)
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def online(config: ImageOnlineConfig | Mapping[str, Any] | str | os.PathLike, *, reward: Any = None,
+           heldout_reward: Any = None, overrides=()) -> TrainResult:
+    """Runs (or, with ``training.resume_from_checkpoint: latest``, resumes) the rounds; returns a
+    :class:`~mmalign.engine.TrainResult`: the policy pipeline model, every round's metric rows (``round`` added)
+    as ``log``, and the details ``rounds`` (one row per round, round 0 = untrained) and ``plot``.
+
+    Exact resume: a finished round leaves ``round-NN/policy.safetensors`` (the LoRA tensors) and its row in
+    ``rounds.jsonl``; a resumed run reloads the last finished round's policy, reuses a round's generated data when
+    it was complete (``scores.json`` is written last), and resumes a round's training from its own checkpoints
+    (the engine's exact resume). Generation seeds depend only on the round and the image index, and each round's
+    trainer seeds itself, so a resumed run equals an uninterrupted one.
+    """
     from mmalign.config import load_config
-    from mmalign.engine import Trainer
+
+    cfg = load_config(ImageOnlineConfig, config, list(overrides))
+    reward = _build_reward(reward, cfg)
+    heldout = heldout_reward if heldout_reward is not None else reward
     from mmalign.engine.threads import torch_threads
+
+    with torch_threads(cfg.training.num_threads):
+        return _rounds(cfg, reward, heldout)
+
+
+def _build_reward(reward: Any, cfg: ImageOnlineConfig):
+    from mmalign.rewards import build_reward
+
+    return build_reward(reward if reward is not None else (cfg.reward or None))
+
+
+def _rounds(cfg: ImageOnlineConfig, reward, heldout) -> TrainResult:
+    import numpy as np
+    from accelerate.utils import set_seed
+
+    from mmalign.engine import Trainer
+    from mmalign.engine.faults import fault_point
+    from mmalign.engine.result import read_metric_rows
     from mmalign.image.data.dataset import collate_groups
     from mmalign.image.training import build_dataset, build_objective, build_preference_model, make_compute_loss, save_trained_unet
     from mmalign.io import atomic_write_text
-    from mmalign.rewards import build_reward, score
+    from mmalign.rewards import score
 
-    cfg = load_config(ImageOnlineConfig, config, list(overrides))
-    reward = build_reward(reward if reward is not None else (cfg.reward or None))
-    heldout = heldout_reward if heldout_reward is not None else reward
     output_dir = Path(cfg.output_dir)
+    resume = cfg.training.resume_from_checkpoint
+    rows = _finished_rounds(output_dir, resume, cfg.training.overwrite_output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    training = replace(cfg.training, resume_from_checkpoint=None)  # each round's trainer is told explicitly
 
     def round_config(r: int, data_path: str) -> ImageTrainConfig:
         return ImageTrainConfig(output_dir=str(output_dir / f"round-{r:02d}"), model=cfg.model, lora=cfg.lora,
                                 data=ImageDataConfig(train=data_path, resolution=cfg.resolution, allow_ragged_groups=True),
-                                objective=cfg.objective, diffusion=cfg.diffusion, training=cfg.training)
+                                objective=cfg.objective, diffusion=cfg.diffusion, training=training)
 
-    with torch_threads(cfg.training.num_threads):
-        from accelerate.utils import set_seed
-
-        set_seed(cfg.training.seed)  # the LoRA initialisation: a run is a function of its config
-        model = build_preference_model(round_config(0, "<generated>"))
-        if torch.cuda.is_available():
-            model.to("cuda")
+    set_seed(cfg.training.seed)  # the LoRA initialisation: a run is a function of its config
+    model = build_preference_model(round_config(0, "<generated>"))
+    if torch.cuda.is_available():
+        model.to("cuda")
+    if rows and rows[-1]["round"] > 0:
+        _load_policy(model, output_dir / f"round-{rows[-1]['round']:02d}" / "policy.safetensors")
+    if not rows:
         rows = [{"round": 0, **_evaluate(model, cfg, reward, heldout)}]
+        atomic_write_text(output_dir / "rounds.jsonl", json.dumps(rows[0]) + "\n")
         logger.info("round 0: %s", rows[0])
-        for r in range(1, cfg.rounds + 1):
-            directory = output_dir / f"round-{r:02d}"
+    resuming_round = rows[-1]["round"] + 1 if resume not in (None, False) else None
+    for r in range(rows[-1]["round"] + 1, cfg.rounds + 1):
+        directory = output_dir / f"round-{r:02d}"
+        if (directory / "scores.json").is_file() and (directory / "data.jsonl").is_file():
+            data_path, stats = directory / "data.jsonl", json.loads((directory / "scores.json").read_text())
+        else:
             prompts = [p for p in cfg.prompts for _ in range(cfg.k)]
             images = _generate(model, prompts, cfg, cfg.seed + 100_003 * r)
             arrays = [np.asarray(im.convert("RGB")) for im in images]
             rewards = score(reward, prompts, arrays, group_ids=[i // cfg.k for i in range(len(prompts))])
-            data_path, stats = _write_round_data(directory, cfg.prompts, images, rewards.reshape(len(cfg.prompts), cfg.k), cfg)
-            train_cfg = round_config(r, str(data_path))
-            dataset = build_dataset(train_cfg, model)
-            objective = build_objective(train_cfg, dataset)
-            trainer = Trainer(model, config=cfg.training, output_dir=directory, train_dataset=dataset,
-                              collate_fn=collate_groups, compute_loss=make_compute_loss(objective),
-                              save_model=save_trained_unet, resolved_config=train_cfg)
-            summary = trainer.train()
-            model = trainer.model
-            row = {"round": r, "train_reward": stats["reward_mean"], "groups": stats["groups"],
-                   "loss": summary["metrics"].get("loss"), **_evaluate(model, cfg, reward, heldout)}
-            rows.append(row)
-            logger.info("round %d: %s", r, row)
-            atomic_write_text(output_dir / "rounds.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
-        plot = _plot_rounds(rows, output_dir / "rounds.png")
-    return {"rounds": rows, "output_dir": str(output_dir), "model": model, "plot": str(plot) if plot else None}
+            data_path, stats = _write_round_data(directory, cfg.prompts, images,
+                                                 rewards.reshape(len(cfg.prompts), cfg.k), cfg)
+        fault_point("round_data", r)
+        train_cfg = round_config(r, str(data_path))
+        dataset = build_dataset(train_cfg, model)
+        objective = build_objective(train_cfg, dataset)
+        trainer = Trainer(model, config=training, output_dir=directory, train_dataset=dataset,
+                          collate_fn=collate_groups, compute_loss=make_compute_loss(objective),
+                          save_model=save_trained_unet, resolved_config=train_cfg)
+        summary = trainer.train(resume_from_checkpoint="latest" if r == resuming_round else None)
+        model = trainer.model
+        _save_policy(model, directory / "policy.safetensors")
+        row = {"round": r, "train_reward": stats["reward_mean"], "groups": stats["groups"],
+               "loss": summary["metrics"].get("loss"), "global_step": summary["global_step"],
+               "train_runtime_s": summary["train_runtime_s"], **_evaluate(model, cfg, reward, heldout)}
+        rows.append(row)
+        logger.info("round %d: %s", r, row)
+        atomic_write_text(output_dir / "rounds.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
+        fault_point("round_done", r)
+    plot = _plot_rounds(rows, output_dir / "rounds.png")
+    log = [{**row, "round": r} for r in range(1, cfg.rounds + 1)
+           for row in read_metric_rows(output_dir / f"round-{r:02d}" / "metrics.jsonl")]
+    last = output_dir / f"round-{cfg.rounds:02d}"
+    return TrainResult(model=model, output_dir=output_dir, log=log, metrics={**(log[-1] if log else {}), **rows[-1]},
+                       global_step=sum(int(x.get("global_step", 0)) for x in rows[1:]),
+                       epoch=float(cfg.rounds), train_runtime_s=sum(float(x.get("train_runtime_s", 0.0)) for x in rows[1:]),
+                       final_dir=last / "final", plot_path=plot, details={"rounds": rows, "plot": str(plot) if plot else None})
+
+
+DESCRIPTION = (
+    "Online rounds for a text-to-image diffusion model: generate k images per prompt with the LoRA policy, score "
+    "them with the image reward (reward: section, e.g. a face classifier's balance), form chosen/rejected groups, "
+    "train (any image objective), evaluate the held-out prompts; repeat. Writes round-NN/ (images, data.jsonl, "
+    "scores.json, the round's training run, policy.safetensors), rounds.jsonl and rounds.png to output_dir; "
+    "--resume continues an interrupted run exactly.")
+
+
+def _run(cfg: ImageOnlineConfig, args) -> int:
+    result = online(cfg)
+    print(f"done: {len(result['rounds']) - 1} rounds, {result.global_step} steps; last round: "
+          + json.dumps(result["rounds"][-1]))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from mmalign.cli import run_command
+
+    return run_command(prog="python -m mmalign.image.online", description=DESCRIPTION, config_cls=ImageOnlineConfig,
+                       run=_run, argv=argv)
 
 
 from mmalign.entrypoints import make_module_callable  # noqa: E402
 
 make_module_callable(__name__, online)  # mmalign.image.online(config) after the submodule is imported
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

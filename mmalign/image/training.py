@@ -15,12 +15,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from mmalign.cli import run_command
 from mmalign.engine.result import TrainResult
 from mmalign.image.config import ImageTrainConfig
 
@@ -277,6 +276,8 @@ def train(config: ImageTrainConfig | Mapping[str, Any] | str | os.PathLike | Non
 
     config, pipeline, train_dataset, eval_dataset = _split_objects(config, pipeline, train_dataset, eval_dataset)
     config = load_config(ImageTrainConfig, config, overrides)
+    if config.rounds is not None:
+        raise ConfigError("rounds: a config with online rounds runs through mmalign.image.train (mmalign.image.online)")
     if pipeline is None and not config.model.name_or_path:
         raise ConfigError("model.name_or_path: required; set it in the config or pass pipeline=... to the call")
     if train_dataset is None and not config.data.train:
@@ -375,17 +376,3 @@ def _with_held_out(trainer, eval_set, collate_fn, compute_loss, training) -> Any
         return metrics
 
     return evaluate
-
-
-def _run(config: ImageTrainConfig, args) -> int:
-    result = train(config)
-    print(f"done: {result.global_step} steps; final model in {result.final_dir}")
-    return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    return run_command(
-        prog="python -m mmalign.image.train", config_cls=ImageTrainConfig, run=_run, argv=argv,
-        description="Preference-tune a text-to-image diffusion model (Diffusion-DPO, mDPO, any mmalign objective on "
-                    "the surrogate rho = -(e_theta - e_ref), SPEC §7). Example: python -m mmalign.image.train "
-                    "--config configs/image/sd15-dpo-pickapic-lora.yaml --set training.max_steps=100")

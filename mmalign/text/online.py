@@ -21,7 +21,6 @@ with the checkpoint). Under LoRA the reference is the adapter-disabled base. Log
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import sys
@@ -31,8 +30,10 @@ from typing import Any, Mapping, Optional
 import torch
 
 import mmalign
-from mmalign.config import ConfigError, add_config_arguments, config_help, load_config, to_dict
+from mmalign.cli import run_command
+from mmalign.config import load_config
 from mmalign.engine import Trainer
+from mmalign.engine.result import TrainResult
 from mmalign.engine.threads import torch_threads
 from mmalign.entrypoints import make_module_callable
 from mmalign.rewards import build_reward, score
@@ -41,6 +42,7 @@ from mmalign.text.modeling.logprobs import SHARED_PROMPT_ATTENTION, attention_im
 from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm, load_tokenizer, unwrap
 from mmalign.text.modeling.references import AdapterReference, FrozenModelReference
 from mmalign.text.online_config import OnlineConfig
+from mmalign.text.online_inputs import ONLINE_EXTRA_INPUTS, add_prompt_features
 from mmalign.text.rollout import OnlineLoss, RepeatedBatches
 from mmalign.text.modeling.sampling import sample_completions
 
@@ -75,7 +77,7 @@ def load_prompts(source: str, tokenizer, cfg: OnlineConfig, *, max_samples: Opti
             raise ValueError(f"{source}: row {number}: prompt of {len(ids)} tokens + sampling.max_new_tokens="
                              f"{cfg.sampling.max_new_tokens} exceeds the model's context of {context} tokens")
         items.append({"prompt": prompt if isinstance(prompt, str) else text, "text": text, "prompt_ids": ids,
-                      "add_special_tokens": special})
+                      "add_special_tokens": special, "raw_prompt": prompt, "row": number, "source_row": row})
     if skipped:
         logger.warning("%s: %d prompt(s) longer than the context allows left out (prompts.too_long: skip)", source, skipped)
     if not items:
@@ -146,18 +148,21 @@ def plot_reward_hacking(metrics_path: str | Path, png_path: str | Path) -> Optio
 
 
 def online(config: OnlineConfig | Mapping[str, Any] | str | Path, *, reward: Any = None, heldout_reward: Any = None,
-           overrides: Optional[list[str]] = None, resume_from_checkpoint: Any = None) -> dict[str, Any]:
-    """Runs an online job; returns the engine's summary (+ ``output_dir``, ``reward``, ``reward_hacking_plot``).
+           overrides: Optional[list[str]] = None, resume_from_checkpoint: Any = None) -> TrainResult:
+    """Runs an online job; returns its :class:`~mmalign.engine.TrainResult` (as ``mmalign.text.train``), with the
+    details ``num_prompts``, ``reward`` (its name), ``algorithm`` and ``reward_hacking_plot``.
 
     ``reward`` / ``heldout_reward``: reward objects or callables (:mod:`mmalign.rewards`) used instead of the
     config's ``reward:`` / ``heldout_reward:`` sections. Everything is validated before the first step.
     """
     cfg = load_config(OnlineConfig, config, overrides or [])
+    if resume_from_checkpoint is not None:
+        cfg.training.resume_from_checkpoint = resume_from_checkpoint
     with torch_threads(cfg.training.num_threads):
-        return _online(cfg, reward, heldout_reward, resume_from_checkpoint)
+        return _online(cfg, reward, heldout_reward)
 
 
-def _online(cfg: OnlineConfig, reward: Any, heldout: Any, resume_from_checkpoint: Any) -> dict[str, Any]:
+def _online(cfg: OnlineConfig, reward: Any, heldout: Any) -> TrainResult:
     from accelerate.utils import set_seed
 
     set_seed(cfg.training.seed)
@@ -174,9 +179,10 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any, resume_from_checkpoint
         if not objective.accepts_groups and (algo.group_size or cfg.sampling.k // 2) != 1:
             raise ValueError(f"algorithm.group_size: objective {objective.name!r} is pairwise: set group_size: 1 "
                              "(best vs worst sample) or use mdpo/mipo")
-        if getattr(objective, "extra_inputs", ()):
-            raise ValueError(f"algorithm.objective: {objective.name!r} needs inputs {objective.extra_inputs} that "
-                             "online groups do not have")
+        unknown = set(getattr(objective, "extra_inputs", ())) - set(ONLINE_EXTRA_INPUTS)
+        if unknown:
+            raise ValueError(f"algorithm.objective: {objective.name!r} needs inputs {sorted(unknown)} that online "
+                             "groups do not have")
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path,
                                gguf_file=None if cfg.model.tokenizer else cfg.model.gguf_file,
                                chat_template=cfg.model.chat_template, trust_remote_code=cfg.model.trust_remote_code)
@@ -186,6 +192,7 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any, resume_from_checkpoint
     context = _context_length(model)
     train_items = load_prompts(cfg.prompts.train, tokenizer, cfg, max_samples=cfg.prompts.max_train_samples,
                                context=context)
+    train_items = add_prompt_features(train_items, cfg, tokenizer, context=context, source=cfg.prompts.train)
     eval_items = (load_prompts(cfg.prompts.eval, tokenizer, cfg, max_samples=cfg.prompts.max_eval_samples,
                                context=context) if cfg.prompts.eval else None)
     if len({i["add_special_tokens"] for i in train_items}) > 1:
@@ -218,50 +225,35 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any, resume_from_checkpoint
         trainer.evaluate_fn = _evaluator(cfg, tokenizer, eval_items, reward, heldout)
     logger.info("online %s: %d prompts, k=%d, share_prompt=%s, reference=%s", algo.name, len(train_items),
                 cfg.sampling.k, share, "none" if loss.reference is None else type(loss.reference).__name__)
-    summary = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    summary["output_dir"] = str(output_dir)
-    summary["num_prompts"] = len(train_items)
-    summary["reward"] = getattr(reward, "name", type(reward).__name__)
+    summary = trainer.train(resume_from_checkpoint=cfg.training.resume_from_checkpoint)
     plot = None
     if trainer.is_main_process and cfg.training.plot:
         plot = plot_reward_hacking(output_dir / "metrics.jsonl", output_dir / "reward_hacking.png")
-    summary["reward_hacking_plot"] = str(plot) if plot else None
-    return summary
+    return TrainResult.from_summary(summary, model=trainer.model, output_dir=output_dir, tokenizer=tokenizer,
+                                    num_prompts=len(train_items), algorithm=algo.name,
+                                    reward=getattr(reward, "name", type(reward).__name__),
+                                    reward_hacking_plot=str(plot) if plot else None)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m mmalign.text.online",
-        description="Online alignment of a causal LM against a reward: RLOO/GRPO (PPO clip, divergence to the "
-        "reference in the reward or the loss), online group objectives (mdpo, mipo, dpo... on groups formed by "
-        "reward), best-of-n and rejection-sampling fine-tuning. Writes metrics.jsonl, metrics.png, "
-        "reward_hacking.png, config.yaml, checkpoints/ and final/ to output_dir.",
-        epilog=config_help(OnlineConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, config_required=False)
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                        help="resume from a checkpoint folder, or from the latest one in output_dir when no value")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    return parser
+DESCRIPTION = (
+    "Online alignment of a causal LM against a reward: RLOO/GRPO (PPO clip, divergence to the reference in the "
+    "reward or the loss), online group objectives (mdpo, mipo, dpo, cnrpo, causal_dpo... on groups formed by "
+    "reward), best-of-n and rejection-sampling fine-tuning. Writes metrics.jsonl, metrics.png, reward_hacking.png, "
+    "config.yaml, checkpoints/ and final/ to output_dir.")
+
+
+def _run(cfg: OnlineConfig, args) -> int:
+    from accelerate import PartialState
+
+    result = online(cfg)
+    if PartialState().is_main_process:  # one summary line per job, not per process
+        print(result.summary_line())
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    import yaml
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(OnlineConfig, args.config, args.overrides)
-    except ConfigError as err:
-        parser.error(str(err))
-    if args.print_config:
-        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        return 0
-    summary = online(cfg, resume_from_checkpoint=args.resume)
-    metrics = {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}
-    print(f"done: {summary['global_step']} steps in {summary['train_runtime_s']:.1f}s; final model: "
-          f"{summary['final_dir']}; last metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    return 0
+    return run_command(prog="python -m mmalign.text.online", description=DESCRIPTION, config_cls=OnlineConfig,
+                       run=_run, argv=argv)
 
 
 make_module_callable(__name__, online)

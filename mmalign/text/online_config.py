@@ -7,10 +7,12 @@ classes of :mod:`mmalign.text.config`; ``reward`` / ``heldout_reward`` are lists
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from mmalign.rewards.config import RewardSpec
 from mmalign.shared.divergences import check_divergence
+from mmalign.shared.triggers import TriggerPolicy, validate_triggers
+from mmalign.text.data.bins import BinSpec
 from mmalign.text.config import LoraConfig, ModelConfig, ObjectiveConfig, ReferenceConfig, TextTrainingConfig
 
 __all__ = ["PromptConfig", "SamplingSettings", "AlgorithmConfig", "OnlineConfig", "ALGORITHMS"]
@@ -78,7 +80,18 @@ class AlgorithmConfig:
     threshold: Optional[float] = field(default=None, metadata={"help": "group threshold / rejection_sampling: the "
                                                                "reward a sample needs to be chosen / kept"})
     objective: ObjectiveConfig = field(default_factory=lambda: ObjectiveConfig("mdpo", {"beta": 0.1}),
-                                       metadata={"help": "group: the objective of mmalign.objective (mdpo, mipo, dpo...)"})
+                                       metadata={"help": "group: the objective of mmalign.objective (mdpo, mipo, dpo, "
+                                                 "cnrpo, causal_dpo...)"})
+    triggers: list[str] = field(default_factory=list, metadata={
+        "help": "group with objective cnrpo: the trigger strings t_i (one per objective.alphas); each step the policy "
+                "scores the sampled chosen/rejected responses behind prompt ⊕ t_i (no grad), SPEC §4 Eq. 14"})
+    trigger_policy: Optional[dict[str, Any]] = field(default=None, metadata={
+        "help": "cnrpo: how t_i is attached to a prompt: {mode: append|prepend|template, template, separator}"})
+    bins: Optional[BinSpec] = field(default=None, metadata={
+        "help": "group with objective causal_dpo: bins of the spurious factor (SPEC §5). length: the sampled "
+                "responses' token lengths cut at the quantiles of each rollout's samples; column: a prompt-file "
+                "column (one bin per prompt); keywords: a keyword table on the prompt (fixed per prompt) or on the "
+                "sampled responses (text: response/both, unmatched: error or extra_bin)"})
 
     def __post_init__(self) -> None:
         if self.divergence_in != "none":
@@ -96,6 +109,29 @@ class AlgorithmConfig:
             raise ValueError("algorithm.threshold: rejection_sampling needs a reward threshold")
         if self.name == "group" and self.selection == "threshold" and self.threshold is None:
             raise ValueError("algorithm.threshold: selection 'threshold' needs a reward threshold")
+        self._check_objective_inputs()
+
+    def _check_objective_inputs(self) -> None:
+        """cnrpo needs triggers (one per alpha), causal_dpo needs bins; neither section without its objective."""
+        name = self.objective.name if self.name == "group" else None
+        if name != "cnrpo" and (self.triggers or self.trigger_policy):
+            raise ValueError("algorithm.triggers: triggers are for algorithm.name: group with objective cnrpo")
+        if name != "causal_dpo" and self.bins is not None:
+            raise ValueError("algorithm.bins: bins are for algorithm.name: group with objective causal_dpo")
+        if name == "cnrpo":
+            alphas = self.objective.hyperparameters.get("alphas", [])
+            if not self.triggers or len(self.triggers) != len(alphas):
+                raise ValueError(f"algorithm.triggers: objective cnrpo needs one trigger per alpha; got "
+                                 f"{len(self.triggers)} trigger(s) {self.triggers} and alphas {alphas}")
+            validate_triggers(self.triggers, source="algorithm.triggers")
+            TriggerPolicy.from_dict(self.trigger_policy, source="algorithm.trigger_policy")
+        if name == "causal_dpo":
+            if self.bins is None:
+                raise ValueError("algorithm.bins: objective causal_dpo needs a bins: section (source: length, column "
+                                 "or keywords); online responses have no precomputed bin column")
+            if self.bins.source == "keywords" and self.bins.text != "prompt" and self.bins.unmatched == "drop":
+                raise ValueError("algorithm.bins.unmatched: a sampled response cannot be dropped; with text: "
+                                 f"{self.bins.text} use unmatched: error or extra_bin")
 
 
 @dataclass

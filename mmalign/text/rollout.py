@@ -19,7 +19,7 @@ is part of the checkpoint, so a resumed run continues it exactly.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -30,6 +30,8 @@ from mmalign.shared.divergences import divergence_estimate, divergence_penalty
 from mmalign.shared.objectives.batch import masked_mean
 from mmalign.shared.policy_gradient import clipped_policy_loss, form_groups, group_advantages
 from mmalign.text.data import PreferenceCollator, batch_to_device
+from mmalign.text.data.bins import preference_text
+from mmalign.text.online_inputs import GroupInputs
 from mmalign.text.modeling.logprobs import batch_logprobs, gather_groups
 from mmalign.text.modeling.loading import unwrap
 from mmalign.text.modeling.sampling import sample_completions
@@ -70,6 +72,7 @@ class Rollout:
     finished: torch.Tensor  # [B, k]
     parts: dict[str, torch.Tensor]
     old_logp: Optional[torch.Tensor] = None
+    features: dict[str, list] = field(default_factory=dict)  # per prompt: triggered_ids, bins, prompts (online_inputs)
 
     def state(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -97,7 +100,11 @@ def generate_rollout(model, tokenizer, items: list[dict[str, Any]], *, k: int, s
     total = normalize_per_group(total, group_ids, normalize)
     held = score(heldout, prompts, outputs, group_ids=group_ids).reshape(shape) if heldout is not None else None
     as_tensor = lambda rows, dtype=torch.float32: torch.tensor(rows, dtype=dtype)  # noqa: E731
-    return Rollout(
+    features = {"prompts": [preference_text(item.get("raw_prompt", item["prompt"])) for item in items]}
+    for key, name in (("triggered_ids", "triggered_ids"), ("bin", "bins")):
+        if all(key in item for item in items):
+            features[name] = [item[key] for item in items]
+    return Rollout(features=features, 
         prompt_ids=[item["prompt_ids"] for item in items], response_ids=samples.token_ids,
         rewards=total.reshape(shape), heldout=held, lengths=as_tensor(samples.num_tokens),
         entropy=as_tensor(samples.token_entropy), finished=as_tensor(samples.finished), parts=parts,
@@ -112,6 +119,7 @@ class OnlineLoss:
         self.cfg, self.tokenizer, self.reward, self.heldout = cfg, tokenizer, reward, heldout
         self.reference, self.objective = reference, objective
         self.collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=share_prompt)
+        self.group_inputs = GroupInputs(cfg, tokenizer, share_prompt)
         self.calls = 0
         self.rollout: Optional[Rollout] = None
 
@@ -154,8 +162,11 @@ class OnlineLoss:
             metrics["kl"] = divergence_estimate(rho, "reverse_kl").mean()
             if algo.divergence_in != "none":
                 metrics["divergence"] = divergence_estimate(rho, algo.divergence, algo.alpha).mean()
-        loss = getattr(self, f"_loss_{algo.name}" if algo.name in ("group", "best_of_n", "rejection_sampling")
-                       else "_loss_policy_gradient")(logp, ref, rollout, metrics)
+        if algo.name == "group":
+            loss = self._loss_group(model, logp, ref, rollout, metrics)
+        else:
+            loss = getattr(self, f"_loss_{algo.name}" if algo.name in ("best_of_n", "rejection_sampling")
+                           else "_loss_policy_gradient")(logp, ref, rollout, metrics)
         if not bool(torch.isfinite(loss)):  # before backward: a non-finite step must never reach a checkpoint
             raise FloatingPointError(f"online step {self.calls}: non-finite loss ({float(loss.detach())}); stopping before the "
                                      "update (no checkpoint is written from this step)")
@@ -180,7 +191,7 @@ class OnlineLoss:
             loss = loss + algo.beta * divergence_estimate(logp - ref, algo.divergence, algo.alpha).mean()
         return loss
 
-    def _loss_group(self, logp, ref, rollout: Rollout, metrics) -> torch.Tensor:
+    def _loss_group(self, model, logp, ref, rollout: Rollout, metrics) -> torch.Tensor:
         algo = self.cfg.algorithm
         chosen, chosen_mask, rejected, rejected_mask, valid = form_groups(
             rollout.rewards, selection=algo.selection, group_size=algo.group_size, threshold=algo.threshold)
@@ -194,7 +205,8 @@ class OnlineLoss:
             policy_chosen=pick(logp, chosen), policy_rejected=pick(logp, rejected),
             ref_chosen=pick(ref, chosen), ref_rejected=pick(ref, rejected),
             chosen_mask=chosen_mask[rows].to(logp.device), rejected_mask=rejected_mask[rows].to(logp.device),
-            chosen_lengths=pick(lengths, chosen).clamp_min(1))
+            chosen_lengths=pick(lengths, chosen).clamp_min(1),
+            **self.group_inputs(model, rollout, rows, chosen[rows], rejected[rows]))
         metrics.update({f"objective/{name}": value for name, value in out.metric_tensors.items()})
         return out.loss
 

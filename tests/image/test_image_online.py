@@ -1,10 +1,12 @@
 """Online image rounds on the tiny pipeline: generate k images per prompt, score, group, train, evaluate."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import mmalign
 import mmalign.image
 from mmalign.config import ConfigError
 from mmalign.rewards import CallableReward
@@ -36,6 +38,9 @@ def test_rounds_generate_score_group_and_train(tiny_sd_path, tmp_path):
     balance = ClassifierReward(_RedIsFemale(), attribute="gender", mode="balance")
     result = mmalign.image.online(_config(tiny_sd_path, tmp_path / "run"), reward=balance)
     rows = result["rounds"]
+    # the library's one result type: the TrainResult, every round's metric rows as its log
+    assert isinstance(result, mmalign.TrainResult) and result.global_step == 6
+    assert [r["round"] for r in result.log] == [1, 1, 1, 2, 2, 2] and result.final_dir.name == "final"
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all({"heldout_reward", "simpson_gender"} <= set(r) for r in rows)
     assert all(0.0 <= r["simpson_gender"] <= 0.5 for r in rows)
@@ -79,3 +84,95 @@ def test_bad_settings_are_refused(tiny_sd_path, tmp_path):
         mmalign.image.online(cfg, reward=lambda p, o: [0.0] * len(o))
     with pytest.raises(ValueError, match="tie on the reward"):
         mmalign.image.online(_config(tiny_sd_path, tmp_path / "c"), reward=lambda p, o: [0.0] * len(o))
+
+
+def bright(prompts, images):
+    """A brightness reward importable by path (the config's reward: section, the CLI and the resume test)."""
+    return [float(np.asarray(i).mean()) for i in images]
+
+
+def _bright_config(tiny_pixel_path, out, **training):
+    cfg = _config(tiny_pixel_path, out, resolution=16, reward=[{"kind": "callable", "function": "tests.image.test_image_online:bright"}])
+    cfg["training"] = {**cfg["training"], **training}
+    return cfg
+
+
+def test_cli_print_config_and_one_round(tiny_pixel_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    config = tmp_path / "rounds.yaml"
+    config.write_text(yaml.safe_dump(_bright_config(tiny_pixel_path, tmp_path / "cli", max_steps=1)))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "mmalign.image.online", "--config", str(config), "--set", "rounds=1"]
+    printed = subprocess.run(command + ["--print-config"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert printed.returncode == 0 and yaml.safe_load(printed.stdout)["rounds"] == 1, printed.stderr[-2000:]
+    done = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done: 1 rounds, 1 steps" in done.stdout
+    assert (tmp_path / "cli" / "round-01" / "policy.safetensors").exists()
+    bad = subprocess.run(command + ["--set", "k=1"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "k >= 2" in bad.stderr
+
+
+def test_a_fresh_run_refuses_a_folder_with_rounds(tiny_pixel_path, tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "rounds.jsonl").write_text('{"round": 0}\n')
+    with pytest.raises(ValueError, match="holds the rounds of another run"):
+        mmalign.image.online(_bright_config(tiny_pixel_path, tmp_path / "used"))
+    with pytest.raises(ValueError, match="resume from their output_dir only"):
+        mmalign.image.online(_bright_config(tiny_pixel_path, tmp_path / "x", resume_from_checkpoint="/some/where"))
+
+
+def test_rounds_section_makes_image_train_run_rounds(tiny_pixel_path, tmp_path):
+    online = _bright_config(tiny_pixel_path, tmp_path / "online", max_steps=2)
+    rounds = {key: online.pop(key) for key in ("prompts", "heldout_prompts", "rounds", "k", "eval_k",
+                                               "num_inference_steps", "guidance_scale", "reward")}
+    train_cfg = {**{k: v for k, v in online.items() if k != "resolution"}, "data": {"resolution": 16},
+                 "rounds": {**rounds, "rounds": 1}, "output_dir": str(tmp_path / "train")}
+    result = mmalign.image.train(train_cfg)
+    assert [r["round"] for r in result["rounds"]] == [0, 1] and result.global_step == 2
+    # the same run as mmalign.image.online with the same settings
+    direct = mmalign.image.online({**_bright_config(tiny_pixel_path, tmp_path / "direct", max_steps=2), "rounds": 1})
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "train_runtime_s"} for r in rows]  # noqa: E731
+    assert strip(result["rounds"]) == strip(direct["rounds"])
+    with pytest.raises(ConfigError, match="rounds: rounds >= 1, k >= 2"):
+        mmalign.image.train({**train_cfg, "rounds": {**rounds, "k": 1}})
+
+
+@pytest.mark.slow
+def test_rounds_resume_bit_exact_after_kills(tiny_pixel_path, tmp_path):
+    """Killed inside round 1's training, before round 1's final save, between rounds and after round 2's data:
+    the resumed run's rounds.jsonl, every round's metrics and the last policy equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from tests.torture import run
+
+    def make(out):
+        return _bright_config(tiny_pixel_path, out, max_steps=3, save_steps=2, seed=0, plot=False)
+
+    def outcome(out):
+        wall = ("train_runtime_s", "tokens/s", "samples/s", "step_s")
+        rounds = [{k: v for k, v in json.loads(x).items() if k not in wall}
+                  for x in (out / "rounds.jsonl").read_text().splitlines()]
+        metrics = [[{k: v for k, v in json.loads(x).items() if k not in wall}
+                    for x in (out / f"round-{r:02d}" / "metrics.jsonl").read_text().splitlines()] for r in (1, 2)]
+        return rounds, metrics, load_file(str(out / "round-02" / "policy.safetensors"))
+
+    reference = make(tmp_path / "reference")
+    assert run("image_online", reference).returncode == 0
+    expected = outcome(tmp_path / "reference")
+    assert [r["round"] for r in expected[0]] == [0, 1, 2]
+    for fault in ("checkpoint_files:2", "before_final:3", "round_done:1", "round_data:2"):
+        config = make(tmp_path / fault.replace(":", "-"))
+        killed = run("image_online", config, fault=fault)
+        assert killed.returncode == -9, (fault, killed.stderr[-2000:])
+        resumed = run("image_online", config, resume=True)
+        assert resumed.returncode == 0, (fault, resumed.stderr[-3000:])
+        rounds, metrics, weights = outcome(Path(config["output_dir"]))
+        assert rounds == expected[0] and metrics == expected[1], fault
+        assert weights.keys() == expected[2].keys() and all(weights[k].equal(v) for k, v in expected[2].items()), fault

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mmalign
 import mmalign.text
 from mmalign.config import ConfigError
 from mmalign.rewards import RegexReward, RewardError
@@ -66,10 +67,15 @@ def test_each_algorithm_raises_a_rule_reward(tiny_model_dir, prompt_file, tmp_pa
     cfg = _config(tiny_model_dir, prompt_file, tmp_path / "run", algorithm=algorithm,
                   prompts={"eval": str(prompt_file)})
     before = _initial_eval_reward(tiny_model_dir, prompt_file, cfg)
-    summary = mmalign.text.online(cfg)
-    after = summary["metrics"]["eval_reward"]
+    result = mmalign.text.online(cfg)
+    after = result.metrics["eval_reward"]
     rows = [r for r in _rows(tmp_path / "run") if "reward/mean" in r]
     assert after > before + 0.5, (before, after)
+    # one result type with mmalign.text.train: the TrainResult, its log = metrics.jsonl, the trained model in it
+    assert isinstance(result, mmalign.TrainResult) and result.global_step == 8
+    assert result.log == _rows(tmp_path / "run") and result["algorithm"] == algorithm["name"]
+    assert result.final_dir == tmp_path / "run" / "final" and result.tokenizer is not None
+    assert isinstance(result.model, torch.nn.Module)
     assert sum(r["reward/mean"] for r in rows[-3:]) > sum(r["reward/mean"] for r in rows[:3])
     assert {"reward/std", "response/length", "entropy"} <= set(rows[0])
     assert (tmp_path / "run" / "final" / "config.json").exists()

@@ -1,0 +1,35 @@
+"""The ``rounds:`` section of an image training config: online rounds (generate → score → group → train) instead of
+training on a fixed preference set; ``mmalign.image.train`` then runs :func:`mmalign.image.online.online`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from mmalign.rewards.config import RewardSpec
+
+__all__ = ["RoundsConfig", "ROUND_KEYS"]
+
+
+@dataclass
+class RoundsConfig:
+    """What a round generates and how it is scored and grouped (the rest comes from the training config's model,
+    lora, objective, diffusion, training and output_dir sections; the image side is ``data.resolution``)."""
+
+    prompts: list[str] = field(metadata={"help": "training prompts (k images each per round)"})
+    reward: list[RewardSpec] = field(default_factory=list, metadata={"help": "image reward specs"})
+    rounds: int = field(default=2, metadata={"help": "rounds of generation and training"})
+    heldout_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts evaluated after each round"})
+    k: int = field(default=6, metadata={"help": "images generated per prompt per round"})
+    selection: Literal["top_bottom", "threshold"] = field(default="top_bottom", metadata={"help": "group formation"})
+    group_size: Optional[int] = field(default=None, metadata={"help": "top_bottom: m images per group (default k//2)"})
+    threshold: Optional[float] = field(default=None, metadata={"help": "threshold: the reward a chosen image needs"})
+    eval_k: int = field(default=6, metadata={"help": "images per held-out prompt at each evaluation"})
+    num_inference_steps: int = field(default=25, metadata={"help": "sampling steps"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance (1 = off)"})
+    scheduler: Literal["ddim", "dpm_solver"] = field(default="ddim", metadata={"help": "sampler"})
+    seed: int = field(default=0, metadata={"help": "seed of the generations (round r, image i: seed + 100003 r + i)"})
+
+
+#: the keys of RoundsConfig that ImageOnlineConfig has under the same name
+ROUND_KEYS = ("prompts", "reward", "rounds", "heldout_prompts", "k", "selection", "group_size", "threshold", "eval_k",
+              "num_inference_steps", "guidance_scale", "scheduler", "seed")
