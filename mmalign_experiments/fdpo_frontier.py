@@ -45,16 +45,16 @@ class FrontierConfig:
 
     model: str = field(default="smollm2", metadata={"help": "causal LM folder, or 'smollm2' (converted offline)"})
     hh: str = field(default="../shared/data/hh-rlhf/harmless-base-test.jsonl.gz", metadata={"help": "HH-RLHF pairs"})
-    max_prompt_chars: int = field(default=300, metadata={"help": "single-turn pairs with a prompt this short are kept"})
-    max_response_chars: int = field(default=300, metadata={"help": "... and both responses this short"})
+    max_prompt_chars: int = field(default=200, metadata={"help": "single-turn pairs with a prompt this short are kept"})
+    max_response_chars: int = field(default=200, metadata={"help": "... and both responses this short"})
     data_seed: int = field(default=0, metadata={"help": "shuffle of the kept pairs before slicing (fixed across seeds)"})
-    rm_train: int = field(default=192, metadata={"help": "clean pairs for the reward model"})
+    rm_train: int = field(default=64, metadata={"help": "clean pairs for the reward model"})
     rm_eval: int = field(default=64, metadata={"help": "clean held-out pairs for the reward model's accuracy"})
-    train: int = field(default=128, metadata={"help": "f-DPO training pairs"})
-    eval: int = field(default=64, metadata={"help": "held-out pairs: preference accuracy and ECE"})
-    prompts: int = field(default=16, metadata={"help": "held-out prompts answered by sampling"})
+    train: int = field(default=64, metadata={"help": "f-DPO training pairs"})
+    eval: int = field(default=48, metadata={"help": "held-out pairs: preference accuracy and ECE"})
+    prompts: int = field(default=8, metadata={"help": "held-out prompts answered by sampling"})
     divergences: list[str] = field(
-        default_factory=lambda: ["reverse_kl", "js", "forward_kl", "alpha:0.3", "alpha:0.5", "alpha:0.7"],
+        default_factory=lambda: ["reverse_kl", "forward_kl", "js", "alpha:0.5", "alpha:0.3", "alpha:0.7"],
         metadata={"help": "f-DPO divergences; alpha:A is the α-divergence with α = A"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "training and sampling seeds (the unit)"})
     beta: float = field(default=0.1, metadata={"help": "f-DPO beta"})
@@ -62,11 +62,11 @@ class FrontierConfig:
     batch_size: int = field(default=8, metadata={"help": "pairs per step"})
     num_epochs: float = field(default=1.0, metadata={"help": "epochs over the training pairs"})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (alpha = 2r, all linear layers)"})
-    max_length: int = field(default=160, metadata={"help": "prompt and response token caps (each)"})
+    max_length: int = field(default=96, metadata={"help": "prompt and response token caps (each)"})
     ece_eval_steps: int = field(default=0, metadata={"help": "log eval_ece every N steps on the eval pairs (0: off; "
                                                             "the final accuracy/ECE are computed after training)"})
     num_samples: int = field(default=4, metadata={"help": "sampled answers per held-out prompt"})
-    max_new_tokens: int = field(default=48, metadata={"help": "tokens per sampled answer"})
+    max_new_tokens: int = field(default=32, metadata={"help": "tokens per sampled answer"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     rm_top_layers: int = field(default=4, metadata={"help": "reward model: trainable top blocks"})
     rm_learning_rate: float = field(default=5e-5, metadata={"help": "reward model learning rate"})

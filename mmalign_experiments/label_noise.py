@@ -50,17 +50,17 @@ class LabelNoiseConfig:
     model: str = field(default=SMOLLM2, metadata={"help": "causal LM folder, or 'smollm2' (converted offline)"})
     data: RngDataConfig = field(
         default_factory=lambda: RngDataConfig(num_train_intervals=12, num_test_intervals=8, train_gap_max=8,
-                                              test_gap_max=8, group_size=5, rejected_pool_size=8),
+                                              test_gap_max=8, group_size=3, rejected_pool_size=8),
         metadata={"help": "intervals and groups; group_size = the largest k; data.seed is replaced by each seed"})
-    sampling: RngSamplingConfig = field(default_factory=lambda: RngSamplingConfig(num_samples=32),
+    sampling: RngSamplingConfig = field(default_factory=lambda: RngSamplingConfig(num_samples=16),
                                         metadata={"help": "rejected pool and held-out evaluation sampling"})
     noise: Literal["member_votes", "group"] = field(
         default="member_votes", metadata={"help": "member_votes: each member pair's vote wrong w.p. p, groups take "
                                           "the majority; group: each group's label flipped w.p. p"})
-    noise_rates: list[float] = field(default_factory=lambda: [0.0, 0.2, 0.4], metadata={"help": "p, each in [0, 0.5)"})
-    group_sizes: list[int] = field(default_factory=lambda: [1, 3, 5],
+    noise_rates: list[float] = field(default_factory=lambda: [0.0, 0.3], metadata={"help": "p, each in [0, 0.5)"})
+    group_sizes: list[int] = field(default_factory=lambda: [1, 3],
                                    metadata={"help": "k for mDPO (k = 1: DPO on one pair per prompt)"})
-    pairwise_group_sizes: list[int] = field(default_factory=lambda: [5],
+    pairwise_group_sizes: list[int] = field(default_factory=lambda: [3],
                                             metadata={"help": "k for DPO on k pairs per prompt (same votes, k x batch)"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "the unit of replication"})
     beta: float = field(default=0.1, metadata={"help": "DPO / mDPO beta"})

@@ -49,11 +49,11 @@ def test_group_noise_flips_every_pair_of_a_flipped_group_and_rates_share_random_
 
 def test_methods_and_config_validation():
     cfg = LabelNoiseConfig()
-    assert [m.label for m in methods(cfg)] == ["DPO k=1", "mDPO k=3", "mDPO k=5", "DPO 5 pairs"]
+    assert [m.label for m in methods(cfg)] == ["DPO k=1", "mDPO k=3", "DPO 3 pairs"]
     with pytest.raises(ConfigError, match="noise_rates"):
         load_config(LabelNoiseConfig, {"noise_rates": [0.0, 0.5]})
     with pytest.raises(ConfigError, match="group_sizes"):
-        load_config(LabelNoiseConfig, {"group_sizes": [1, 6]})
+        load_config(LabelNoiseConfig, {"group_sizes": [1, 4]})
 
 
 def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
