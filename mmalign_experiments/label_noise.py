@@ -73,6 +73,8 @@ class LabelNoiseConfig:
                                                    num_threads=1, progress_bar=False),
         metadata={"help": "optimisation; batch_size counts prompts (DPO on k pairs: k x as many pairs)"})
     output_dir: str = field(default="outputs/label-noise", metadata={"help": "run folder (finished runs are reused)"})
+    only_finished: bool = field(default=False, metadata={"help": "only tabulate the runs already finished in "
+                                                                 "output_dir (train nothing)"})
 
     def __post_init__(self) -> None:
         if not self.noise_rates or any(not 0.0 <= p < 0.5 for p in self.noise_rates):
@@ -93,9 +95,11 @@ class Method:
 
 
 def methods(cfg: LabelNoiseConfig) -> list[Method]:
+    """mDPO per group size, then DPO on k pairs per pairwise size, in the configured order (k = 1 in either list is
+    DPO on one pair per prompt, listed once)."""
     out = [Method("DPO k=1" if k == 1 else f"mDPO k={k}", k, k > 1) for k in cfg.group_sizes]
-    out += [Method(f"DPO {k} pairs", k, False) for k in cfg.pairwise_group_sizes if k > 1]
-    return out
+    out += [Method("DPO k=1" if k == 1 else f"DPO {k} pairs", k, False) for k in cfg.pairwise_group_sizes]
+    return list({m.label: m for m in out}.values())
 
 
 # ------------------------------------------------------------------------------------------------ noise
@@ -134,6 +138,7 @@ def _train_config(cfg: LabelNoiseConfig, method: Method, model_path: str, data_f
                   run_dir: Path) -> dict[str, Any]:
     training = to_dict(cfg.training)
     training["seed"] = seed
+    training["overwrite_output_dir"] = True  # a run without eval.json was interrupted: start it again
     if not method.grouped:  # the same number of optimizer steps: k pairs per prompt
         training["batch_size"] = cfg.training.batch_size * method.k
     return {
@@ -170,8 +175,12 @@ def _run_seed(cfg: LabelNoiseConfig, seed: int, model_path: str) -> list[dict[st
     pool = _sample_answers(base, tokenizer, train_prompts, pool_sampling, data_cfg.rejected_pool_size)
     groups, _, stats = build_preference_rows(train_prompts, train_iv, pool, data_cfg)
     logger.info("seed %d data: %s", seed, stats)
-    rows = [{"seed": seed, "rate": None, "method": "base", "k": 0, "wrong_label_rate": None,
-             **_evaluate(_sample_answers(base, tokenizer, test_prompts, pool_sampling, cfg.sampling.num_samples), test_iv)}]
+    base_file = out / "base.json"
+    if not base_file.is_file():
+        answers = _sample_answers(base, tokenizer, test_prompts, pool_sampling, cfg.sampling.num_samples)
+        atomic_write_text(base_file, json.dumps({"seed": seed, "rate": None, "method": "base", "k": 0,
+                                                 "wrong_label_rate": None, **_evaluate(answers, test_iv)}, indent=2))
+    rows = [json.loads(base_file.read_text())]
     del base
     votes = vote_draws(len(groups), data_cfg.group_size, seed)
     for rate in cfg.noise_rates:
@@ -195,6 +204,13 @@ def _run_seed(cfg: LabelNoiseConfig, seed: int, model_path: str) -> list[dict[st
             logger.info("seed %d p %.2f %s: entropy %.3f, out of range %.3f (%.0fs)", seed, rate, method.label,
                         row["entropy"], row["out_of_range_rate"], row["wall_s"])
     return rows
+
+
+def finished_rows(out: Path, seed: int) -> list[dict[str, Any]]:
+    """The rows a sweep has finished for ``seed`` (``base.json`` and every run's ``eval.json``), nothing trained."""
+    folder = out / f"seed{seed}"
+    files = ([folder / "base.json"] if (folder / "base.json").is_file() else []) + sorted(folder.glob("p*/*/eval.json"))
+    return [json.loads(f.read_text()) for f in files]
 
 
 def summary_table(rows: list[dict[str, Any]], labels: list[str], rates: list[float]) -> str:
@@ -262,7 +278,7 @@ def run_label_noise(config: LabelNoiseConfig | dict | str | Path, overrides: Opt
     rows: list[dict[str, Any]] = []
     with torch_threads(cfg.training.num_threads):
         for seed in cfg.seeds:
-            rows += _run_seed(cfg, seed, model_path)
+            rows += finished_rows(out, seed) if cfg.only_finished else _run_seed(cfg, seed, model_path)
     labels = [m.label for m in methods(cfg)]
     table = summary_table(rows, labels, list(cfg.noise_rates))
     results = {"rows": rows, "config": to_dict(cfg), "model": model_path, "total_s": time.perf_counter() - started}

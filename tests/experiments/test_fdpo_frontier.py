@@ -44,6 +44,7 @@ def test_splits_are_disjoint_filtered_and_fail_clearly_when_too_small(tmp_path):
         make_splits(big, tmp_path / "big")
 
 
+@pytest.mark.slow  # ~50 s on a quiet box, 4-5 min under load
 def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     hh = _write_hh(tmp_path / "hh.jsonl.gz", 40)
     config = {"model": str(tiny_model_dir), "hh": str(hh), "output_dir": str(tmp_path / "fr"),

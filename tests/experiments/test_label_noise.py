@@ -56,6 +56,7 @@ def test_methods_and_config_validation():
         load_config(LabelNoiseConfig, {"group_sizes": [1, 4]})
 
 
+@pytest.mark.slow  # ~50 s on a quiet box, 4-5 min under load
 def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     config = {
         "model": str(tiny_model_dir), "output_dir": str(tmp_path / "ln"), "seeds": [0, 1],
@@ -80,3 +81,8 @@ def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     # Finished runs are reused: a second call trains nothing and returns the same rows.
     again = run_label_noise(config)
     assert [r["entropy"] for r in again["rows"]] == [r["entropy"] for r in rows]
+    # only_finished tabulates what exists without training: drop one run and it is simply missing.
+    (out / "seed1" / "p0.4" / "mDPO_k2" / "eval.json").unlink()
+    partial = run_label_noise({**config, "only_finished": True})
+    assert len(partial["rows"]) == len(rows) - 1
+    assert not any(r["seed"] == 1 and r["rate"] == 0.4 and r["method"] == "mDPO k=2" for r in partial["rows"])
