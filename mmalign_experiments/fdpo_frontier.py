@@ -232,7 +232,7 @@ def plot(path: Path, rows: list[dict[str, Any]], labels: list[str]) -> None:
 
 def run_frontier(config: FrontierConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Every divergence x seed; writes ``results.json``, ``results.md`` and ``frontier.png`` to ``output_dir``."""
-    from mmalign.engine.trainer import torch_threads
+    from mmalign.engine.threads import torch_threads
     from mmalign.text.evaluation.reward_probes import RewardScorer
     from mmalign_experiments.rng.run import resolve_model_path
 

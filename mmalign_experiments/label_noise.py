@@ -266,7 +266,7 @@ def plot(path: Path, rows: list[dict[str, Any]], labels: list[str], rates: list[
 
 def run_label_noise(config: LabelNoiseConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Runs every seed x noise rate x method; writes ``results.json``, ``results.md``, ``label_noise.png``."""
-    from mmalign.engine.trainer import torch_threads
+    from mmalign.engine.threads import torch_threads
     from mmalign_experiments.rng.run import resolve_model_path
 
     cfg = load_config(LabelNoiseConfig, config, overrides or [])

@@ -183,7 +183,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 
 def run_compare(config: TwoBiasCompareConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Every seed x method; writes ``results.json`` and ``results.md`` to ``output_dir``."""
-    from mmalign.engine.trainer import torch_threads
+    from mmalign.engine.threads import torch_threads
     from mmalign_experiments.rng.run import resolve_model_path
 
     cfg = load_config(TwoBiasCompareConfig, config, overrides or [])
