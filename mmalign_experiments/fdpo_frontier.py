@@ -30,9 +30,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mmalign.cli import run_command
-from mmalign.config import load_config, save_config, to_dict
+from mmalign.config import to_dict
 from mmalign.io import atomic_write_text, read_jsonl, write_jsonl
 from mmalign_experiments.bias_data import hh_pairs
+from mmalign_experiments.sweep import finish_figure, open_sweep
 
 logger = logging.getLogger("mmalign_experiments.fdpo_frontier")
 
@@ -213,8 +214,6 @@ def plot(path: Path, rows: list[dict[str, Any]], labels: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mmalign.engine.plots import save_figure
-
     panels = [("predictive_entropy", "reward"), ("distinct_2", "reward"), ("ece", "accuracy")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, (x, y) in zip(axes, panels):
@@ -225,23 +224,16 @@ def plot(path: Path, rows: list[dict[str, Any]], labels: list[str]) -> None:
         ax.set_xlabel(x.replace("_", " "))
         ax.set_ylabel(y)
     axes[0].legend(fontsize=7)
-    fig.suptitle("f-DPO on HH-RLHF (SmolLM2-135M + LoRA): reward vs diversity, accuracy vs ECE (dots: seeds)", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    finish_figure(fig, path, "f-DPO on HH-RLHF (SmolLM2-135M + LoRA): reward vs diversity, accuracy vs ECE (dots: seeds)")
 
 
 def run_frontier(config: FrontierConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Every divergence x seed; writes ``results.json``, ``results.md`` and ``frontier.png`` to ``output_dir``."""
     from mmalign.engine.threads import torch_threads
     from mmalign.text.evaluation.reward_probes import RewardScorer
-    from mmalign_experiments.rng.run import resolve_model_path
 
-    cfg = load_config(FrontierConfig, config, overrides or [])
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     started = time.perf_counter()
-    model_path = resolve_model_path(cfg.model)
+    cfg, out, model_path = open_sweep(FrontierConfig, config, overrides)
     rows: list[dict[str, Any]] = []
     with torch_threads(cfg.num_threads):
         files = make_splits(cfg, out)

@@ -31,12 +31,13 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from mmalign.cli import run_command
-from mmalign.config import load_config, save_config, to_dict
+from mmalign.config import load_config, to_dict
 from mmalign.io import atomic_write_text, write_jsonl
 from mmalign.text.config import LoraConfig, TextTrainingConfig
 from mmalign.text.evaluation.uniformity import summarize, uniformity_metrics
 from mmalign_experiments.rng.config import SMOLLM2, RngDataConfig, RngSamplingConfig
 from mmalign_experiments.rng.data import build_preference_rows, format_prompt, make_intervals
+from mmalign_experiments.sweep import finish_figure, open_sweep
 
 logger = logging.getLogger("mmalign_experiments.label_noise")
 
@@ -241,8 +242,6 @@ def plot(path: Path, rows: list[dict[str, Any]], labels: list[str], rates: list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mmalign.engine.plots import save_figure
-
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for metric, ax in zip(("entropy", "out_of_range_rate"), axes):
         for i, label in enumerate(labels):
@@ -259,22 +258,15 @@ def plot(path: Path, rows: list[dict[str, Any]], labels: list[str], rates: list[
         ax.set_xlabel("label noise rate p")
         ax.set_ylabel({"entropy": "held-out entropy (nats)", "out_of_range_rate": "out-of-range rate"}[metric])
     axes[0].legend(fontsize=7)
-    fig.suptitle("RNG task under label noise: mean over seeds (dots: seeds)", fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    finish_figure(fig, path, "RNG task under label noise: mean over seeds (dots: seeds)")
 
 
 def run_label_noise(config: LabelNoiseConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Runs every seed x noise rate x method; writes ``results.json``, ``results.md``, ``label_noise.png``."""
     from mmalign.engine.threads import torch_threads
-    from mmalign_experiments.rng.run import resolve_model_path
 
-    cfg = load_config(LabelNoiseConfig, config, overrides or [])
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     started = time.perf_counter()
-    model_path = resolve_model_path(cfg.model)
+    cfg, out, model_path = open_sweep(LabelNoiseConfig, config, overrides)
     rows: list[dict[str, Any]] = []
     with torch_threads(cfg.training.num_threads):
         for seed in cfg.seeds:

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mmalign.cli import run_command
-from mmalign.config import load_config, save_config, to_dict
+from mmalign.config import to_dict
 from mmalign.io import atomic_write_text, write_jsonl
+from mmalign_experiments.sweep import open_sweep
 from mmalign_experiments.two_bias_data import TRIGGERS, length_aux_pairs, prefix_aux_pairs, probe_pairs, two_bias_pairs
 
 logger = logging.getLogger("mmalign_experiments.two_bias_compare")
@@ -184,14 +185,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 def run_compare(config: TwoBiasCompareConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Every seed x method; writes ``results.json`` and ``results.md`` to ``output_dir``."""
     from mmalign.engine.threads import torch_threads
-    from mmalign_experiments.rng.run import resolve_model_path
 
-    cfg = load_config(TwoBiasCompareConfig, config, overrides or [])
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     started = time.perf_counter()
-    model_path = resolve_model_path(cfg.model)
+    cfg, out, model_path = open_sweep(TwoBiasCompareConfig, config, overrides)
     rows: list[dict[str, Any]] = []
     with torch_threads(cfg.num_threads):
         for seed in cfg.seeds:
