@@ -236,6 +236,26 @@ def summary_table(rows: list[dict[str, Any]], labels: list[str], rates: list[flo
     return "\n".join(lines) + "\n"
 
 
+def seed_comparisons(rows: list[dict[str, Any]], methods_: list[Method], rates: list[float]) -> str:
+    """The analysis rule's table: each mDPO (group) method against every DPO method, per noise rate: in how many
+    seeds its held-out entropy is higher, and the mean paired difference (nats)."""
+    def entropy(label: str, rate: float, seed: int) -> Optional[float]:
+        return next((r["entropy"] for r in rows if (r["method"], r["rate"], r["seed"]) == (label, rate, seed)), None)
+
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["| comparison | p | seeds where the first is higher | mean difference (nats) |", "|---|---|---|---|"]
+    for a in (m for m in methods_ if m.grouped):
+        for b in (m for m in methods_ if not m.grouped):
+            for p in rates:
+                pairs = [(entropy(a.label, p, s), entropy(b.label, p, s)) for s in seeds]
+                pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+                if pairs:
+                    wins = sum(x > y for x, y in pairs)
+                    diff = statistics.mean(x - y for x, y in pairs)
+                    lines.append(f"| {a.label} vs {b.label} | {p:g} | {wins}/{len(pairs)} | {diff:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(path: Path, rows: list[dict[str, Any]], labels: list[str], rates: list[float]) -> None:
     import matplotlib
 
@@ -273,6 +293,8 @@ def run_label_noise(config: LabelNoiseConfig | dict | str | Path, overrides: Opt
             rows += finished_rows(out, seed) if cfg.only_finished else _run_seed(cfg, seed, model_path)
     labels = [m.label for m in methods(cfg)]
     table = summary_table(rows, labels, list(cfg.noise_rates))
+    table += "\nPaired by seed (the analysis rule, docs/label-noise.md):\n\n" + seed_comparisons(
+        rows, methods(cfg), list(cfg.noise_rates))
     results = {"rows": rows, "config": to_dict(cfg), "model": model_path, "total_s": time.perf_counter() - started}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out / "results.md", f"# RNG label noise (thesis §3.6.4), noise: {cfg.noise}\n\n"

@@ -86,3 +86,12 @@ def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     partial = run_label_noise({**config, "only_finished": True})
     assert len(partial["rows"]) == len(rows) - 1
     assert not any(r["seed"] == 1 and r["rate"] == 0.4 and r["method"] == "mDPO k=2" for r in partial["rows"])
+
+
+def test_seed_comparisons_count_paired_wins():
+    from mmalign_experiments.label_noise import seed_comparisons
+
+    rows = [{"method": m, "rate": 0.3, "seed": s, "entropy": e}
+            for s, (g, d) in enumerate([(1.2, 1.0), (0.9, 1.0), (1.5, 1.1)]) for m, e in (("mDPO k=3", g), ("DPO k=1", d))]
+    table = seed_comparisons(rows, [Method("mDPO k=3", 3, True), Method("DPO k=1", 1, False)], [0.3])
+    assert "| mDPO k=3 vs DPO k=1 | 0.3 | 2/3 | +0.167 |" in table
