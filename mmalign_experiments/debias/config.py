@@ -38,6 +38,17 @@ class DebiasModelConfig:
         default="float32", metadata={"help": "dtype of the frozen VAE and text encoder"})
     cache_latents: bool = field(default=False, metadata={"help": "VAE-encode every training image once (latent "
                                                                  "models)"})
+    # SDXL / SD3 / FLUX only (mmalign.image.families; configs/image/debias-sdxl.yaml, debias-sd35.yaml)
+    weights_dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32", metadata={"help": "sdxl/sd3/flux: dtype of the frozen backbone base (LoRA stays float32)"})
+    vae: Optional[str] = field(default=None, metadata={"help": "sdxl/sd3/flux: another VAE folder (fp16-safe "
+                                                               "SDXL VAE)"})
+    vae_tiling: bool = field(default=False, metadata={"help": "sdxl/sd3/flux: encode/decode in VAE tiles"})
+    cache_text_embeddings: bool = field(
+        default=False, metadata={"help": "sdxl/sd3/flux: encode every prompt once, then unload the text encoders"})
+    use_t5: bool = field(default=True, metadata={"help": "sd3: load the optional T5 encoder (false = zeros)"})
+    max_sequence_length: Optional[int] = field(default=None, metadata={"help": "sd3/flux: T5 tokens (null = the "
+                                                                               "pipeline's)"})
 
 
 @dataclass
@@ -62,7 +73,9 @@ class OccupationsConfig:
 class SamplingConfig:
     """How every image of the run is sampled (training groups and evaluation)."""
 
-    scheduler: Literal["ddim", "dpm_solver"] = field(default="ddim", metadata={"help": "sampler"})
+    scheduler: Literal["ddim", "dpm_solver", "pipeline"] = field(
+        default="ddim", metadata={"help": "sampler: ddim or dpm_solver (sd); pipeline = the pipeline's own scheduler "
+                                          "(sdxl, sd3, flux)"})
     num_inference_steps: int = field(default=10, metadata={"help": "sampling steps"})
     guidance_scale: float = field(default=3.0, metadata={"help": "classifier-free guidance (1 = off)"})
     batch_size: int = field(default=64, metadata={"help": "images per sampling batch"})

@@ -31,13 +31,13 @@ def default_cache_dir() -> Path:
 
 def model_fingerprint(pretrained: str, revision: Optional[str] = None, variant: Optional[str] = None,
                       text_conditioner: Optional[str] = None) -> dict:
-    """What identifies the weights: for a local folder its UNet files' sizes and modification times."""
+    """What identifies the weights: for a local folder its UNet's (or transformer's) file sizes and times."""
     path = Path(pretrained)
     entry: dict = {"pretrained": pretrained, "revision": revision, "variant": variant,
                    "text_conditioner": text_conditioner}
     if path.is_dir():
         entry["pretrained"] = str(path.resolve())
-        unet_dir = path / "unet"
+        unet_dir = path / "unet" if (path / "unet").is_dir() else path / "transformer"  # SD3 / FLUX: transformer
         entry["files"] = sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
                                 for f in unet_dir.rglob("*") if f.is_file()) if unet_dir.is_dir() else []
     return entry

@@ -13,8 +13,7 @@ from mmalign.image.classifiers import AttributePrediction
 from mmalign.image.classifiers.labels import gender_label, race_label
 from mmalign.shared.metrics import frequency_gap, simpson_index
 
-__all__ = ["diversity_stats", "average_stats",
-           "heldout_denoising_error"]
+__all__ = ["diversity_stats", "average_stats", "heldout_denoising_error", "real_latents"]
 
 
 def diversity_stats(gender_predictions: list[AttributePrediction], race_predictions: list[AttributePrediction],
@@ -60,6 +59,21 @@ def average_stats(per_occupation: dict[str, dict]) -> dict[str, float]:
 
 
 @torch.no_grad()
+def real_latents(images: np.ndarray, vae, device, resolution: Optional[int] = None) -> torch.Tensor:
+    """uint8 ``[N, H, W, 3]`` images -> what the backbone denoises: pixels in [-1, 1] resized to ``resolution``,
+    or for latent models the VAE posterior mean, shifted and scaled as in training."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    if resolution is not None and pixels.shape[-1] != resolution:
+        pixels = torch.nn.functional.interpolate(pixels, size=(resolution, resolution), mode="bicubic",
+                                                 align_corners=False).clamp(-1, 1)
+    if vae is None:
+        return pixels.to(device)
+    latents = vae.encode(pixels.to(device, next(vae.parameters()).dtype)).latent_dist.mean.float()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
 def heldout_denoising_error(unet, noise_scheduler, conditioner, images: np.ndarray, prompts: Sequence[str], *,
                             vae=None, draws: int = 4, seed: int = 0, batch_size: int = 64,
                             resolution: Optional[int] = None) -> float:
@@ -80,18 +94,7 @@ def heldout_denoising_error(unet, noise_scheduler, conditioner, images: np.ndarr
     errors = []
     try:
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
-            pixels = batch.float().div(127.5).sub(1.0)
-            if resolution is not None and pixels.shape[-1] != resolution:
-                pixels = torch.nn.functional.interpolate(pixels, size=(resolution, resolution), mode="bicubic",
-                                                         align_corners=False).clamp(-1, 1)
-            if vae is not None:
-                vae_dtype = next(vae.parameters()).dtype
-                latents = vae.encode(pixels.to(device, vae_dtype)).latent_dist.mean.float()
-                shift = getattr(vae.config, "shift_factor", None) or 0.0
-                latents = (latents - shift) * vae.config.scaling_factor
-            else:
-                latents = pixels.to(device)
+            latents = real_latents(images[start:start + batch_size], vae, device, resolution)
             conditions, mask = split_conditioning(conditioner(list(prompts[start:start + batch_size])))
             conditions = conditions.to(device, dtype)
             mask = mask.to(device) if mask is not None else None

@@ -25,6 +25,9 @@ import numpy as np
 import torch
 
 from mmalign_experiments.debias.config import DebiasConfig, MethodConfig
+from mmalign_experiments.debias.families import (FamilySampler, cache_evaluation_prompts, check_family_settings,
+                                                 debias_family, family_denoising_error, family_train_model_keys,
+                                                 load_family_base)
 from mmalign_experiments.debias.groups import pairs_from_groups, plan_groups, select_chosen, write_groups
 from mmalign_experiments.debias.images import ImageCache, ImageSampler, default_cache_dir, model_fingerprint, read_images
 from mmalign_experiments.debias.measure import average_stats, diversity_stats, heldout_denoising_error
@@ -52,7 +55,10 @@ def resolve_model(config: DebiasConfig) -> tuple[str, str | None, dict]:
 def _resolution(components, configured: int | None) -> int:
     if configured:
         return configured
-    size = int(components.unet.config.sample_size)
+    size = getattr(components.unet.config, "sample_size", None)
+    if not size:
+        raise ValueError("model.resolution: required, the backbone's config has no sample_size")
+    size = int(size)
     if components.vae is not None:
         size *= 2 ** (len(components.vae.config.block_out_channels) - 1)
     return size
@@ -60,23 +66,33 @@ def _resolution(components, configured: int | None) -> int:
 
 def _train_config(config: DebiasConfig, method: MethodConfig, data_path: Path, output_dir: Path,
                   resolution: int, pretrained: str, conditioner: str | None, conditioner_kwargs: dict,
-                  group_size: int) -> dict[str, Any]:
+                  group_size: int, family: str = "sd") -> dict[str, Any]:
     model = config.model
     training = asdict(config.training)
     if method.pairs:  # batch_size groups' worth of pairs: all their pairs, or pairs_per_group of each
         training["batch_size"] = config.training.batch_size * (method.pairs_per_group or group_size)
     objective: dict[str, Any] = {"name": method.objective, **method.params, **method.beta_setting()}
+    model_keys = {"name_or_path": pretrained, "revision": model.revision, "variant": model.variant,
+                  "attention": model.attention, "gradient_checkpointing": model.gradient_checkpointing,
+                  "dtype": model.dtype, "text_conditioner": conditioner, "text_conditioner_kwargs": conditioner_kwargs}
+    if family != "sd":  # SDXL / SD3 / FLUX: their memory keys (bf16 weights, VAE, text-embedding cache, T5)
+        model_keys.update(family_train_model_keys(model))
     return {
         "output_dir": str(output_dir),
-        "model": {"name_or_path": pretrained, "revision": model.revision, "variant": model.variant,
-                  "attention": model.attention, "gradient_checkpointing": model.gradient_checkpointing,
-                  "dtype": model.dtype, "text_conditioner": conditioner, "text_conditioner_kwargs": conditioner_kwargs},
+        "model": model_keys,
         "lora": asdict(config.lora),
         "data": {"train": str(data_path), "resolution": resolution, "allow_ragged_groups": True,
                  "cache_latents": model.cache_latents},
         "objective": objective,
         "training": training,
     }
+
+
+def _sampler(model, config: DebiasConfig, resolution: int):
+    if getattr(model, "family", None) is not None:  # SDXL / SD3 / FLUX: the pipeline's own scheduler
+        return FamilySampler(model, config.sampling, resolution)
+    return ImageSampler(model.unet, model.conditioner, model.noise_scheduler.config, config.sampling, resolution,
+                        model.vae)
 
 
 def _real_faces(config: DebiasConfig, eval_occupations) -> tuple[np.ndarray, list[str]]:
@@ -108,8 +124,8 @@ class _Evaluator:
         # which would make the occupations' samples one sample), the same seeds for every model (paired comparison)
         self.seeds = [config.evaluation.seed + i * n + j for i in range(len(eval_occupations)) for j in range(n)]
 
-    def __call__(self, unet, conditioner, noise_scheduler, vae, cache: ImageCache | None = None):
-        sampler = ImageSampler(unet, conditioner, noise_scheduler.config, self.config.sampling, self.resolution, vae)
+    def __call__(self, model, cache: ImageCache | None = None):
+        sampler = _sampler(model, self.config, self.resolution)
         if cache is not None:
             images = read_images(cache.fetch(sampler, self.prompts, self.seeds))
         else:
@@ -127,10 +143,13 @@ class _Evaluator:
         summary = average_stats(per_occupation)
         if self.real_faces is not None:
             faces, prompts = self.real_faces
-            summary["denoising_loss"] = heldout_denoising_error(
-                unet, noise_scheduler, conditioner, faces, prompts, vae=vae,
-                draws=self.config.evaluation.quality_noise_draws, seed=self.config.evaluation.seed,
-                resolution=self.resolution)
+            draws = dict(draws=self.config.evaluation.quality_noise_draws, seed=self.config.evaluation.seed,
+                         resolution=self.resolution)
+            if getattr(model, "family", None) is not None:
+                summary["denoising_loss"] = family_denoising_error(model, faces, prompts, **draws)
+            else:
+                summary["denoising_loss"] = heldout_denoising_error(
+                    model.unet, model.noise_scheduler, model.conditioner, faces, prompts, vae=model.vae, **draws)
         return summary, per_occupation, by_occupation
 
 
@@ -156,9 +175,14 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
 
     pretrained, conditioner_spec, conditioner_kwargs = resolve_model(config)
     model = config.model
-    base = load_diffusion_components(pretrained, revision=model.revision, variant=model.variant,
-                                     text_conditioner=conditioner_spec, text_conditioner_kwargs=conditioner_kwargs,
-                                     frozen_dtype=model.dtype)
+    family = debias_family(model, pretrained)
+    check_family_settings(config, family)
+    if family == "sd":
+        base = load_diffusion_components(pretrained, revision=model.revision, variant=model.variant,
+                                         text_conditioner=conditioner_spec, text_conditioner_kwargs=conditioner_kwargs,
+                                         frozen_dtype=model.dtype)
+    else:
+        base = load_family_base(model, pretrained, family)
     if torch.cuda.is_available():
         base.unet.to("cuda")
         if base.vae is not None:
@@ -172,8 +196,7 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
     cache = ImageCache(config.cache_dir or default_cache_dir(),
                        model_fingerprint(pretrained, model.revision, model.variant, conditioner_spec),
                        config.sampling, resolution)
-    sampler = ImageSampler(base.unet, base.conditioner, base.noise_scheduler.config, config.sampling, resolution,
-                           base.vae)
+    sampler = _sampler(base, config, resolution)
     plans = plan_groups(split.train, config.groups)
 
     def fetch_files(keys):
@@ -197,30 +220,36 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
     # -- evaluation of the base model
     real_faces = _real_faces(config, split.eval) if config.evaluation.quality_images > 0 else None
     evaluate = _Evaluator(config, classifier, split.eval, resolution, real_faces)
+    evaluation_conditioner = None
+    if family != "sd":  # frozen encoders: every model's evaluation prompts are encoded once, then unloaded
+        captions = list(real_faces[1]) if real_faces is not None else []
+        evaluation_conditioner = cache_evaluation_prompts(base, evaluate.prompts + captions)
+        base.conditioner = evaluation_conditioner
     tick = time.time()
     summaries, per_method, images = {}, {}, {}
-    summaries["base"], per_method["base"], images["base"] = evaluate(
-        base.unet, base.conditioner, base.noise_scheduler, base.vae, cache=cache)
+    summaries["base"], per_method["base"], images["base"] = evaluate(base, cache=cache)
     timings["evaluate_base_s"] = time.time() - tick
     del sampler, base
     gc.collect()
 
     # -- methods
-    training_logs = {}
+    training_logs, memory_features = {}, {}
     for method in config.methods:
         tick = time.time()
         method_dir = output_dir / "methods" / method.name
         data_file = pair_files[method.pairs_per_group] if method.pairs else groups_file
         train_config = _train_config(config, method, data_file, method_dir, resolution, pretrained, conditioner_spec,
-                                     conditioner_kwargs, config.groups.rejected_per_group)
+                                     conditioner_kwargs, config.groups.rejected_per_group, family)
         summary = train_image_model(train_config)
         trained = summary["model"]
         timings[f"train_{method.name}_s"] = time.time() - tick
         training_logs[method.name] = {k: v for k, v in summary.get("metrics", {}).items()
                                       if isinstance(v, (int, float))}
+        if evaluation_conditioner is not None:
+            memory_features[method.name] = list(trained.memory_features)
+            trained.conditioner = evaluation_conditioner
         tick = time.time()
-        summaries[method.name], per_method[method.name], images[method.name] = evaluate(
-            trained.unet, trained.conditioner, trained.noise_scheduler, trained.vae)
+        summaries[method.name], per_method[method.name], images[method.name] = evaluate(trained)
         timings[f"evaluate_{method.name}_s"] = time.time() - tick
         del trained, summary
         gc.collect()
@@ -239,6 +268,7 @@ def run(config: DebiasConfig | Mapping[str, Any] | str, overrides=()) -> dict[st
         "summary": summaries,
         "per_occupation": per_method,
         "training": training_logs,
+        **({"memory_features": memory_features} if memory_features else {}),
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "config": asdict(config),
     }
