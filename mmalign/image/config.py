@@ -55,6 +55,8 @@ class ImageModelConfig:
     vae_tiling: bool = field(default=False, metadata={"help": "encode/decode large images in VAE tiles"})
     cache_text_embeddings: bool = field(
         default=False, metadata={"help": "encode every prompt once, then unload the text encoders (sdxl/sd3/flux)"})
+    text_encoder_lora: bool = field(
+        default=False, metadata={"help": "sdxl: LoRA (the lora section's r/alpha/dropout) on both text encoders too"})
     use_t5: bool = field(default=True, metadata={"help": "sd3: load the optional T5 encoder (false = zeros)"})
     max_sequence_length: Optional[int] = field(default=None, metadata={"help": "T5 tokens (null = pipeline's)"})
     optimizer: Literal["adamw", "adamw_8bit"] = field(

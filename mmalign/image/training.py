@@ -43,6 +43,7 @@ def build_preference_model(config: ImageTrainConfig, *, triggers=(), trigger_mod
     if pipeline is None and resolve_family(model_config) != "sd":  # SDXL / SD3 / FLUX: mmalign.image.families
         return build_family_model(config, triggers=triggers, trigger_mode=trigger_mode)
     family_only = [key for key, used in (("cache_text_embeddings", model_config.cache_text_embeddings),
+                                         ("text_encoder_lora", model_config.text_encoder_lora),
                                          ("weights_dtype", model_config.weights_dtype != "float32"),
                                          ("vae_tiling", model_config.vae_tiling), ("vae", model_config.vae))
                    if used]
@@ -205,7 +206,7 @@ def save_trained_unet(model, directory: str | os.PathLike) -> Path:
     family = getattr(model, "family", None)
     if family is not None:  # SDXL / SD3 / FLUX: the family's pipeline writes its LoRA (or the full backbone)
         if model.reference_unet is None:
-            family.save_lora(unet, directory)
+            family.save_lora(unet, directory, text_encoders=model.text_encoders)
         else:
             unet.save_pretrained(directory / family.backbone_name)
         return directory

@@ -72,16 +72,22 @@ class Family:
             raise ValueError(f"model {path!r}: unsupported prediction_type {scheduler.config.prediction_type!r}")
         return scheduler
 
-    def save_lora(self, backbone: nn.Module, directory) -> None:
-        """The backbone's LoRA as ``pytorch_lora_weights.safetensors``, reloadable by ``pipe.load_lora_weights``."""
+    def save_lora(self, backbone: nn.Module, directory, text_encoders: Optional[dict[str, nn.Module]] = None) -> None:
+        """The backbone's LoRA (and the text encoders', SDXL) as ``pytorch_lora_weights.safetensors``, reloadable
+        by ``pipe.load_lora_weights``."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(backbone))
+        extra = {}
+        if text_encoders:
+            from mmalign.image.families.text_lora import text_encoder_lora_layers
+
+            extra = text_encoder_lora_layers(text_encoders)
         self.pipeline_class.save_lora_weights(
             directory, safe_serialization=True,
             **{f"{self.backbone_name}_lora_layers": layers,
-               f"{self.backbone_name}_lora_adapter_metadata": backbone.peft_config["default"].to_dict()})
+               f"{self.backbone_name}_lora_adapter_metadata": backbone.peft_config["default"].to_dict()}, **extra)
 
     def sampling_pipeline(self, backbone: nn.Module, vae: nn.Module, scheduler):
         """The family's pipeline around ``backbone`` (LoRA active) without text encoders (embeddings are passed)."""

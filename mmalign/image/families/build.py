@@ -53,6 +53,14 @@ def build_family_model(config, *, triggers=(), trigger_mode: str = "append") -> 
     if model_config.vae_tiling:
         features.append(enable_vae_tiling(components.vae))
     reference = apply_finetuning(backbone, config.lora)
+    text_encoders = None
+    if model_config.text_encoder_lora:
+        from mmalign.image.families.text_lora import add_text_encoder_lora
+
+        if family.name != "sdxl" or not config.lora.enabled or model_config.cache_text_embeddings:
+            raise ValueError(f"model.text_encoder_lora: for sdxl ({family.name} here) with lora.enabled: true and "
+                             "model.cache_text_embeddings: false (the encoders train)")
+        text_encoders = add_text_encoder_lora(components.conditioner.encoders, config.lora)
     if reference is None and model_config.weights_dtype != "float32":
         features.append(f"{model_config.weights_dtype}_weights_fp32_lora")
     policy = None
@@ -76,7 +84,7 @@ def build_family_model(config, *, triggers=(), trigger_mode: str = "append") -> 
         sampling_scheduler=components.sampling_scheduler, timestep_sampler=sampler,
         guidance_scale=diffusion.guidance_scale, caption_dropout=diffusion.caption_dropout, triggers=triggers,
         trigger_policy=policy, timestep_range=timestep_range, latent_sampling=diffusion.latent_sampling,
-        vae_batch_size=diffusion.vae_batch_size)
+        vae_batch_size=diffusion.vae_batch_size, text_encoders=text_encoders)
     model.memory_features = features
     logger.info("%s pipeline %s; memory features: %s", family.name, model_config.name_or_path, features or "none")
     return model

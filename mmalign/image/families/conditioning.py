@@ -46,11 +46,15 @@ class PipelinePromptEncoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.encoders.parameters()).device
 
-    @torch.no_grad()
     def forward(self, prompts: Sequence[str]) -> dict[str, Tensor]:
         if isinstance(prompts, str):
             raise TypeError("a prompt encoder expects a list of prompts, got a single string")
-        prompts = list(prompts)
+        # gradients only into trainable adapters (SDXL text-encoder LoRA); frozen encoders build no graph
+        trainable = torch.is_grad_enabled() and any(p.requires_grad for p in self.encoders.parameters())
+        with torch.set_grad_enabled(trainable):
+            return self._encode(list(prompts))
+
+    def _encode(self, prompts: list[str]) -> dict[str, Tensor]:
         pipe, device = self._pipeline, self.device
         extra = {"max_sequence_length": self.max_sequence_length} if self.max_sequence_length else {}
         if self.family == "sdxl":

@@ -13,6 +13,7 @@ of its members; reference = the backbone with its LoRA disabled, or a frozen cop
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from collections.abc import Iterable
 from typing import Any, Optional
@@ -32,14 +33,15 @@ class FamilyPreferenceModel(DiffusionPreferenceModel):
     """``DiffusionPreferenceModel`` for a non-SD family; ``unet`` is the backbone (UNet or transformer).
 
     Extra args: ``family`` (a :class:`Family`), ``sampling_scheduler`` (the pipeline's own, for sampling),
-    ``timestep_sampler`` (flow families; default logit-normal on the scheduler's table) and ``guidance_scale``
-    (FLUX's guidance embedding during training).
+    ``timestep_sampler`` (flow families; default logit-normal on the scheduler's table), ``guidance_scale``
+    (FLUX's guidance embedding during training) and ``text_encoders`` (SDXL text-encoder LoRA: the adapted
+    encoders by name; the policy conditions on them with gradients, the reference with their adapters disabled).
     """
 
     def __init__(self, backbone: nn.Module, noise_scheduler, conditioner: nn.Module, vae: nn.Module,
                  reference: Optional[nn.Module] = None, *, family: Family, sampling_scheduler=None,
                  timestep_sampler: Optional[FlowTimestepSampler] = None, guidance_scale: float = 1.0,
-                 **kwargs: Any):
+                 text_encoders: Optional[dict[str, nn.Module]] = None, **kwargs: Any):
         if family.flow and kwargs.get("timestep_range") is not None:
             raise ValueError(f"{family.name}: timestep_range is for DDPM families; flow matching draws t with "
                              "diffusion.weighting_scheme / shift")
@@ -51,6 +53,8 @@ class FamilyPreferenceModel(DiffusionPreferenceModel):
         self.timestep_sampler = timestep_sampler
         self.guidance_scale = float(guidance_scale)
         self._member_time_ids: Optional[Tensor] = None
+        self.__dict__["text_encoders"] = text_encoders  # registered already, inside the conditioner
+        self._in_reference = False
 
     # ------------------------------------------------------------------------------ family hooks
     def sample_timesteps(self, batch_size: int, device: torch.device) -> Tensor:
@@ -63,9 +67,26 @@ class FamilyPreferenceModel(DiffusionPreferenceModel):
             return flow_noise_and_target(latents, noise, timesteps, self.noise_scheduler.config.num_train_timesteps)
         return super()._noise_and_target(latents, noise, timesteps)
 
-    @torch.no_grad()
     def encode_prompts(self, prompts) -> dict[str, Tensor]:
-        return {key: value.to(self.device) for key, value in self.conditioner(list(prompts)).items()}
+        if not self.text_encoders:
+            with torch.no_grad():
+                return {key: value.to(self.device) for key, value in self.conditioner(list(prompts)).items()}
+        from mmalign.image.families.text_lora import text_adapters_disabled
+
+        encoded = {key: value.to(self.device) for key, value in self.conditioner(list(prompts)).items()}
+        with torch.no_grad(), text_adapters_disabled(self.text_encoders):
+            encoded.update({f"reference_{key}": value.to(self.device)
+                            for key, value in self.conditioner(list(prompts)).items()})
+        return encoded
+
+    @contextlib.contextmanager
+    def _reference_mode(self):
+        with super()._reference_mode() as reference:
+            self._in_reference = True
+            try:
+                yield reference
+            finally:
+                self._in_reference = False
 
     def _per_member(self, conditions: dict[str, Tensor], group_index: Tensor) -> dict[str, Tensor]:
         members = {key: value[group_index] for key, value in conditions.items()}
@@ -75,6 +96,12 @@ class FamilyPreferenceModel(DiffusionPreferenceModel):
 
     def _unet_error(self, backbone: nn.Module, noisy: Tensor, timesteps: Tensor, conditions: dict[str, Tensor],
                     target: Tensor) -> Tensor:
+        if "reference_states" in conditions:  # text-encoder LoRA: the base encoders' output for the reference
+            side = "reference_" if self._in_reference else ""
+            picked = {"states": conditions[side + "states"], "pooled": conditions[side + "pooled"]}
+            if "time_ids" in conditions:
+                picked["time_ids"] = conditions["time_ids"]
+            conditions = picked
         prediction = self.family.predict(backbone, noisy, timesteps, conditions, guidance_scale=self.guidance_scale)
         if hasattr(self.family, "target_layout"):
             target = self.family.target_layout(target)
