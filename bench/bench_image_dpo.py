@@ -240,8 +240,7 @@ def peak_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64)) ->
             "code_pages_mb": (_status_kib("RssFile") - file_before) / 1024.0}
 
 
-def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64), layout: str = "sd",
-                          sd3_scale: int = 1) -> dict:
+def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 64), family_args=None) -> dict:
     """Runs in a fresh process: high-water mark of live CPU-allocator bytes over building the variant and running
     ``steps`` steps (allocation/free events of ``torch.profiler`` with ``profile_memory``; the profiler's own
     bookkeeping is not allocated through torch's allocator, so it does not count)."""
@@ -249,13 +248,12 @@ def peak_tensor_memory_mb(name: str, pairs: int, steps: int, unet_channels=(32, 
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    if layout == "sd":
+    if family_args is None:
         parts, batch, make = build_components(unet_channels=unet_channels), make_batch(pairs, group_size(name)), make_step
-    else:
+    else:  # sdxl / sd3 / flux
         import image_family_bench
 
-        parts, batch = image_family_bench.build_parts(layout, sd3_scale=sd3_scale), image_family_bench.make_batch(pairs)
-        make = image_family_bench.make_family_step
+        parts, batch, make = image_family_bench.memory_setup(family_args)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step = make(name, parts)
         for _ in range(steps):
@@ -304,9 +302,11 @@ def main() -> None:
     parser.add_argument("--unet-channels", default="32,64",
                         help="UNet block widths (two); wider = more parameter/optimiser memory relative to activations")
     parser.add_argument("--memory-only", action="store_true", help="skip the timing rounds")
-    parser.add_argument("--layout", choices=("sd", "sdxl", "sd3"), default="sd",
-                        help="sd: the SD 1.x variants below; sdxl / sd3: bench/image_family_bench.py's variants")
-    parser.add_argument("--sd3-scale", type=int, default=1, help="sd3: multiply the tiny transformer's layers/heads")
+    parser.add_argument("--layout", choices=("sd", "sdxl", "sd3", "flux"), default="sd",
+                        help="sd: the SD 1.x variants below; sdxl / sd3 / flux: bench/image_family_bench.py's variants")
+    import image_family_bench
+
+    image_family_bench.add_arguments(parser)
     parser.add_argument("--memory-variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--memory-measure", choices=("rss", "tensor"), default="rss", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -315,14 +315,12 @@ def main() -> None:
     if args.memory_variant:
         if args.layout != "sd":
             print(json.dumps(peak_tensor_memory_mb(args.memory_variant, args.pairs, args.memory_steps,
-                                                   layout=args.layout, sd3_scale=args.sd3_scale)))
+                                                   family_args=args)))
             return
         measure = peak_memory_mb if args.memory_measure == "rss" else peak_tensor_memory_mb
         print(json.dumps(measure(args.memory_variant, args.pairs, args.memory_steps, channels)))
         return
     if args.layout != "sd":
-        import image_family_bench
-
         args.default_json = DEFAULT_JSON
         image_family_bench.family_main(args)
         return

@@ -1,4 +1,4 @@
-"""The SDXL and flow-matching (SD3) layouts of ``bench/bench_image_dpo.py`` (``--layout sdxl|sd3``).
+"""The SDXL and flow-matching (SD3, FLUX) layouts of ``bench/bench_image_dpo.py`` (``--layout sdxl|sd3|flux``).
 
 Tiny pipelines built from configs (``mmalign.image.families.tiny``), 64×64 images (16×16 latents), the same data,
 AdamW, β_d = 5000 and threads for every variant:
@@ -8,12 +8,17 @@ AdamW, β_d = 5000 and threads for every variant:
 - sdxl ``diffusers_lora``: the inner loop of the diffusers ``train_diffusion_dpo_sdxl.py`` example, re-written
   here: chosen ‖ rejected in ONE VAE encode, both CLIP encoders per step, ``add_time_ids`` per image, one t and ε
   per pair repeated for both halves, ONE policy UNet forward, ONE reference forward with the adapter disabled.
-- sd3 ``flow_lora``: the same concatenated loop by rectified flow (σ from the logit-normal density on the
-  scheduler's table, ``x = (1 − σ)x₀ + σε``, target ``ε − x₀``), reference = adapter disabled.
+- sd3 / flux ``flow_lora``: the same concatenated loop by rectified flow (σ from the logit-normal density on the
+  scheduler's table, ``x = (1 − σ)x₀ + σε``, target ``ε − x₀``), reference = adapter disabled; FLUX on 2×2-packed
+  latents with image/text ids, ``t/1000`` and the guidance embedding, as ``FluxPipeline`` calls it.
 - ``twomodel_full`` (both layouts): the separate-forward loop with two backbones: full fine-tuning, a frozen
   reference copy, chosen and rejected encoded separately and four separate backbone forwards.
 
 Each baseline's noise, conditioning and backbone call are written out here, not taken from mmalign.
+
+``--cache-text``: every loop encodes the step's prompts once before timing (mmalign: ``cache_text_embeddings``,
+the encoders' outputs looked up per step; baselines: the same lookup written out), so the step measures the VAE
+and backbone work, not the text encoders that dominate the tiny layouts.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ BETA_D = 5000.0
 FAMILY_VARIANTS = {
     "sdxl": ("diffusers_lora", "twomodel_full", "mmalign_full", "mmalign_lora"),
     "sd3": ("flow_lora", "twomodel_full", "mmalign_full", "mmalign_lora"),
+    "flux": ("flow_lora", "twomodel_full", "mmalign_full", "mmalign_lora"),
 }
 # (label, reference variant, variant): speed ratios are reference / variant (> 1: the variant is faster)
 SPEED_PAIRS = {
@@ -39,6 +45,7 @@ SPEED_PAIRS = {
             ("speed, issue goal >= 1.2: twomodel_full / mmalign_lora", "twomodel_full", "mmalign_lora"),
             ("speed, same mode, full: twomodel_full / mmalign_full", "twomodel_full", "mmalign_full")),
 }
+SPEED_PAIRS["flux"] = SPEED_PAIRS["sd3"]
 # (label, numerator, denominator): peak tensor memory ratios
 MEMORY_PAIRS = {
     "sdxl": (("memory, issue goal <= 0.7: mmalign_lora / twomodel_full", "mmalign_lora", "twomodel_full"),
@@ -46,9 +53,22 @@ MEMORY_PAIRS = {
     "sd3": (("memory, issue goal <= 0.7: mmalign_lora / twomodel_full", "mmalign_lora", "twomodel_full"),
             ("memory, same mode, LoRA: mmalign_lora / flow_lora", "mmalign_lora", "flow_lora")),
 }
+MEMORY_PAIRS["flux"] = MEMORY_PAIRS["sd3"]
 
 
-def build_parts(layout: str, seed: int = 0, sd3_scale: int = 1) -> dict:
+def add_arguments(parser) -> None:
+    parser.add_argument("--sd3-scale", type=int, default=1, help="sd3: multiply the tiny transformer's layers/heads")
+    parser.add_argument("--cache-text", action="store_true",
+                        help="sdxl/sd3/flux: every loop looks up text embeddings computed once (encoders off the step)")
+
+
+def memory_setup(args):
+    """``(parts, batch, make_step)`` of a fresh memory-measuring process."""
+    parts = build_parts(args.layout, sd3_scale=args.sd3_scale, cache_text=args.cache_text)
+    return parts, make_batch(args.pairs), make_family_step
+
+
+def build_parts(layout: str, seed: int = 0, sd3_scale: int = 1, cache_text: bool = False) -> dict:
     from mmalign.image.families.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tokenizer_dir:
@@ -57,12 +77,17 @@ def build_parts(layout: str, seed: int = 0, sd3_scale: int = 1) -> dict:
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False).eval()
-    return {"pipe": pipe, "layout": layout}
+    return {"pipe": pipe, "layout": layout, "cache_text": cache_text}
+
+
+PROMPTS = [f"object {i}" for i in range(16)]  # every prompt a step may use (the text-embedding caches hold them)
 
 
 def make_batch(pairs: int, seed: int = 0) -> dict:
+    if pairs > len(PROMPTS):
+        raise ValueError(f"--pairs {pairs}: at most {len(PROMPTS)}")
     generator = torch.Generator().manual_seed(seed)
-    return {"prompts": [f"object {i}" for i in range(pairs)],
+    return {"prompts": PROMPTS[:pairs],
             "chosen": torch.rand(pairs, 1, 3, 64, 64, generator=generator) * 2 - 1,
             "rejected": torch.rand(pairs, 1, 3, 64, 64, generator=generator) * 2 - 1}
 
@@ -97,6 +122,8 @@ class MmalignFamilyStep(MmalignStep):
 
             scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.model = FamilyPreferenceModel(backbone, scheduler, conditioner, pipe.vae, reference, family=family)
+        if parts["cache_text"]:
+            self.model.cache_text_embeddings(PROMPTS)
         self.model.train()
         self.objective = mmalign.objective("dpo", beta=BETA_D / 2)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
@@ -110,7 +137,7 @@ class BaselineStep:
         from mmalign.image.models import add_lora
 
         self.pipe, self.layout, self.concatenated = parts["pipe"], parts["layout"], concatenated
-        base = self.pipe.unet if self.layout == "sdxl" else self.pipe.transformer
+        base = backbone_of(parts)
         self.backbone = copy.deepcopy(base)
         if concatenated:
             add_lora(self.backbone, rank=8)
@@ -125,18 +152,33 @@ class BaselineStep:
             self.ddpm = DDPMScheduler.from_config(self.pipe.scheduler.config)
         else:
             self.sigma_table = self.pipe.scheduler.sigmas.clone()  # σ per training index (shifted), before sampling
+        # --cache-text: the prompts' embeddings computed once, looked up per step (as mmalign's cache does)
+        self.text_cache = None
+        if parts["cache_text"]:
+            encoded = self._encode_text(PROMPTS)
+            self.text_cache = {p: {k: v[i] for k, v in encoded.items()} for i, p in enumerate(PROMPTS)}
         self.optimizer = torch.optim.AdamW([p for p in self.backbone.parameters() if p.requires_grad], lr=1e-5)
 
     # --- the three things a layout changes
-    def _encode(self, prompts):
+    def _encode_text(self, prompts):
         with torch.no_grad():
             if self.layout == "sdxl":
                 states, _, pooled, _ = self.pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
-                ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(len(prompts), 1)  # per image
-                return {"states": states, "pooled": pooled, "time_ids": ids}
-            states, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device="cpu",
-                                                           do_classifier_free_guidance=False)
-            return {"states": states, "pooled": pooled}
+            elif self.layout == "flux":
+                states, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device="cpu")
+            else:
+                states, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device="cpu",
+                                                               do_classifier_free_guidance=False)
+        return {"states": states, "pooled": pooled}
+
+    def _encode(self, prompts):
+        if self.text_cache is None:
+            cond = self._encode_text(prompts)
+        else:
+            cond = {key: torch.stack([self.text_cache[p][key] for p in prompts]) for key in ("states", "pooled")}
+        if self.layout == "sdxl":
+            cond["time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]).repeat(len(prompts), 1)  # per image
+        return cond
 
     def _noise(self, latents, noise, pairs):
         if self.layout == "sdxl":
@@ -147,11 +189,33 @@ class BaselineStep:
         return sigma.flatten() * 1000, (1 - sigma) * latents + sigma * noise, noise - latents
 
     def _forward(self, model, noisy, t, cond):
+        """The backbone's prediction in the target's layout (FLUX: packed, see :meth:`_target`)."""
         if self.layout == "sdxl":
             added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"]}
             return model(noisy, t, encoder_hidden_states=cond["states"], added_cond_kwargs=added).sample
+        if self.layout == "flux":
+            from diffusers import FluxPipeline
+
+            count, channels, height, width = noisy.shape
+            packed = FluxPipeline._pack_latents(noisy, count, channels, height, width)
+            image_ids = FluxPipeline._prepare_latent_image_ids(count, height // 2, width // 2, noisy.device,
+                                                               noisy.dtype)
+            text_ids = torch.zeros(cond["states"].shape[1], 3)
+            guidance = torch.ones(count) if model.config.guidance_embeds else None
+            return model(hidden_states=packed, timestep=t / 1000, guidance=guidance, pooled_projections=cond["pooled"],
+                         encoder_hidden_states=cond["states"], txt_ids=text_ids, img_ids=image_ids).sample
         return model(hidden_states=noisy, timestep=t, encoder_hidden_states=cond["states"],
                      pooled_projections=cond["pooled"]).sample
+
+    def _target(self, target):
+        if self.layout != "flux":
+            return target
+        from diffusers import FluxPipeline
+
+        return FluxPipeline._pack_latents(target, *target.shape)
+
+    def _error(self, prediction, target):
+        return F.mse_loss(prediction, self._target(target), reduction="none").flatten(1).mean(1)
 
     def _reference(self, noisy, t, cond):
         with torch.no_grad():
@@ -177,8 +241,8 @@ class BaselineStep:
             noise = torch.randn_like(latents[:pairs]).repeat(2, 1, 1, 1)
             t, noisy, target = self._noise(latents, noise, pairs)
             cond2 = {key: value.repeat(2, *([1] * (value.ndim - 1))) for key, value in cond.items()}
-            model = F.mse_loss(self._forward(self.backbone, noisy, t, cond2), target, reduction="none").mean((1, 2, 3))
-            ref = F.mse_loss(self._reference(noisy, t, cond2), target, reduction="none").mean((1, 2, 3))
+            model = self._error(self._forward(self.backbone, noisy, t, cond2), target)
+            ref = self._error(self._reference(noisy, t, cond2), target)
             (model_w, model_l), (ref_w, ref_l) = model.chunk(2), ref.chunk(2)
         else:
             latents_w, latents_l = self._latents(batch["chosen"][:, 0]), self._latents(batch["rejected"][:, 0])
@@ -191,10 +255,9 @@ class BaselineStep:
                 noisy_l, target_l = (1 - sigma) * latents_l + sigma * noise, noise - latents_l
             errors = []
             for noisy, target in ((noisy_w, target_w), (noisy_l, target_l)):
-                errors.append(F.mse_loss(self._reference(noisy, t, cond), target, reduction="none").mean((1, 2, 3)))
+                errors.append(self._error(self._reference(noisy, t, cond), target))
             for noisy, target in ((noisy_w, target_w), (noisy_l, target_l)):
-                errors.append(F.mse_loss(self._forward(self.backbone, noisy, t, cond), target,
-                                         reduction="none").mean((1, 2, 3)))
+                errors.append(self._error(self._forward(self.backbone, noisy, t, cond), target))
             ref_w, ref_l, model_w, model_l = errors
         loss = -F.logsigmoid(-0.5 * BETA_D * ((model_w - model_l) - (ref_w - ref_l))).mean()
         loss.backward()
@@ -209,9 +272,12 @@ def make_family_step(name: str, parts: dict):
     return BaselineStep(parts, concatenated=name != "twomodel_full")
 
 
+def backbone_of(parts: dict):
+    return parts["pipe"].unet if parts["layout"] == "sdxl" else parts["pipe"].transformer
+
+
 def backbone_params(parts: dict) -> int:
-    pipe = parts["pipe"]
-    return sum(p.numel() for p in (pipe.unet if parts["layout"] == "sdxl" else pipe.transformer).parameters())
+    return sum(p.numel() for p in backbone_of(parts).parameters())
 
 
 def family_main(args) -> None:
@@ -229,7 +295,7 @@ def family_main(args) -> None:
     layout, variants = args.layout, FAMILY_VARIANTS[args.layout]
     load_before = os.getloadavg()
     torch.manual_seed(0)
-    parts = build_parts(layout, sd3_scale=args.sd3_scale)
+    parts = build_parts(layout, sd3_scale=args.sd3_scale, cache_text=args.cache_text)
     steps = {name: make_family_step(name, parts) for name in variants}
     batch = make_batch(args.pairs)
     times = time_rounds(steps, {name: batch for name in variants}, variants, args.warmup, args.rounds)
@@ -241,7 +307,7 @@ def family_main(args) -> None:
                 [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_image_dpo.py"),
                  "--layout", layout, "--memory-variant", name, "--memory-measure", "tensor", "--threads",
                  str(args.threads), "--pairs", str(args.pairs), "--memory-steps", str(args.memory_steps),
-                 "--sd3-scale", str(args.sd3_scale)],
+                 "--sd3-scale", str(args.sd3_scale)] + (["--cache-text"] if args.cache_text else []),
                 capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), check=True)
             tensor_runs[name].append(json.loads(result.stdout.strip().splitlines()[-1])["peak_tensor_mb"])
     tensor = {name: statistics.median(values) for name, values in tensor_runs.items()}
@@ -253,14 +319,16 @@ def family_main(args) -> None:
         ratios[label + " (peak tensor memory)"] = tensor[numerator] / tensor[denominator]
     load_after = os.getloadavg()
     print(f"\ntiny {layout}: backbone {backbone_params(parts) / 1e6:.2f}M params, 64x64 images (16x16 latents), "
-          f"{args.pairs} prompts/step, {args.threads} threads, {args.rounds} rounds, float32, torch {torch.__version__}, "
+          f"{args.pairs} prompts/step, text embeddings {'cached' if args.cache_text else 'encoded per step'}, "
+          f"{args.threads} threads, {args.rounds} rounds, float32, torch {torch.__version__}, "
           f"load average before/after {load_before} / {load_after}")
     print("| variant | median s/step | min s/step | peak tensor memory (MB) |\n|---|---|---|---|")
     for name in variants:
         print(f"| {name} | {medians[name]:.3f} | {min(times[name]):.3f} | {tensor[name]:.1f} |")
     for label, value in ratios.items():
         print(f"- {label}: {value:.2f}")
-    suffix = f"_{layout}" + (f"_x{args.sd3_scale}" if layout == "sd3" and args.sd3_scale != 1 else "")
+    suffix = (f"_{layout}" + (f"_x{args.sd3_scale}" if layout == "sd3" and args.sd3_scale != 1 else "")
+              + ("_cached_text" if args.cache_text else ""))
     path = args.json if args.json != args.default_json else args.default_json.replace(".json", f"{suffix}.json")
     results = {"layout": layout, "medians_s": medians, "times_s": times, "peak_tensor_memory_mb": tensor,
                "tensor_runs": tensor_runs, "ratios": ratios, "backbone_params": backbone_params(parts),
