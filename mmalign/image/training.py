@@ -124,6 +124,7 @@ def build_dataset(config: ImageTrainConfig, model=None, records=None, *, evaluat
         records, resolution=data.resolution, channels=channels, center_crop=data.center_crop,
         random_flip=data.random_flip and not evaluation, convert_images=data.convert_images,
         allow_ragged_groups=data.allow_ragged_groups,
+        record_geometry=getattr(getattr(model, "family", None), "name", None) == "sdxl",  # per-image add_time_ids
     )
     from mmalign.image.validation import check_image_records
 

@@ -10,7 +10,7 @@ import torch
 from PIL import UnidentifiedImageError
 from torch import Tensor
 
-from mmalign.image.data.decoding import open_image, resize_crop, to_array
+from mmalign.image.data.decoding import micro_conditioning, open_image, resize_crop, to_array
 from mmalign.image.data.records import GroupRecord
 
 
@@ -39,6 +39,7 @@ class ImagePreferenceDataset(torch.utils.data.Dataset):
         random_flip: bool = False,
         convert_images: bool = False,
         allow_ragged_groups: bool = False,
+        record_geometry: bool = False,
     ):
         if not records:
             raise ValueError("ImagePreferenceDataset: no records")
@@ -51,6 +52,8 @@ class ImagePreferenceDataset(torch.utils.data.Dataset):
         self.random_flip = random_flip
         self.convert_images = convert_images
         self.latent_cache: Optional[LatentCache] = None
+        # SDXL micro-conditioning: each image's original size and crop corner (GEOMETRY_KEYS) in every item
+        self.record_geometry = record_geometry
         if not allow_ragged_groups:
             expected = (len(records[0].chosen), len(records[0].rejected))
             for record in records:
@@ -71,18 +74,24 @@ class ImagePreferenceDataset(torch.utils.data.Dataset):
 
     def load_image(self, index: int, side: str, member: int, *, flip: bool = False) -> Tensor:
         """One image as ``[C, H, W]`` float in [-1, 1]; a bad one raises naming row, field and member."""
+        return self.load_image_and_geometry(index, side, member, flip=flip)[0]
+
+    def load_image_and_geometry(self, index: int, side: str, member: int, *, flip: bool = False
+                                ) -> tuple[Tensor, list[float]]:
+        """:meth:`load_image` and the image's ``(original h, w, crop top, left)`` (SDXL's micro-conditioning)."""
         record = self.records[index]
         entry = getattr(record, side)[member]
         label = f"{record.where}, field {side!r}[{member}]" + (f" ({entry})" if isinstance(entry, (str, os.PathLike)) else "")
         try:
             array = to_array(open_image(entry, record.base_dir), self.channels, self.convert_images)
+            geometry = micro_conditioning(*array.shape[:2], self.resolution, self.center_crop, flip)
             array = resize_crop(array, self.resolution, self.center_crop)
         except (UnidentifiedImageError, OSError) as error:
             raise ValueError(f"{label}: unreadable image ({error})") from None
         except ValueError as error:
             raise ValueError(f"{label}: {error}") from None
         tensor = torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1).div_(127.5).sub_(1.0)
-        return tensor.flip(-1) if flip else tensor
+        return (tensor.flip(-1) if flip else tensor), geometry
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
@@ -91,9 +100,14 @@ class ImagePreferenceDataset(torch.utils.data.Dataset):
             count = len(getattr(record, side))
             if self.latent_cache is not None:
                 item[side] = self.latent_cache.get(index, side)
-                continue
-            flips = (torch.rand(count) < 0.5).tolist() if self.random_flip else [False] * count
-            item[side] = torch.stack([self.load_image(index, side, m, flip=flips[m]) for m in range(count)])
+                geometry = self.latent_cache.geometry.get((index, side))
+            else:
+                flips = (torch.rand(count) < 0.5).tolist() if self.random_flip else [False] * count
+                loaded = [self.load_image_and_geometry(index, side, m, flip=flips[m]) for m in range(count)]
+                item[side] = torch.stack([image for image, _ in loaded])
+                geometry = torch.tensor([g for _, g in loaded])
+            if self.record_geometry:
+                item[f"{side}_original_sizes"], item[f"{side}_crops_top_left"] = geometry[:, :2], geometry[:, 2:]
         item["inputs"] = "latent_parameters" if self.latent_cache is not None else "pixels"
         return item
 
@@ -115,19 +129,24 @@ class LatentCache:
         keys = [(i, side, m) for i in range(len(dataset)) for side in ("chosen", "rejected")
                 for m in range(len(getattr(dataset.records[i], side)))]
         encoded: dict[tuple[int, str, int], Tensor] = {}
+        geometry: dict[tuple[int, str, int], list[float]] = {}
         for start in tqdm(range(0, len(keys), batch_size), desc="caching latents", disable=not progress):
             chunk = keys[start: start + batch_size]
-            pixels = torch.stack([dataset.load_image(*key) for key in chunk])
+            loaded = [dataset.load_image_and_geometry(*key) for key in chunk]
+            geometry.update((key, g) for key, (_, g) in zip(chunk, loaded))
+            pixels = torch.stack([image for image, _ in loaded])
             if device is not None:
                 pixels = pixels.to(device)
             parameters = encode(pixels).cpu()
             for key, value in zip(chunk, parameters):
                 encoded[key] = value
         self._groups = {}
+        self.geometry: dict[tuple[int, str], Tensor] = {}  # per group: [k, 4] original h, w, crop top, left
         for i in range(len(dataset)):
             for side in ("chosen", "rejected"):
                 count = len(getattr(dataset.records[i], side))
                 self._groups[(i, side)] = torch.stack([encoded[(i, side, m)] for m in range(count)])
+                self.geometry[(i, side)] = torch.tensor([geometry[(i, side, m)] for m in range(count)])
         self.num_images = len(keys)
 
     def get(self, index: int, side: str) -> Tensor:
@@ -154,6 +173,12 @@ def collate_groups(items: list[dict[str, Any]]) -> dict[str, Any]:
             mask[row, : group.shape[0]] = True
         batch[side] = padded
         batch[f"{side}_mask"] = mask
+        for key in (f"{side}_original_sizes", f"{side}_crops_top_left"):  # SDXL micro-conditioning, [B, k, 2]
+            if key in items[0]:
+                values = torch.zeros(len(groups), k, 2)
+                for row, item in enumerate(items):
+                    values[row, : item[key].shape[0]] = item[key]
+                batch[key] = values
     bins = [item.get("bin") for item in items]
     if all(b is not None for b in bins):
         batch["bins"] = torch.tensor(bins, dtype=torch.long)

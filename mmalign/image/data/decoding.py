@@ -78,16 +78,33 @@ def to_array(image: Any, channels: int, convert: bool) -> np.ndarray:
     return array if array.ndim == 3 else array[..., None]
 
 
+def crop_box(height: int, width: int, resolution: int, center_crop: bool) -> tuple[tuple[int, int], int, int]:
+    """``((resized width, height), left, top)``: the shorter side resized to ``resolution``, then a square crop."""
+    if (height, width) == (resolution, resolution):
+        return (width, height), 0, 0
+    scale = resolution / min(height, width)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    left = (new_size[0] - resolution) // 2 if center_crop else 0
+    top = (new_size[1] - resolution) // 2 if center_crop else 0
+    return new_size, left, top
+
+
+def micro_conditioning(height: int, width: int, resolution: int, center_crop: bool, flip: bool) -> list[float]:
+    """SDXL's per-image ``(original h, w, crop top, left)``: the image's size as decoded and the top-left corner of
+    the crop in the resized image (as the SDXL training scripts record it; a flip mirrors the left edge)."""
+    (new_width, _), left, top = crop_box(height, width, resolution, center_crop)
+    if flip:
+        left = new_width - resolution - left
+    return [float(height), float(width), float(top), float(left)]
+
+
 def resize_crop(array: np.ndarray, resolution: int, center_crop: bool) -> np.ndarray:
     height, width = array.shape[:2]
     if (height, width) == (resolution, resolution):
         return array
     image = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
-    scale = resolution / min(height, width)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    new_size, left, top = crop_box(height, width, resolution, center_crop)
     image = image.resize(new_size, Image.Resampling.BICUBIC)
-    left = (new_size[0] - resolution) // 2 if center_crop else 0
-    top = (new_size[1] - resolution) // 2 if center_crop else 0
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image)
     return array if array.ndim == 3 else array[..., None]
