@@ -5,9 +5,12 @@ not the thesis' Pythia-2.8B: the machinery and the direction of the penalties, n
 Rule fixed before running: for each (divergence, placement, seed) run, report the final policy's reward, diversity
 (distinct-1/2 over each prompt's samples, self-BLEU, mean token entropy) and reverse KL to the reference on
 held-out samples drawn with one fixed seed; for the in-reward runs also the largest per-sample penalty β·g(t)
-seen in training. Every number is reported whatever its direction.
+seen in training. Seeds are the unit: mean ± sd over seeds per (divergence, placement), and a frontier plot of
+reward against reverse KL and against distinct-2. The §2.8.1 instability, measured on the in-reward runs: the
+largest β·g(t) of a step (``divergence/penalty_max``) averaged over the first and over the last fifth of the steps
+(its growth), and the largest gradient norm of the run. Every number is reported whatever its direction.
 
-    python -m mmalign_experiments.online_divergence --seeds 0 1 --steps 30 --out bench/results/online_divergence_results.json
+    python -m mmalign_experiments.online_divergence --seeds 0 1 2 --steps 30 --out bench/results/online_divergence_results.json
 """
 from __future__ import annotations
 
@@ -74,19 +77,71 @@ def run(model_dir: str, out: Path, divergence: str, alpha, placement: str, seed:
     rows = list(read_jsonl(out / "run" / "metrics.jsonl"))
     result = evaluate(summary["final_dir"], model_dir, 8)
     result["train_divergence_last"] = rows[-1].get("divergence")
+    result["grad_norm_max"] = max(r.get("grad_norm", 0.0) for r in rows)
     if placement == "reward":
-        result["max_penalty"] = beta * max(r.get("divergence/penalty_max", 0.0) for r in rows)
+        penalties = [beta * r["divergence/penalty_max"] for r in rows if "divergence/penalty_max" in r]
+        fifth = max(1, len(penalties) // 5)
+        result["max_penalty"] = max(penalties)
+        result["penalty_first"] = statistics.mean(penalties[:fifth])
+        result["penalty_last"] = statistics.mean(penalties[-fifth:])
     return result
 
 
-def main() -> None:
+METRICS = ("reward", "distinct_1", "distinct_2", "self_bleu", "entropy", "reverse_kl", "max_penalty", "penalty_first",
+           "penalty_last", "grad_norm_max")
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Mean and sd over seeds for each (divergence, placement)."""
+    cells: dict[tuple, list[dict]] = {}
+    for run in runs:
+        cells.setdefault((run["divergence"], run["placement"]), []).append(run)
+    table = []
+    for (divergence, placement), rows in cells.items():
+        row = {"divergence": divergence, "placement": placement, "seeds": len(rows)}
+        for key in METRICS:
+            values = [r[key] for r in rows if r.get(key) is not None]
+            if values:
+                row[key] = statistics.mean(values)
+                row[f"{key}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+        table.append(row)
+    return table
+
+
+def plot_frontier(table: list[dict], path: Path) -> Path:
+    """Reward against reverse KL and against distinct-2, one point per (divergence, placement), ± sd over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mmalign.engine.plots import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = dict(zip([d if a is None else f"alpha={a}" for d, a in DIVERGENCES], ["C0", "C1", "C2", "C3"]))
+    for ax, key, label in ((axes[0], "reverse_kl", "reverse KL to the reference (nats)"),
+                           (axes[1], "distinct_2", "distinct-2 (diversity)")):
+        for row in table:
+            ax.errorbar(row[key], row["reward"], xerr=row.get(f"{key}_sd") or 0, yerr=row.get("reward_sd") or 0,
+                        fmt="o" if row["placement"] == "reward" else "s", color=colors[row["divergence"]],
+                        mfc=colors[row["divergence"]] if row["placement"] == "reward" else "none",
+                        label=f"{row['divergence']} in {row['placement']}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("reward (held-out samples)")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("online RLOO, tiny model: reward vs divergence / diversity (mean ± sd over seeds)")
+    return save_figure(fig, path, dpi=110)
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--beta", type=float, default=0.05)
     parser.add_argument("--divergences", nargs="+", default=None, help="a subset, e.g. reverse_kl js")
     parser.add_argument("--out", default="bench/results/online_divergence_results.json")
-    args = parser.parse_args()
+    parser.add_argument("--plot", default="bench/results/online_divergence_frontier.png", help="frontier plot ('' = none)")
+    args = parser.parse_args(argv)
     import torch
 
     from mmalign.testing import save_tiny_model_and_tokenizer
@@ -104,7 +159,12 @@ def main() -> None:
                                                    args.steps, args.beta)}
                     results.append(row)
                     print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps({"steps": args.steps, "beta": args.beta, "runs": results}, indent=1))
+    table = summarise(results)
+    Path(args.out).write_text(json.dumps({"steps": args.steps, "beta": args.beta, "seeds": args.seeds,
+                                          "summary": table, "runs": results}, indent=1))
+    print(json.dumps(table, indent=1))
+    if args.plot:
+        print("frontier plot:", plot_frontier(table, Path(args.plot)))
 
 
 if __name__ == "__main__":

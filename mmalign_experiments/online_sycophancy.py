@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -69,7 +71,8 @@ def write_data(work: Path, n_prompts: int, n_eval: int) -> dict[str, Path]:
     return paths
 
 
-def train_reward_models(work: Path, model: str, paths: dict[str, Path], rm_set: Sequence[str]) -> dict[str, dict]:
+def train_reward_models(work: Path, model: str, paths: dict[str, Path], rm_set: Sequence[str],
+                        names: Sequence[str]) -> dict[str, dict]:
     """``<work>/rm-<name>/final`` for each reward model (trained once, then reused); returns their reports."""
     import yaml
 
@@ -77,8 +80,8 @@ def train_reward_models(work: Path, model: str, paths: dict[str, Path], rm_set: 
     from mmalign.text.recipes.reward import RewardTrainConfig, train_reward_model
 
     reports = {}
-    for name, recipe in REWARD_MODELS.items():
-        out = work / f"rm-{name}"
+    for name in names:
+        recipe, out = REWARD_MODELS[name], work / f"rm-{name}"
         report_path = out / "reward_report.json"
         if not (out / "final").is_dir() or not report_path.is_file():
             cfg = yaml.safe_load(Path(recipe).read_text())
@@ -133,17 +136,31 @@ def evaluate_policy(policy_dir: str, heldout: list[dict], max_new_tokens: int, s
     return {**metrics, "examples": responses[:4]}
 
 
+def top_layer_targets(model: str, n_top: int) -> str:
+    """A LoRA ``target_modules`` pattern: the linear layers of the top ``n_top`` blocks only, so that the backward
+    pass stops there (as the reward models' ``trainable_top_layers``: the CPU budget)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    top = "|".join(str(i) for i in range(max(0, layers - n_top), layers))
+    return rf".*layers\.({top})\.(self_attn|mlp)\.\w+_proj"
+
+
 def train_policy(work: Path, model: str, rm_dir: Path, prompts: Path, seed: int, args) -> dict[str, Any]:
     """One online RLOO run of a LoRA policy against the reward model in ``rm_dir``; its training curve."""
+    import torch
+
     import mmalign.text
     from mmalign.io import read_jsonl
+
+    torch.set_num_threads(1)
 
     cfg = {"model": {"name_or_path": model},
            "prompts": {"train": str(prompts), "use_chat_template": args.chat},
            "reward": [{"kind": "model", "path": str(rm_dir / "final")}],
            "algorithm": {"name": "rloo", "beta": args.beta, "divergence": "reverse_kl", "divergence_in": "loss"},
            "sampling": {"k": args.k, "max_new_tokens": args.max_new_tokens},
-           "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0},
+           "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0,
+                    "target_modules": top_layer_targets(model, args.lora_top_layers)},
            "training": {"batch_size": args.batch_size, "max_steps": args.steps, "learning_rate": args.lr,
                         "lr_scheduler": "constant", "logging_steps": 1, "progress_bar": False, "plot": False,
                         "num_threads": 1, "seed": seed},
@@ -156,6 +173,32 @@ def train_policy(work: Path, model: str, rm_dir: Path, prompts: Path, seed: int,
             "kl_last": rows[-1].get("kl")}
 
 
+def policy_run(job: tuple) -> dict[str, Any]:
+    """One (reward model, seed) cell: online training, then the held-out measurement (a process-pool job)."""
+    name, seed, work, policy, paths, heldout, args = job
+    run_dir = work / f"policy-{name}-seed{seed}"
+    settings = run_settings(args)
+    cached = run_dir / "result.json"
+    if cached.is_file():  # a finished cell with the same settings is reused (runs can be spread over calls)
+        row = json.loads(cached.read_text())
+        if row.get("settings") == settings:
+            row.pop("settings")
+            return row
+    run = train_policy(run_dir, policy, work / f"rm-{name}", paths["prompts"], seed, args)
+    run.update(evaluate_policy(run.pop("final_dir"), heldout, args.max_new_tokens, args.eval_samples, args.chat))
+    row = {"reward_model": name, "seed": seed, **run}
+    cached.write_text(json.dumps({**row, "settings": settings}, indent=1))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_settings(args) -> dict[str, Any]:
+    """What a cell's result depends on besides its reward model and seed."""
+    keys = ("model", "steps", "batch_size", "k", "max_new_tokens", "lr", "lora_top_layers", "beta", "eval_prompts",
+            "eval_samples", "chat", "sft_steps", "sft_lr", "rm_set")
+    return {key: getattr(args, key) for key in keys}
+
+
 def summarise(runs: list[dict], key: str) -> dict[str, Optional[float]]:
     values = [r[key] for r in runs]
     return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else None}
@@ -165,11 +208,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=SMOLLM2, help="policy and reward-model base (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=16, help="online steps per run")
-    parser.add_argument("--batch-size", type=int, default=4, help="prompts per step")
+    parser.add_argument("--steps", type=int, default=10, help="online steps per run")
+    parser.add_argument("--batch-size", type=int, default=2, help="prompts per step")
     parser.add_argument("--k", type=int, default=4, help="samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lora-top-layers", type=int, default=4, help="LoRA on the top N blocks only")
     parser.add_argument("--beta", type=float, default=0.05, help="reverse-KL weight (in the loss, §2.8.2)")
     parser.add_argument("--eval-prompts", type=int, default=32, help="held-out questions")
     parser.add_argument("--eval-samples", type=int, default=2, help="sampled answers per held-out question")
@@ -178,6 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sft-lr", type=float, default=1e-4)
     parser.add_argument("--rm-set", action="append", default=[], help="reward-model recipe override key=value")
     parser.add_argument("--reward-models", nargs="+", default=list(REWARD_MODELS), choices=list(REWARD_MODELS))
+    parser.add_argument("--jobs", type=int, default=1, help="online runs in parallel processes")
     parser.add_argument("--work", default="outputs/online-sycophancy")
     parser.add_argument("--out", default="bench/results/online_sycophancy_results.json")
     args = parser.parse_args(argv)
@@ -191,17 +236,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     paths = write_data(work, args.steps * args.batch_size, args.eval_prompts)
     heldout = list(read_jsonl(paths["heldout"]))
     result: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
-                              "reward_models": train_reward_models(work, model, paths, args.rm_set)}
+                              "reward_models": train_reward_models(work, model, paths, args.rm_set, args.reward_models)}
     policy = warm_start(work, model, paths, args) if args.sft_steps else model
-    result["untrained"] = evaluate_policy(policy, heldout, args.max_new_tokens, args.eval_samples, args.chat)
+    settings = {key: value for key, value in run_settings(args).items()
+                if key in ("model", "max_new_tokens", "eval_prompts", "eval_samples", "chat", "sft_steps", "sft_lr")}
+    cached = work / "untrained.json"
+    if cached.is_file() and json.loads(cached.read_text())["settings"] == settings:
+        result["untrained"] = json.loads(cached.read_text())["result"]
+    else:
+        result["untrained"] = evaluate_policy(policy, heldout, args.max_new_tokens, args.eval_samples, args.chat)
+        cached.write_text(json.dumps({"settings": settings, "result": result["untrained"]}))
     print(json.dumps({"untrained": result["untrained"]}), flush=True)
-    runs = []
-    for seed in args.seeds:
-        for name in args.reward_models:
-            run = train_policy(work / f"policy-{name}-seed{seed}", policy, work / f"rm-{name}", paths["prompts"], seed, args)
-            run.update(evaluate_policy(run.pop("final_dir"), heldout, args.max_new_tokens, args.eval_samples, args.chat))
-            runs.append({"reward_model": name, "seed": seed, **run})
-            print(json.dumps(runs[-1]), flush=True)
+    jobs = [(name, seed, work, policy, paths, heldout, args) for seed in args.seeds for name in args.reward_models]
+    if args.jobs > 1:  # separate processes, one thread each (spawned: no forked torch state)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = list(pool.map(policy_run, jobs))
+    else:
+        runs = [policy_run(job) for job in jobs]
     result["runs"] = runs
     result["summary"] = {name: {key: summarise([r for r in runs if r["reward_model"] == name], key)
                                 for key in ("sycophancy", "agreement", "accuracy", "reward_last")}

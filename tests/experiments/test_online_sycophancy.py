@@ -26,7 +26,7 @@ def test_driver_trains_both_reward_models_and_reports_every_seed(tiny_model_dir,
     out = tmp_path / "result.json"
     args = ["--model", str(tiny_model_dir), "--seeds", "0", "1", "--steps", "2", "--batch-size", "2", "--k", "2",
             "--max-new-tokens", "6", "--eval-prompts", "3", "--sft-steps", "2", "--lr", "1e-2",
-            "--rm-set", "trainable_top_layers=1", "--rm-set", "training.num_epochs=1", "--rm-set", "probe_samples=4",
+            "--rm-set", "trainable_top_layers=1", "--rm-set", "training.num_epochs=1", "--rm-set", "probe_samples=4", "--jobs", "2",
             "--work", str(tmp_path / "work"), "--out", str(out)]
     assert main(args) == 0
     result = json.loads(out.read_text())
@@ -47,3 +47,5 @@ def test_driver_trains_both_reward_models_and_reports_every_seed(tiny_model_dir,
     stamp = (tmp_path / "work" / "rm-vanilla" / "reward_report.json").stat().st_mtime_ns
     assert main(args[:-2] + ["--out", str(tmp_path / "again.json"), "--reward-models", "vanilla", "--seeds", "0"]) == 0
     assert (tmp_path / "work" / "rm-vanilla" / "reward_report.json").stat().st_mtime_ns == stamp
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["runs"] == result["runs"][:1]  # the finished cell is reused, not rerun
