@@ -83,7 +83,7 @@ def train_reward_models(work: Path, model: str, paths: dict[str, Path], rm_set: 
     for name in names:
         recipe, out = REWARD_MODELS[name], work / f"rm-{name}"
         report_path = out / "reward_report.json"
-        if not (out / "final").is_dir() or not report_path.is_file():
+        if not (out / "final").is_dir():  # final/ is written atomically: present = trained
             cfg = yaml.safe_load(Path(recipe).read_text())
             cfg["model"]["name_or_path"] = model
             cfg["data"] = {"train": str(paths["rm-train"]), "eval": str(paths["rm-eval"])}
@@ -91,7 +91,7 @@ def train_reward_models(work: Path, model: str, paths: dict[str, Path], rm_set: 
             start = time.time()
             train_reward_model(load_config(RewardTrainConfig, cfg, list(rm_set)))
             print(f"reward model {name}: trained in {time.time() - start:.0f} s", flush=True)
-        report = json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}  # probes still running
         reports[name] = {"eval": {k: report.get("eval", {}).get(k) for k in ("pairwise_accuracy", "mean_margin")},
                          "sycophancy_probe": report.get("sycophancy_probe")}
     return reports
