@@ -238,6 +238,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
                               "reward_models": train_reward_models(work, model, paths, args.rm_set, args.reward_models)}
     policy = warm_start(work, model, paths, args) if args.sft_steps else model
+    jobs = [(name, seed, work, policy, paths, heldout, args) for seed in args.seeds for name in args.reward_models]
+    if args.jobs > 1:  # separate processes, one thread each (spawned: no forked torch state)
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = list(pool.map(policy_run, jobs))
+    else:
+        runs = [policy_run(job) for job in jobs]
+    result["runs"] = runs
     settings = {key: value for key, value in run_settings(args).items()
                 if key in ("model", "max_new_tokens", "eval_prompts", "eval_samples", "chat", "sft_steps", "sft_lr")}
     cached = work / "untrained.json"
@@ -247,13 +254,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["untrained"] = evaluate_policy(policy, heldout, args.max_new_tokens, args.eval_samples, args.chat)
         cached.write_text(json.dumps({"settings": settings, "result": result["untrained"]}))
     print(json.dumps({"untrained": result["untrained"]}), flush=True)
-    jobs = [(name, seed, work, policy, paths, heldout, args) for seed in args.seeds for name in args.reward_models]
-    if args.jobs > 1:  # separate processes, one thread each (spawned: no forked torch state)
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = list(pool.map(policy_run, jobs))
-    else:
-        runs = [policy_run(job) for job in jobs]
-    result["runs"] = runs
     result["summary"] = {name: {key: summarise([r for r in runs if r["reward_model"] == name], key)
                                 for key in ("sycophancy", "agreement", "accuracy", "reward_last")}
                          for name in args.reward_models}
