@@ -57,22 +57,23 @@ MEMORY_PAIRS["flux"] = MEMORY_PAIRS["sd3"]
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--sd3-scale", type=int, default=1, help="sd3: multiply the tiny transformer's layers/heads")
+    parser.add_argument("--backbone-scale", "--sd3-scale", dest="backbone_scale", type=int, default=1,
+                        help="sd3/flux: multiply the tiny transformer's layers/heads")
     parser.add_argument("--cache-text", action="store_true",
                         help="sdxl/sd3/flux: every loop looks up text embeddings computed once (encoders off the step)")
 
 
 def memory_setup(args):
     """``(parts, batch, make_step)`` of a fresh memory-measuring process."""
-    parts = build_parts(args.layout, sd3_scale=args.sd3_scale, cache_text=args.cache_text)
+    parts = build_parts(args.layout, backbone_scale=args.backbone_scale, cache_text=args.cache_text)
     return parts, make_batch(args.pairs), make_family_step
 
 
-def build_parts(layout: str, seed: int = 0, sd3_scale: int = 1, cache_text: bool = False) -> dict:
+def build_parts(layout: str, seed: int = 0, backbone_scale: int = 1, cache_text: bool = False) -> dict:
     from mmalign.image.families.tiny import build_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tokenizer_dir:
-        pipe = build_tiny_pipeline(layout, tokenizer_dir, seed=seed, sd3_scale=sd3_scale)
+        pipe = build_tiny_pipeline(layout, tokenizer_dir, seed=seed, backbone_scale=backbone_scale)
     pipe.vae.requires_grad_(False).eval()
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
@@ -295,7 +296,7 @@ def family_main(args) -> None:
     layout, variants = args.layout, FAMILY_VARIANTS[args.layout]
     load_before = os.getloadavg()
     torch.manual_seed(0)
-    parts = build_parts(layout, sd3_scale=args.sd3_scale, cache_text=args.cache_text)
+    parts = build_parts(layout, backbone_scale=args.backbone_scale, cache_text=args.cache_text)
     steps = {name: make_family_step(name, parts) for name in variants}
     batch = make_batch(args.pairs)
     times = time_rounds(steps, {name: batch for name in variants}, variants, args.warmup, args.rounds)
@@ -307,7 +308,7 @@ def family_main(args) -> None:
                 [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_image_dpo.py"),
                  "--layout", layout, "--memory-variant", name, "--memory-measure", "tensor", "--threads",
                  str(args.threads), "--pairs", str(args.pairs), "--memory-steps", str(args.memory_steps),
-                 "--sd3-scale", str(args.sd3_scale)] + (["--cache-text"] if args.cache_text else []),
+                 "--backbone-scale", str(args.backbone_scale)] + (["--cache-text"] if args.cache_text else []),
                 capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), check=True)
             tensor_runs[name].append(json.loads(result.stdout.strip().splitlines()[-1])["peak_tensor_mb"])
     tensor = {name: statistics.median(values) for name, values in tensor_runs.items()}
@@ -327,7 +328,7 @@ def family_main(args) -> None:
         print(f"| {name} | {medians[name]:.3f} | {min(times[name]):.3f} | {tensor[name]:.1f} |")
     for label, value in ratios.items():
         print(f"- {label}: {value:.2f}")
-    suffix = (f"_{layout}" + (f"_x{args.sd3_scale}" if layout == "sd3" and args.sd3_scale != 1 else "")
+    suffix = (f"_{layout}" + (f"_x{args.backbone_scale}" if args.backbone_scale != 1 else "")
               + ("_cached_text" if args.cache_text else ""))
     path = args.json if args.json != args.default_json else args.default_json.replace(".json", f"{suffix}.json")
     results = {"layout": layout, "medians_s": medians, "times_s": times, "peak_tensor_memory_mb": tensor,

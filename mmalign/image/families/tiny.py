@@ -59,9 +59,10 @@ def _vae(latent_channels: int, image_size: int, seed: int, **flow_factors):
 
 
 def build_tiny_pipeline(family: str, tokenizer_dir: str | os.PathLike, *, image_size: int = 64,
-                        prediction_type: str = "epsilon", use_t5: bool = True, seed: int = 0, sd3_scale: int = 1):
-    """A randomly initialised pipeline of ``family`` (``sdxl``, ``sd3`` or ``flux``). ``sd3_scale`` multiplies the
-    SD3 transformer's layers and heads (1: 0.08M parameters; 4: 4.7M, for benchmarks where the backbone matters)."""
+                        prediction_type: str = "epsilon", use_t5: bool = True, seed: int = 0, backbone_scale: int = 1):
+    """A randomly initialised pipeline of ``family`` (``sdxl``, ``sd3`` or ``flux``). ``backbone_scale``
+    multiplies the SD3 / FLUX transformer's layers and heads (SD3 1: 0.08M parameters, 4: 4.7M; for benchmarks where
+    the backbone matters)."""
     from mmalign.image.testing import build_tiny_clip_tokenizer
 
     if family not in TINY_FAMILIES:
@@ -72,8 +73,8 @@ def build_tiny_pipeline(family: str, tokenizer_dir: str | os.PathLike, *, image_
     if family == "sdxl":
         return _tiny_sdxl(clip_tokenizer, image_size, latent_size, prediction_type, seed)
     if family == "sd3":
-        return _tiny_sd3(clip_tokenizer, image_size, latent_size, use_t5, seed, sd3_scale)
-    return _tiny_flux(clip_tokenizer, image_size, latent_size, seed)
+        return _tiny_sd3(clip_tokenizer, image_size, latent_size, use_t5, seed, backbone_scale)
+    return _tiny_flux(clip_tokenizer, image_size, latent_size, seed, backbone_scale)
 
 
 def _tiny_sdxl(tokenizer, image_size, latent_size, prediction_type, seed):
@@ -113,13 +114,13 @@ def _tiny_sd3(tokenizer, image_size, latent_size, use_t5, seed, scale=1):
         tokenizer_3=t5_tokenizer)
 
 
-def _tiny_flux(tokenizer, image_size, latent_size, seed):
+def _tiny_flux(tokenizer, image_size, latent_size, seed, scale=1):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed + 2)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=_T5_WIDTH, pooled_projection_dim=_CLIP_WIDTH,
+        patch_size=1, in_channels=16, num_layers=scale, num_single_layers=scale, attention_head_dim=16,
+        num_attention_heads=2 * scale, joint_attention_dim=_T5_WIDTH, pooled_projection_dim=_CLIP_WIDTH,
         guidance_embeds=True, axes_dims_rope=(4, 4, 8))
     t5_tokenizer = build_tiny_t5_tokenizer()
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
