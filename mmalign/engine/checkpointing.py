@@ -5,8 +5,11 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
+import torch
+
+from mmalign.config import save_config
 from mmalign.engine import checkpoints as ckpt
 from mmalign.engine.checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE_NAME, CheckpointError
 from mmalign.engine.faults import fault_point
@@ -143,3 +146,25 @@ class CheckpointingMixin:
         self._window.load(window.get("window", {}), acc.device)
         self._window_tokens = window.get("window_tokens", 0)
         self._window_steps = window.get("window_steps", 0)
+
+    def _final_save(self, model: torch.nn.Module) -> Optional[Path]:
+        """Writes ``final/`` atomically (a temp folder, then a rename) on the main process; None without ``save_model``."""
+        acc = self.accelerator
+        self._check_finite()
+        fault_point("before_final", self.global_step)
+        acc.wait_for_everyone()
+        if self.save_model_fn is None:
+            return None
+        final = self.output_dir / "final"
+        tmp = self.output_dir / ".tmp-final"
+        if acc.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            self.save_model_fn(acc.unwrap_model(model), tmp)
+            if self.resolved_config is not None:
+                save_config(self.resolved_config, tmp / "config.yaml")
+            fault_point("final_tmp", self.global_step)
+            ckpt.replace_folder(tmp, final)
+        acc.wait_for_everyone()
+        return final

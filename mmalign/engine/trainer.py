@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -23,14 +22,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmalign.config import save_config, to_dict
-from mmalign.engine import checkpoints as ckpt
 from mmalign.engine.checkpoints import TRAINER_STATE_NAME
 from mmalign.engine.checkpointing import CheckpointingMixin
 from mmalign.engine.config import TrainingConfig
-from mmalign.engine.faults import fault_point
 from mmalign.engine.guards import NonFiniteGuard
 from mmalign.engine.metric_window import MetricWindow
-from mmalign.engine.optim import fused_adamw_blocker, lr_lambda
+from mmalign.engine.optim import build_adamw, fused_adamw_blocker, lr_lambda
 from mmalign.engine.run_identity import clear_checkpoints, find_latest_checkpoint, resolve_run, write_run_id
 from mmalign.engine.plots import DEFAULT_PLOT_KEYS, plot_metrics
 from mmalign.engine.reporting import MetricsWriter, format_metrics, truncate_jsonl
@@ -140,22 +137,8 @@ class Trainer(CheckpointingMixin):
         return module.to(self.device)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
-        cfg = self.config
-        decay = [p for p in self._params if p.ndim >= 2]
-        no_decay = [p for p in self._params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        kwargs = {}
-        blocker = fused_adamw_blocker(self._params)
-        if blocker is None:
-            # one kernel over all parameters (CPU too: 4x faster than the per-tensor loop, the CPU default)
-            kwargs["fused"] = True
-        elif self._params:
-            logger.warning("fast path fused AdamW not taken: %s", blocker)
-        return torch.optim.AdamW(
-            groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, **kwargs
-        )
+        # a hook: the 8-bit AdamW trainer of mmalign.image.families.memory overrides it
+        return build_adamw(self._params, self.config)
 
     def _build_dataloader(self) -> DataLoader:
         cfg = self.config
@@ -398,24 +381,3 @@ class Trainer(CheckpointingMixin):
     def _check_finite(self) -> None:
         self._guard.check(self.accelerator, last_checkpoint=self._last_checkpoint,
                           learning_rate=self.config.learning_rate)
-
-    def _final_save(self, model: torch.nn.Module) -> Optional[Path]:
-        acc = self.accelerator
-        self._check_finite()
-        fault_point("before_final", self.global_step)
-        acc.wait_for_everyone()
-        if self.save_model_fn is None:
-            return None
-        final = self.output_dir / "final"
-        tmp = self.output_dir / ".tmp-final"
-        if acc.is_main_process:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            self.save_model_fn(acc.unwrap_model(model), tmp)
-            if self.resolved_config is not None:
-                save_config(self.resolved_config, tmp / "config.yaml")
-            fault_point("final_tmp", self.global_step)
-            ckpt.replace_folder(tmp, final)
-        acc.wait_for_everyone()
-        return final
