@@ -52,6 +52,7 @@ from mmalign.text.evaluation.metrics import (
 )
 from mmalign.text.modeling.loading import load_model_for_eval
 from mmalign.text.modeling.sampling import Samples, sample_completions
+from mmalign.text.recipes.inputs import is_path, require
 
 __all__ = [
     "SamplingConfig",
@@ -174,10 +175,6 @@ def _sample(model, tokenizer, prompts: list[str], s: SamplingConfig, *, add_spec
 _OBJECT_KEYS = ("model", "prompts", "preference_data")
 
 
-def _is_path(value: Any) -> bool:
-    return value is None or isinstance(value, (str, Path))
-
-
 def evaluate(config: EvaluateConfig | dict | str | Path | None = None, overrides: Optional[list[str]] = None, *,
              judge: Optional[Judge] = None, model: Any = None, tokenizer: Any = None, prompts: Any = None,
              preference_data: Any = None) -> dict[str, Any]:
@@ -196,12 +193,11 @@ def evaluate(config: EvaluateConfig | dict | str | Path | None = None, overrides
     if isinstance(config, Mapping):
         config = dict(config)
         for key in _OBJECT_KEYS:
-            if not _is_path(config.get(key)):
+            if not is_path(config.get(key)):
                 value = config.pop(key)
                 objects[key] = objects[key] if objects[key] is not None else value
     cfg = load_config(EvaluateConfig, config, overrides or [])
-    if objects["model"] is None and not cfg.model:
-        raise ConfigError("model: required; set it in the config or pass model=... to the call")
+    require(objects["model"] if objects["model"] is not None else cfg.model, "model", "model")
     if tokenizer is not None and objects["model"] is None:
         raise ConfigError("tokenizer: a tokenizer object goes with a model object (model=...); a model path brings "
                           "its own tokenizer")
@@ -268,7 +264,7 @@ def _run_metrics(cfg: EvaluateConfig, judge: Optional[Judge], model, tokenizer, 
         results.update(preference_metrics(model, tokenizer, pair_source, use_chat_template=cfg.use_chat_template,
                                           system_prompt=cfg.system_prompt, max_pairs=cfg.max_pairs,
                                           batch_size=cfg.batch_size, ece_bins=cfg.ece_bins,
-                                          name=None if _is_path(pair_source) else "preference_data"))
+                                          name=None if is_path(pair_source) else "preference_data"))
     if rows is not None:
         raw_prompts = [r["prompt"] for r in rows]
         prompts = format_prompts(tokenizer, raw_prompts, use_chat_template=cfg.use_chat_template,

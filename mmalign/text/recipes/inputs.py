@@ -16,7 +16,7 @@ import torch
 from mmalign.config import ConfigError
 from mmalign.text.modeling.loading import fuse_activations, load_tokenizer
 
-__all__ = ["JobInputs", "split_objects", "require", "is_peft_model", "resolve_tokenizer", "prepare_model_object",
+__all__ = ["JobInputs", "is_path", "split_objects", "require", "is_peft_model", "resolve_tokenizer", "prepare_model_object",
            "check_job_sources"]
 
 
@@ -28,7 +28,8 @@ class JobInputs:
     eval_dataset: Any = None
 
 
-def _is_path(value: Any) -> bool:
+def is_path(value: Any) -> bool:
+    """Whether a config value is a path (or unset) rather than an object standing in its place."""
     return value is None or isinstance(value, (str, os.PathLike))
 
 
@@ -40,13 +41,13 @@ def split_objects(config: Any, given: JobInputs) -> tuple[Any, JobInputs]:
     config = dict(config)
     found = JobInputs()
     model = config.get("model")
-    if model is not None and not isinstance(model, Mapping) and not _is_path(model):
+    if model is not None and not isinstance(model, Mapping) and not is_path(model):
         found.model = config.pop("model")
     data = config.get("data")
     if isinstance(data, Mapping):
         data = dict(data)
         for key, attr in (("train", "train_dataset"), ("eval", "eval_dataset")):
-            if not _is_path(data.get(key)):
+            if not is_path(data.get(key)):
                 setattr(found, attr, data.pop(key))
         config["data"] = data
     merged = JobInputs(*(g if g is not None else f for g, f in zip(
