@@ -55,6 +55,11 @@ class TrainingConfig:
     num_threads: Optional[int] = field(
         default=None, metadata={"help": "torch CPU threads (torch.set_num_threads); null = leave torch's default"}
     )
+    release_freed_memory: bool = field(
+        default=True, metadata={"help": "Linux/glibc: allocate blocks over 128 KiB with mmap, so activations freed "
+                                        "after backward go back to the system instead of staying in a growing heap "
+                                        "(peak memory; process-wide, mmalign.engine.allocator); false = leave malloc alone"}
+    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "start a new run in an output_dir that holds another run's checkpoints, "
                                          "deleting them (otherwise refused: resume it or choose another folder)"}
