@@ -363,7 +363,8 @@ def main() -> None:
     selected = [c for c in cases(args.suite) if wanted is None or any(part in case_name(c) for part in wanted)]
     raw: dict[str, list[dict]] = {case_name(c): [] for c in selected}
     for repeat in range(args.repeats):
-        for c in selected:
+        # every other repeat in reverse order, so a drift of the machine's load does not favour one implementation
+        for c in (selected if repeat % 2 == 0 else selected[::-1]):
             result = run_case(c, args)
             raw[case_name(c)].append(result)
             print(f"[{repeat + 1}/{args.repeats}] {case_name(c):40s} median {statistics.median(result['step_times']):.4f} s/step "
@@ -392,6 +393,15 @@ def main() -> None:
               f"{s['rss_during_steps_mib']:9.0f} {ratio(trl):>19s} {ratio(bare):>20s}")
     print("(vs TRL / vs bare: their s/step divided by this case's; >1 means this case is faster. CPU s/step = process "
           "CPU time of all threads per step, far less sensitive to other jobs than wall time.)")
+    from pool_text_results import per_run_ratios
+
+    per_run = per_run_ratios(raw)
+    if per_run:
+        print("\nCPU s/step of TRL / this case, run by run (repeat i of both; their spread is the noise of one ratio):")
+        for name, ratios in per_run.items():
+            print(f"{name:40s} {' '.join(f'{r:.2f}' for r in ratios)}  median {statistics.median(ratios):.2f}x")
+    for name in summary:
+        summary[name]["cpu_ratio_vs_trl_per_run"] = per_run.get(name)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "raw": raw, "args": vars(args)}, indent=2))
 
