@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--layers", type=int, default=None, help="keep this many layers (random weights)")
+    parser.add_argument("--repeat-kv", action="store_true", help="without mmalign's grouped-query sdpa")
     args = parser.parse_args()
 
     import torch
@@ -73,7 +74,12 @@ def main() -> None:
     model.train()
     examples, _ = parse_preference_rows(synthetic_pairs(8))
     batch = PreferenceCollator(tokenizer.pad_token_id, share_prompt=True)(PreferenceTokenizer(tokenizer)(examples))
-    logps, _ = logprobs.batch_logprobs(model, dict(batch))
+    import contextlib
+    from unittest import mock
+
+    with (mock.patch.object(logprobs, "grouped_query_sdpa", lambda m: contextlib.nullcontext()) if args.repeat_kv
+          else contextlib.nullcontext()):
+        logps, _ = logprobs.batch_logprobs(model, dict(batch))
     by_node = saved_storages(logps.sum().grad_fn, {p.untyped_storage().data_ptr() for p in model.parameters()})
     total = sum(by_node.values())
     tokens = int(batch["input_ids"].numel())
