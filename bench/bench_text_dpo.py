@@ -18,7 +18,8 @@ Cases:
   mmalign reference precomputed vs live; mmalign cnrpo (one extra no-grad forward per trigger) vs dpo; mmalign
   with ``training.share_prompt: off`` ("padded": one row per response) and also ``model.fused_activations: off``
   ("plain": GPT-2's Python gelu_new, as TRL and the bare loop run it) vs its defaults.
-- smollm2: SmolLM2-135M-Instruct + LoRA, dpo, mmalign vs TRL.
+- smollm2: SmolLM2-135M-Instruct + LoRA, dpo, mmalign vs TRL; mmalign "mmap": with
+  ``training.release_freed_memory: true`` (glibc mmaps blocks over 128 KiB), for its memory/speed trade.
 """
 
 from __future__ import annotations
@@ -153,7 +154,9 @@ def run_mmalign(args, path: str, work: Path, timer: StepTimer) -> dict:
                      "max_steps": args.warmup + args.steps, "num_threads": args.threads, "progress_bar": False,
                      "logging_steps": 10_000, "save_total_limit": None, "max_grad_norm": 1.0, "seed": 0,
                      # default auto: each prompt encoded once per pair; "padded" = the one-row-per-response layout
-                     "share_prompt": "off" if args.variant in ("padded", "plain") else "auto"},
+                     "share_prompt": "off" if args.variant in ("padded", "plain") else "auto",
+                     # "mmap": glibc's mmap threshold fixed at 128 KiB (mmalign.engine.allocator)
+                     "release_freed_memory": args.variant == "mmap"},
         "output_dir": str(work / "out"),
     }
     train(config, extra_inputs_hook=extra_hook)
@@ -302,6 +305,7 @@ def cases(suite: str) -> list[dict]:
         tiny.append({"model": "tiny", "loss": "dpo", "lora": lora, "impl": "mmalign", "variant": "plain"})
     smol = [{"model": "smollm2", "loss": "dpo", "lora": 1, "impl": impl, "variant": "live"} for impl in ("mmalign", "trl", "bare")]
     smol.append({"model": "smollm2", "loss": "dpo", "lora": 1, "impl": "mmalign", "variant": "padded"})
+    smol.append({"model": "smollm2", "loss": "dpo", "lora": 1, "impl": "mmalign", "variant": "mmap"})
     return {"tiny": tiny, "smollm2": smol, "all": tiny + smol}[suite]
 
 
@@ -353,7 +357,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--loss", choices=list(TRL_LOSS), default="dpo", help=argparse.SUPPRESS)
     parser.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=["live", "precomputed", "cnrpo", "padded", "plain"], default="live", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["live", "precomputed", "cnrpo", "padded", "plain", "mmap"], default="live", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)

@@ -4,15 +4,16 @@ A training step frees and re-allocates hundreds of activation-sized blocks (0.1-
 blocks over its *dynamic* mmap threshold with ``mmap`` (returned to the system on ``free``), but raises that
 threshold to the size of every such block that is freed, up to 32 MiB; after the first step almost every
 activation comes from the heap instead, whose freed space stays resident and fragments, so the resident set grows
-by hundreds of MiB over the first steps (SmolLM2-135M + LoRA: 1,725 MiB after step 1, 2,000 after step 3, peak
-2,097). Fixing the threshold at 128 KiB (``mallopt(M_MMAP_THRESHOLD)``, glibc's documented tunable, the same as
-the ``MALLOC_MMAP_THRESHOLD_`` environment variable) keeps every large block mmapped: the resident set follows
-the live tensors (same run: 970 MiB between steps, peak 1,627 MiB), and the CPU time per step did not change
-measurably (bench/RESULTS.md). Small blocks keep the heap.
+over the first steps (SmolLM2-135M + LoRA, 8 pairs: 1,513 MiB after step 1, 1,764 after step 3, peak 1,847).
+Fixing the threshold at 128 KiB (``mallopt(M_MMAP_THRESHOLD)``, glibc's documented tunable, the same as the
+``MALLOC_MMAP_THRESHOLD_`` environment variable) keeps every large block mmapped: the resident set follows the
+live tensors (same run: 971 MiB between steps, peak 1,488 MiB). The price is a page fault for every 4 KiB of
+every large block allocated, again in every step: +45 % CPU time per SmolLM2 step in an interleaved run
+(bench/RESULTS.md). So it is opt-in: ``training.release_freed_memory: true`` for runs that are short of memory
+rather than of time. Small blocks keep the heap.
 
-Process-wide and permanent (glibc has no getter to restore the dynamic threshold), like ``torch.set_num_threads``;
-``training.release_freed_memory: false`` leaves the allocator alone. Only on Linux with glibc; elsewhere nothing
-is done.
+Process-wide and permanent (glibc has no getter to restore the dynamic threshold), like ``torch.set_num_threads``.
+Only on Linux with glibc; elsewhere nothing is done.
 """
 from __future__ import annotations
 
