@@ -9,7 +9,8 @@ ONE process, so that machine load hits A and B alike; reports medians of the per
 Changes (new vs old): float_mask — the shared-prompt mask given to sdpa as an additive float mask built once per
 batch vs a boolean one (sdpa converts a boolean mask in every call); gqa — sdpa's grouped-query attention on the key/value heads vs transformers' repeat_kv copies; eager —
 transformers' eager attention vs sdpa; silu_mul — the SiLU-gated MLP keeping one activation fewer
-(mmalign.text.modeling.gated_mlp) vs transformers' forward.
+(mmalign.text.modeling.gated_mlp) vs transformers' forward; mmap — glibc mmaps blocks over 128 KiB (returned
+to the system on free) vs its heap; trim — malloc_trim(0) after the step vs not.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul")
+CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim")
 
 
 def main() -> None:

@@ -36,6 +36,20 @@ def variant(name: str, new: bool, models=()):
                     if type(module).__name__ in GATED_MLP_CLASSES:
                         module.__dict__.pop("forward", None)
         return
+    if name in ("mmap", "trim"):  # glibc: big blocks mmapped (returned on free) / heap trimmed after the step
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if name == "mmap":
+            libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        try:
+            yield
+        finally:
+            if name == "mmap":
+                libc.mallopt(-3, 32 * 2**20)  # about where glibc's dynamic threshold ends on this step
+            else:
+                libc.malloc_trim(0)
+        return
     if name == "eager":  # transformers' eager attention (matmul, mask add, softmax, matmul) instead of sdpa
         configs = [m.config for m in models if m is not None]
         before = [c._attn_implementation for c in configs]

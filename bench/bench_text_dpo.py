@@ -18,7 +18,8 @@ Cases:
   mmalign reference precomputed vs live; mmalign cnrpo (one extra no-grad forward per trigger) vs dpo; mmalign
   with ``training.share_prompt: off`` ("padded": one row per response) and also ``model.fused_activations: off``
   ("plain": GPT-2's Python gelu_new, as TRL and the bare loop run it) vs its defaults.
-- smollm2: SmolLM2-135M-Instruct + LoRA, dpo, mmalign vs TRL.
+- smollm2: SmolLM2-135M-Instruct + LoRA, dpo, mmalign vs TRL; mmalign "mmap": with
+  ``training.release_freed_memory: true`` (glibc mmaps blocks over 128 KiB), for its memory/speed trade.
 """
 
 from __future__ import annotations
@@ -153,7 +154,9 @@ def run_mmalign(args, path: str, work: Path, timer: StepTimer) -> dict:
                      "max_steps": args.warmup + args.steps, "num_threads": args.threads, "progress_bar": False,
                      "logging_steps": 10_000, "save_total_limit": None, "max_grad_norm": 1.0, "seed": 0,
                      # default auto: each prompt encoded once per pair; "padded" = the one-row-per-response layout
-                     "share_prompt": "off" if args.variant in ("padded", "plain") else "auto"},
+                     "share_prompt": "off" if args.variant in ("padded", "plain") else "auto",
+                     # "mmap": glibc's mmap threshold fixed at 128 KiB (mmalign.engine.allocator)
+                     "release_freed_memory": args.variant == "mmap"},
         "output_dir": str(work / "out"),
     }
     train(config, extra_inputs_hook=extra_hook)
@@ -302,6 +305,7 @@ def cases(suite: str) -> list[dict]:
         tiny.append({"model": "tiny", "loss": "dpo", "lora": lora, "impl": "mmalign", "variant": "plain"})
     smol = [{"model": "smollm2", "loss": "dpo", "lora": 1, "impl": impl, "variant": "live"} for impl in ("mmalign", "trl", "bare")]
     smol.append({"model": "smollm2", "loss": "dpo", "lora": 1, "impl": "mmalign", "variant": "padded"})
+    smol.append({"model": "smollm2", "loss": "dpo", "lora": 1, "impl": "mmalign", "variant": "mmap"})
     return {"tiny": tiny, "smollm2": smol, "all": tiny + smol}[suite]
 
 
@@ -353,7 +357,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny", help=argparse.SUPPRESS)
     parser.add_argument("--loss", choices=list(TRL_LOSS), default="dpo", help=argparse.SUPPRESS)
     parser.add_argument("--lora", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--variant", choices=["live", "precomputed", "cnrpo", "padded", "plain"], default="live", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["live", "precomputed", "cnrpo", "padded", "plain", "mmap"], default="live", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -363,7 +367,8 @@ def main() -> None:
     selected = [c for c in cases(args.suite) if wanted is None or any(part in case_name(c) for part in wanted)]
     raw: dict[str, list[dict]] = {case_name(c): [] for c in selected}
     for repeat in range(args.repeats):
-        for c in selected:
+        # every other repeat in reverse order, so a drift of the machine's load does not favour one implementation
+        for c in (selected if repeat % 2 == 0 else selected[::-1]):
             result = run_case(c, args)
             raw[case_name(c)].append(result)
             print(f"[{repeat + 1}/{args.repeats}] {case_name(c):40s} median {statistics.median(result['step_times']):.4f} s/step "
@@ -392,6 +397,15 @@ def main() -> None:
               f"{s['rss_during_steps_mib']:9.0f} {ratio(trl):>19s} {ratio(bare):>20s}")
     print("(vs TRL / vs bare: their s/step divided by this case's; >1 means this case is faster. CPU s/step = process "
           "CPU time of all threads per step, far less sensitive to other jobs than wall time.)")
+    from pool_text_results import per_run_ratios
+
+    per_run = per_run_ratios(raw)
+    if per_run:
+        print("\nCPU s/step of TRL / this case, run by run (repeat i of both; their spread is the noise of one ratio):")
+        for name, ratios in per_run.items():
+            print(f"{name:40s} {' '.join(f'{r:.2f}' for r in ratios)}  median {statistics.median(ratios):.2f}x")
+    for name in summary:
+        summary[name]["cpu_ratio_vs_trl_per_run"] = per_run.get(name)
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "raw": raw, "args": vars(args)}, indent=2))
 

@@ -12,6 +12,17 @@ import json
 import statistics
 
 
+def per_run_ratios(raw: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """TRL's median CPU s/step over this case's, for each repeat (the runs of one repeat are neighbours in time)."""
+    ratios = {}
+    for name, runs in raw.items():
+        trl = raw.get(f"{name.rsplit('/', 2)[0]}/live/trl")
+        if trl and not name.endswith("/live/trl"):
+            ratios[name] = [statistics.median(t["cpu_step_times"]) / statistics.median(r["cpu_step_times"])
+                            for r, t in zip(runs, trl)]
+    return ratios
+
+
 def pooled_rows(paths: list[str], variant: str = "live") -> list[str]:
     steps: dict[str, list[float]] = {}
     peaks: dict[str, list[float]] = {}

@@ -27,7 +27,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("impl", choices=["mmalign", "trl", "bare"])
     parser.add_argument("steps", type=int, nargs="?", default=3)
+    parser.add_argument("--mmap-threshold", type=int, default=None,
+                        help="mmalign: glibc M_MMAP_THRESHOLD in bytes instead of training.release_freed_memory's "
+                             "(0 = leave glibc's dynamic threshold)")
     cli = parser.parse_args()
+    if cli.mmap_threshold is not None:
+        import ctypes
+
+        import mmalign.engine.allocator as allocator
+
+        allocator._applied = False  # the trainer leaves the allocator to this script
+        if cli.mmap_threshold:
+            ctypes.CDLL("libc.so.6").mallopt(-3, cli.mmap_threshold)
     samples, marks, start, stop = [], [], time.perf_counter(), threading.Event()
 
     def sample() -> None:
@@ -43,7 +54,7 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     args = argparse.Namespace(impl=cli.impl, model="smollm2", loss="dpo", lora=1, variant="live", steps=cli.steps,
                               warmup=1, threads=2, pairs=8, batch_size=8, gradient_checkpointing="off")
-    register_optimizer_step_post_hook(lambda *_: marks.append((time.perf_counter() - start, rss_mib())))
+    register_optimizer_step_post_hook(lambda *_: marks.append((time.perf_counter() - start, rss_mib(), time.process_time())))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         path = bench.model_path("smollm2", work)
@@ -52,7 +63,9 @@ def main() -> None:
     peak = max(samples, key=lambda s: s[1])
     print(f"{cli.impl}: peak RSS {peak[1]:.0f} MiB at {peak[0]:.1f} s (ru_maxrss "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB); RSS at each optimizer step: "
-          + ", ".join(f"{r:.0f} MiB ({t:.1f} s)" for t, r in marks))
+          + ", ".join(f"{r:.0f} MiB ({t:.1f} s)" for t, r, _ in marks))
+    cpu = [b[2] - a[2] for a, b in zip(marks, marks[1:])]
+    print(f"CPU s/step after the first: {' '.join(f'{c:.2f}' for c in cpu)}; load average {os.getloadavg()[0]:.1f}")
     buckets: dict[float, float] = {}
     for t, r in samples:
         buckets[round(t * 2) / 2] = max(buckets.get(round(t * 2) / 2, 0.0), r)

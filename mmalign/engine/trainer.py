@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmalign.config import save_config, to_dict
+from mmalign.engine.allocator import release_freed_memory
 from mmalign.engine.checkpoints import TRAINER_STATE_NAME
 from mmalign.engine.checkpointing import CheckpointingMixin
 from mmalign.engine.config import TrainingConfig
@@ -219,6 +220,7 @@ class Trainer(CheckpointingMixin):
         fresh run when there is none) or a checkpoint folder. A resumed run reproduces the losses of an
         uninterrupted one (same data order, RNG states, optimizer/scheduler state and partial metric window).
         """
+        release_freed_memory(self.config.release_freed_memory)
         with torch_threads(self.config.num_threads):
             return self._train(resume_from_checkpoint)
 

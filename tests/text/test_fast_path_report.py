@@ -12,6 +12,8 @@ from mmalign.engine.trainer import fused_adamw_blocker
 from mmalign.testing import build_tiny_tokenizer, tiny_preference_rows, write_jsonl
 from mmalign.text.modeling import fallbacks
 from mmalign.text.modeling.fast_paths import fast_path_report
+from mmalign.text.modeling.gated_mlp import RECOMPUTED_DOWN_INPUT
+from mmalign.text.modeling.grouped_query import GROUPED_QUERY_SDPA
 from mmalign.text.modeling.loading import apply_lora, fuse_activations
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -72,6 +74,11 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
     assert not fallbacks.LORA_FALLBACK_CALLS
     # every training step's backward wrote the LM head's gradient into its logits (no second [M, V] tensor)
     assert fallbacks.FAST_PATH_CALLS["LM-head gradient in place"] == 2
+    # every gated MLP of every policy forward recomputed its down projection's input in backward instead of keeping it
+    assert fallbacks.FAST_PATH_CALLS[RECOMPUTED_DOWN_INPUT] == (0 if layout == "gpt2" else 2 * 2)
+    # grouped key/value heads (3:1) go to sdpa without repeat_kv copies in every scoring forward (GPT-2 has none)
+    calls = fallbacks.FAST_PATH_CALLS[GROUPED_QUERY_SDPA]
+    assert calls == 0 if layout == "gpt2" else calls >= 2 * 2  # policy and reference forward of each step
     assert not [r for r in caplog.records if "fast path" in r.getMessage()]
 
 

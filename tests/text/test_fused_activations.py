@@ -60,15 +60,77 @@ def test_lean_gated_mlp_equals_transformers_forward_and_backward(tiny_tokenizer)
     assert torch.equal(losses[0], losses[1])
     for (name, a), (_, b) in zip(plain.named_parameters(), lean.named_parameters()):
         assert torch.equal(a.grad, b.grad), name
-    # the function keeps only gate and up for backward: one [tokens, intermediate] tensor fewer per MLP
-    saved = {}
-    for label, model in (("plain", plain), ("lean", lean)):
-        storages = set()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: storages.add(t.untyped_storage().data_ptr()) or t,
-                                                      lambda t: t):
-            model(input_ids=ids)
-        saved[label] = len(storages)
-    assert saved["plain"] - saved["lean"] == plain.config.num_hidden_layers
+    # the MLP keeps only gate and up for backward: neither silu(gate) nor the down projection's input h
+    saved = {label: len(_saved_storages(model, ids)) for label, model in (("plain", plain), ("lean", lean))}
+    assert saved["plain"] - saved["lean"] == 2 * plain.config.num_hidden_layers
+
+
+def _saved_storages(model, ids) -> set:
+    storages = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: storages.add(t.untyped_storage().data_ptr()) or t,
+                                                  lambda t: t):
+        model(input_ids=ids)
+    return storages
+
+
+def _llama_with_lora(tiny_tokenizer, *, lean: bool, dropout: float = 0.0):
+    from mmalign.text.modeling.loading import apply_lora
+
+    model = build_tiny_causal_lm(tokenizer=tiny_tokenizer, seed=7)
+    if lean:
+        fuse_activations(model)
+    torch.manual_seed(0)  # peft draws A from the global generator
+    model = apply_lora(model, r=4, alpha=8, dropout=dropout,
+                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would make every A gradient zero
+            p.data.normal_(0, 0.1)
+    return model
+
+
+def test_gated_mlp_recomputes_the_lora_down_projection_input_exactly(tiny_tokenizer):
+    from mmalign.text.modeling import fallbacks
+    from mmalign.text.modeling.gated_mlp import RECOMPUTED_DOWN_INPUT
+
+    plain, lean = (_llama_with_lora(tiny_tokenizer, lean=flag) for flag in (False, True))
+    ids = torch.randint(0, plain.config.vocab_size, (3, 12))
+    fallbacks.reset_warnings()
+    losses = [m(input_ids=ids, labels=ids).loss for m in (plain, lean)]
+    for loss in losses:
+        loss.backward()
+    assert fallbacks.FAST_PATH_CALLS[RECOMPUTED_DOWN_INPUT] == plain.config.num_hidden_layers
+    assert torch.equal(losses[0], losses[1])
+    grads = 0
+    for (name, a), (_, b) in zip(plain.named_parameters(), lean.named_parameters()):
+        if a.requires_grad:
+            assert torch.equal(a.grad, b.grad), name
+            grads += 1
+    assert grads == 2 * 7 * plain.config.num_hidden_layers  # A and B of 7 projections per block
+    plain_saved, lean_saved = _saved_storages(plain, ids), _saved_storages(lean, ids)
+    assert len(plain_saved) - len(lean_saved) == 2 * plain.config.num_hidden_layers
+    # the reference forward (no grad) keeps the plain path
+    with torch.no_grad():
+        fallbacks.reset_warnings()
+        torch.testing.assert_close(lean(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+        assert not fallbacks.FAST_PATH_CALLS
+
+
+def test_gated_mlp_with_lora_dropout_keeps_the_input_and_says_why(tiny_tokenizer, caplog):
+    import logging
+
+    from mmalign.text.modeling import fallbacks
+    from mmalign.text.modeling.gated_mlp import RECOMPUTED_DOWN_INPUT
+
+    model = _llama_with_lora(tiny_tokenizer, lean=True, dropout=0.1)
+    fallbacks.reset_warnings()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with caplog.at_level(logging.WARNING, logger="mmalign"):
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert not fallbacks.FAST_PATH_CALLS[RECOMPUTED_DOWN_INPUT]
+    warnings = [r.getMessage() for r in caplog.records if RECOMPUTED_DOWN_INPUT in r.getMessage()]
+    assert len(warnings) == 1 and "LoRA dropout" in warnings[0]
 
 
 def test_gated_mlp_with_a_hooked_activation_keeps_its_forward(tiny_tokenizer):

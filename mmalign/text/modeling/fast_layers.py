@@ -16,6 +16,7 @@ import torch
 
 from mmalign.text.modeling.fallbacks import lora_fallback
 from mmalign.text.modeling.gated_mlp import use_lean_gated_mlps
+from mmalign.text.modeling.lora_parts import DIRECT_FORWARD_MARK, lora_parts, runs_direct_forward
 
 __all__ = ["fuse_activations", "use_direct_lora_forward", "is_python_tanh_gelu", "is_direct_lora_forward"]
 
@@ -55,10 +56,6 @@ def _peft_forward(layer, reason: str, x: torch.Tensor, *args: Any, **kwargs: Any
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
-def _base_has_hooks(base: torch.nn.Module) -> bool:
-    return bool(base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
-
-
 def _direct_lora_linear_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """peft's ``lora.Linear.forward`` in three BLAS calls on 2-D views for the common case:
     ``y = x Wᵀ + b`` (the base layer's own weights), ``h = dropout(x) Aᵀ``, then ``y += scaling · h Bᵀ`` accumulated
@@ -66,37 +63,28 @@ def _direct_lora_linear_forward(layer, x: torch.Tensor, *args: Any, **kwargs: An
     tensors) are most of LoRA's extra forward time, and accumulating into a non-view output keeps the backward as
     cheap as peft's.
 
-    Taken only when it is exactly peft's function: one active plain adapter (no DoRA or other variant, no LoRA
-    bias), not merged, no extra arguments, a hook-free ``nn.Linear``/``Conv1D`` base, every dtype equal and no
-    autocast. Everything else — including any change of adapter state during training — goes through peft's own
+    Taken only when it is exactly peft's function (:func:`mmalign.text.modeling.lora_parts.lora_parts`: one active
+    plain adapter, not merged, no extra arguments, a hook-free ``nn.Linear``/``Conv1D`` base, every dtype equal, no
+    autocast). Everything else — including any change of adapter state during training — goes through peft's own
     forward."""
-    base = layer.base_layer
     if args or kwargs:
         return _peft_forward(layer, "extra forward arguments", x, *args, **kwargs)
-    if layer.merged_adapters or _base_has_hooks(base):
-        return _peft_forward(layer, "merged adapter" if layer.merged_adapters else "hooks on the base layer", x)
-    if layer._disable_adapters:
-        return base(x)
-    active_adapters = layer.active_adapters
-    active = active_adapters[0] if len(active_adapters) == 1 else None
-    if active is None or active in layer.lora_variant or active not in layer.lora_A:
-        why = (f"{len(active_adapters)} active adapters" if active is None else
-               "adapter variant (DoRA, ...)" if active in layer.lora_variant else "no LoRA weights for the active adapter")
-        return _peft_forward(layer, why, x)
-    if torch.is_autocast_enabled(x.device.type):
-        return _peft_forward(layer, "autocast", x)
-    lora_a, lora_b = layer.lora_A[active], layer.lora_B[active]
-    if lora_b.bias is not None or not (x.dtype == lora_a.weight.dtype == lora_b.weight.dtype == base.weight.dtype):
-        return _peft_forward(layer, "LoRA bias" if lora_b.bias is not None else "mixed dtypes", x)
+    parts = lora_parts(layer, x)
+    if isinstance(parts, str):
+        return _peft_forward(layer, parts, x)
+    if parts.lora_a is None:  # adapter disabled
+        return layer.base_layer(x)
     flat = x.reshape(-1, x.shape[-1])
-    if type(base) is torch.nn.Linear:
-        result = torch.nn.functional.linear(flat, base.weight, base.bias)
+    if type(layer.base_layer) is torch.nn.Linear:
+        result = torch.nn.functional.linear(flat, parts.weight, parts.bias)
     else:  # transformers' Conv1D: weight [in, out], bias always present
-        result = torch.addmm(base.bias, flat, base.weight)
-    dropout = layer.lora_dropout[active]
-    lora_input = flat if isinstance(dropout, torch.nn.Identity) else dropout(flat)
-    result.addmm_(lora_input @ lora_a.weight.t(), lora_b.weight.t(), alpha=layer.scaling[active])
+        result = torch.addmm(parts.bias, flat, parts.weight)
+    lora_input = flat if isinstance(parts.dropout, torch.nn.Identity) else parts.dropout(flat)
+    result.addmm_(lora_input @ parts.lora_a.t(), parts.lora_b.t(), alpha=parts.scaling)
     return result.view(*x.shape[:-1], result.shape[-1])
+
+
+setattr(_direct_lora_linear_forward, DIRECT_FORWARD_MARK, True)
 
 
 def use_direct_lora_forward(model: torch.nn.Module) -> int:
@@ -118,5 +106,4 @@ def use_direct_lora_forward(model: torch.nn.Module) -> int:
 
 def is_direct_lora_forward(module: torch.nn.Module) -> bool:
     """Whether ``module`` runs :func:`_direct_lora_linear_forward` (given by :func:`use_direct_lora_forward`)."""
-    forward = module.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _direct_lora_linear_forward
+    return runs_direct_forward(module)
