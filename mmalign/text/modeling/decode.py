@@ -28,7 +28,7 @@ from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.fast_layers import is_direct_lora_forward
 from mmalign.text.modeling.gated_mlp import is_lean_gated_mlp
 
-__all__ = ["LlamaDecoder", "lean_decoder", "FAST_PATH"]
+__all__ = ["LlamaDecoder", "Unsupported", "lean_decoder", "FAST_PATH", "FUSE_BELOW_BYTES"]
 
 FAST_PATH = "sampling.lean_decode"
 _MODULE_CLASSES = {"LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm", "LlamaRotaryEmbedding",
