@@ -44,6 +44,9 @@ class SamplingSettings:
     top_p: float = field(default=1.0, metadata={"help": "nucleus mass in (0, 1]"})
     batch_size: int = field(default=64, metadata={"help": "rows (prompt copies) decoded together"})
     eval_k: int = field(default=2, metadata={"help": "responses per held-out prompt at evaluation"})
+    fast_decode: bool = field(default=True, metadata={
+        "help": "rollouts use the lean KV-cache decoder on Llama-layout models and an inverse-CDF draw (same "
+                "distribution, another sample stream than false; mmalign.text.modeling.decode)"})
 
     def __post_init__(self) -> None:
         for name in ("k", "max_new_tokens", "batch_size", "eval_k"):

@@ -86,7 +86,8 @@ def generate_rollout(model, tokenizer, items: list[dict[str, Any]], *, k: int, s
     special = {item["add_special_tokens"] for item in items}
     samples = sample_completions(policy, tokenizer, texts, n=k, max_new_tokens=sampling.max_new_tokens,
                                  temperature=sampling.temperature, top_p=sampling.top_p, seed=seed,
-                                 batch_size=sampling.batch_size, add_special_tokens=special.pop())
+                                 batch_size=sampling.batch_size, add_special_tokens=special.pop(),
+                                 fast_decode=sampling.fast_decode)
     prompts = [item["prompt"] for item in items for _ in range(k)]
     outputs = [text for row in samples.texts for text in row]
     group_ids = [b for b in range(len(items)) for _ in range(k)]

@@ -64,15 +64,18 @@ def _initial_eval_reward(model_dir, prompt_file, cfg):
     {"name": "group"}, {"name": "best_of_n"}, {"name": "rejection_sampling"},
 ])
 def test_each_algorithm_raises_a_rule_reward(tiny_model_dir, prompt_file, tmp_path, algorithm):
+    # the group objective learns from best-vs-worst groups only: after 8 steps its gain varies by seed from -0.1 to
+    # +3.4 (both sample streams, seeds 42-45); after 12 steps +2.2 to +2.5 (seeds 42-44)
+    steps = 12 if algorithm["name"] == "group" else 8
     cfg = _config(tiny_model_dir, prompt_file, tmp_path / "run", algorithm=algorithm,
-                  prompts={"eval": str(prompt_file)})
+                  prompts={"eval": str(prompt_file)}, training={"max_steps": steps})
     before = _initial_eval_reward(tiny_model_dir, prompt_file, cfg)
     result = mmalign.text.online(cfg)
     after = result.metrics["eval_reward"]
     rows = [r for r in _rows(tmp_path / "run") if "reward/mean" in r]
     assert after > before + 0.5, (before, after)
     # one result type with mmalign.text.train: the TrainResult, its log = metrics.jsonl, the trained model in it
-    assert isinstance(result, mmalign.TrainResult) and result.global_step == 8
+    assert isinstance(result, mmalign.TrainResult) and result.global_step == steps
     assert result.log == _rows(tmp_path / "run") and result["algorithm"] == algorithm["name"]
     assert result.final_dir == tmp_path / "run" / "final" and result.tokenizer is not None
     assert isinstance(result.model, torch.nn.Module)
