@@ -95,3 +95,15 @@ def test_seed_comparisons_count_paired_wins():
             for s, (g, d) in enumerate([(1.2, 1.0), (0.9, 1.0), (1.5, 1.1)]) for m, e in (("mDPO k=3", g), ("DPO k=1", d))]
     table = seed_comparisons(rows, [Method("mDPO k=3", 3, True), Method("DPO k=1", 1, False)], [0.3])
     assert "| mDPO k=3 vs DPO k=1 | 0.3 | 2/3 | +0.167 |" in table
+
+
+def test_drops_from_clean_are_paired_by_seed():
+    from mmalign_experiments.label_noise import drops_from_clean
+
+    rows = [{"method": "DPO k=1", "rate": p, "seed": s, "entropy": e}
+            for s, (clean, noisy) in enumerate([(1.0, 0.8), (1.2, 0.9), (1.1, 1.2)]) for p, e in ((0.0, clean), (0.4, noisy))]
+    rows.append({"method": "mDPO k=5", "rate": 0.4, "seed": 0, "entropy": 2.0})  # no p = 0 run: not paired
+    table = drops_from_clean(rows, ["DPO k=1", "mDPO k=5"], [0.0, 0.4])
+    assert "| DPO k=1 | -0.133 ± 0.208 (n=3) |" in table
+    assert "| mDPO k=5 | – |" in table
+    assert drops_from_clean(rows, ["DPO k=1"], [0.4]) == ""
