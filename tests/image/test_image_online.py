@@ -78,10 +78,8 @@ def test_brightness_reward_moves_up_over_rounds(tiny_pixel_path, tmp_path):
 def test_bad_settings_are_refused(tiny_sd_path, tmp_path):
     with pytest.raises(ConfigError, match="k >= 2"):
         mmalign.image.online(_config(tiny_sd_path, tmp_path / "a", k=1), reward=lambda p, o: [0.0] * len(o))
-    with pytest.raises(ConfigError, match="lora.enabled: online rounds use LoRA"):
-        cfg = _config(tiny_sd_path, tmp_path / "b")
-        cfg["lora"] = {"enabled": False}
-        mmalign.image.online(cfg, reward=lambda p, o: [0.0] * len(o))
+    with pytest.raises(ConfigError, match="reference"):
+        mmalign.image.online(_config(tiny_sd_path, tmp_path / "b", reference="last"), reward=lambda p, o: [0.0] * len(o))
     with pytest.raises(ValueError, match="tie on the reward"):
         mmalign.image.online(_config(tiny_sd_path, tmp_path / "c"), reward=lambda p, o: [0.0] * len(o))
 
