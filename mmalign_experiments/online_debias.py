@@ -17,8 +17,12 @@ generated images, on the shipped 32×32 face model (docs/online-demos.md §3).
 
 Seeds (the unit): seed s draws everything anew on both sides — offline: ``groups.seed = 200000·s`` (its training
 images) and ``training.seed = s``; online: generation seed ``1000000·(s+1)`` and ``training.seed = s``. The held-out
-occupations and evaluation seeds are the same for every seed and method (paired comparison). Seed 0's offline cell
-is the shipped default run (methods: mdpo only).
+occupations and evaluation seeds are the same for every seed and method (paired comparison).
+
+Scale (``--occupations 25 --images-per-occupation 20 --quality-images 64``, the defaults here): half the debias
+default's occupations (20 trained on, 5 held out), 20 held-out images per occupation, 64 real faces for the
+denoising loss, so that three seeds fit the shared 2 CPUs (docs/online-demos.md §3 gives the measured cost behind
+it); ``--occupations 50 --images-per-occupation 24 --quality-images 256`` is the debias default's scale.
 
 Analysis rule (fixed before any run): for each attribute (Simpson gender, Simpson race) and seed, d_s = online
 after its last round − offline at its end. **Online beats offline** on an attribute iff mean d > 0 and d_s > 0 in
@@ -53,8 +57,8 @@ REPORTED = ATTRIBUTES + ("gender_gap", "race_gap", "no_face_rate", "denoising_lo
 def settings(args) -> dict[str, Any]:
     """What a cell's result depends on (a cached cell is reused only under the same settings)."""
     return {"rounds": args.rounds, "k": args.k, "steps_per_round": args.steps_per_round,
-            "images_per_occupation": args.images_per_occupation, "quality_images": args.quality_images,
-            "set": list(args.set)}
+            "occupations": args.occupations, "images_per_occupation": args.images_per_occupation,
+            "quality_images": args.quality_images, "set": list(args.set)}
 
 
 def debias_config(args, seed: int, output_dir: Path):
@@ -65,7 +69,7 @@ def debias_config(args, seed: int, output_dir: Path):
 
     overrides = [f"output_dir={output_dir}", f"groups.seed={200000 * seed}", f"training.seed={seed}",
                  "training.num_threads=1", f"training.max_steps={args.rounds * args.steps_per_round}",
-                 f"evaluation.images_per_occupation={args.images_per_occupation}",
+                 f"occupations.count={args.occupations}", f"evaluation.images_per_occupation={args.images_per_occupation}",
                  f"evaluation.quality_images={args.quality_images}",
                  "methods=[{name: mdpo, objective: mdpo, beta_d: 5000}]", *args.set]
     return load_config(DebiasConfig, {}, overrides)
@@ -252,8 +256,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="online rounds")
     parser.add_argument("--k", type=int, default=4, help="images per training prompt per round")
     parser.add_argument("--steps-per-round", type=int, default=10, help="mDPO steps per round (offline: rounds × this)")
-    parser.add_argument("--images-per-occupation", type=int, default=24, help="held-out images per occupation")
-    parser.add_argument("--quality-images", type=int, default=256, help="real faces for the denoising loss (0 = off)")
+    # the scale that fits the shared 2 CPUs (docs/online-demos.md §3); the debias default is 50 / 24 / 256
+    parser.add_argument("--occupations", type=int, default=25, help="occupations (80%% trained on, 20%% held out)")
+    parser.add_argument("--images-per-occupation", type=int, default=20, help="held-out images per occupation")
+    parser.add_argument("--quality-images", type=int, default=64, help="real faces for the denoising loss (0 = off)")
     parser.add_argument("--kinds", nargs="+", default=["online", "offline"], choices=["online", "offline"])
     parser.add_argument("--set", action="append", default=[], help="debias config override key=value (both sides)")
     parser.add_argument("--jobs", type=int, default=1, help="cells in parallel processes (one thread each)")
@@ -261,7 +267,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="bench/results/online_debias_results.json")
     parser.add_argument("--plot", default="bench/results/online_debias.png")
     args = parser.parse_args(argv)
-    jobs = [(kind, seed, args.work, args) for seed in args.seeds for kind in args.kinds]
+    jobs = [(kind, seed, args.work, args) for seed in args.seeds for kind in args.kinds]  # whole seeds first
     if args.jobs > 1:  # separate processes, one thread each (spawned: no forked torch state)
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             cells = list(pool.map(cell, jobs))
