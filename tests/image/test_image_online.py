@@ -174,3 +174,75 @@ def test_rounds_resume_bit_exact_after_kills(tiny_pixel_path, tmp_path):
         rounds, metrics, weights = outcome(Path(config["output_dir"]))
         assert rounds == expected[0] and metrics == expected[1], fault
         assert weights.keys() == expected[2].keys() and all(weights[k].equal(v) for k, v in expected[2].items()), fault
+
+
+def test_reference_previous_trains_each_round_against_the_last_rounds_policy(tiny_pixel_path, tmp_path, monkeypatch):
+    """reference: previous — the reference of round r is round r−1's policy (round 1: the adapter-disabled base),
+    so each round's first loss is mDPO's at ρ = 0, ln 2."""
+    import math
+
+    from safetensors.torch import load_file
+
+    import mmalign.engine
+
+    seen = {}
+
+    class Recording(mmalign.engine.Trainer):
+        def __init__(self, model, *args, **kwargs):
+            reference = model.reference_unet
+            seen[len(seen) + 1] = None if reference is None else {
+                name: p.detach().clone() for name, p in reference.named_parameters()}
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(mmalign.engine, "Trainer", Recording)
+    out = tmp_path / "previous"
+    result = mmalign.image.online({**_bright_config(tiny_pixel_path, out, max_steps=2), "rounds": 3,
+                                   "reference": "previous"})
+    assert [r["round"] for r in result["rounds"]] == [0, 1, 2, 3] and sorted(seen) == [1, 2, 3]
+    assert seen[1] is None  # round 1: the base (adapters disabled)
+    for r in (2, 3):
+        policy = load_file(str(out / f"round-{r - 1:02d}" / "policy.safetensors"))
+        assert set(policy) < set(seen[r])
+        assert all(seen[r][name].equal(tensor) for name, tensor in policy.items()), r
+        first = json.loads((out / f"round-{r:02d}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-4), (r, first)
+    later = load_file(str(out / "round-02" / "policy.safetensors"))
+    assert not all(seen[2][name].equal(tensor) for name, tensor in later.items())  # the policy moved in round 2
+
+
+@pytest.mark.slow
+def test_reference_previous_resumes_bit_exact(tiny_pixel_path, tmp_path):
+    """Killed between rounds, and inside round 2's training (round 1 finished by an earlier call): the resumed
+    run rebuilds round 2's reference from round 1's policy and ends bit-exact with an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from tests.torture import run
+
+    def make(out, rounds=2):
+        return {**_bright_config(tiny_pixel_path, out, max_steps=3, save_steps=2, seed=0, plot=False),
+                "reference": "previous", "rounds": rounds}
+
+    def outcome(out):
+        wall = ("train_runtime_s", "tokens/s", "samples/s", "step_s")
+        rounds = [{k: v for k, v in json.loads(x).items() if k not in wall}
+                  for x in (out / "rounds.jsonl").read_text().splitlines()]
+        metrics = [[{k: v for k, v in json.loads(x).items() if k not in wall}
+                    for x in (out / f"round-{r:02d}" / "metrics.jsonl").read_text().splitlines()] for r in (1, 2)]
+        return rounds, metrics, load_file(str(out / "round-02" / "policy.safetensors"))
+
+    assert run("image_online", make(tmp_path / "reference")).returncode == 0
+    expected = outcome(tmp_path / "reference")
+    between = make(tmp_path / "between")
+    assert run("image_online", between, fault="round_done:1").returncode == -9
+    inside = make(tmp_path / "inside", rounds=1)
+    assert run("image_online", inside).returncode == 0
+    inside = make(tmp_path / "inside")
+    killed = run("image_online", inside, fault="checkpoint_files:2", resume=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "inside" / "round-02").is_dir()
+    for config in (between, inside):
+        resumed = run("image_online", config, resume=True)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        rounds, metrics, weights = outcome(Path(config["output_dir"]))
+        assert rounds == expected[0] and metrics == expected[1], config["output_dir"]
+        assert weights.keys() == expected[2].keys() and all(weights[k].equal(v) for k, v in expected[2].items())
