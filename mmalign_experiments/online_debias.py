@@ -153,8 +153,9 @@ def _resumed(cell_dir: Path) -> bool:
     return (cell_dir / "rounds" / "rounds.jsonl").is_file()
 
 
-def cell(job: tuple) -> dict[str, Any]:
-    """One (kind, seed) cell: reused when ``cell.json`` holds the same settings, else run and written."""
+def cell(job: tuple) -> Optional[dict[str, Any]]:
+    """One (kind, seed) cell: reused when ``cell.json`` holds the same settings, else run and written (with
+    ``--finished-only``: None instead of running)."""
     kind, seed, work, args = job
     cell_dir = Path(work) / f"{kind}-seed{seed}"
     done = cell_dir / "cell.json"
@@ -162,6 +163,8 @@ def cell(job: tuple) -> dict[str, Any]:
         cached = json.loads(done.read_text())
         if cached.get("settings") == settings(args):
             return cached
+    if getattr(args, "finished_only", False):
+        return None
     if kind == "offline" and cell_dir.exists():  # an interrupted offline run starts again (its images are cached)
         import shutil
 
@@ -219,6 +222,26 @@ def summarise(online: Sequence[dict], offline: Sequence[dict]) -> dict[str, Any]
             "comparison": compare(online, offline)}
 
 
+def markdown(summary: dict) -> str:
+    """Per round (online) and at the end (offline): mean ± sd over seeds, the seeds' values in brackets."""
+    def fmt(entry: dict, digits: int = 3) -> str:
+        if entry["mean"] is None:
+            return "—"
+        sd = f" ± {entry['sd']:.{digits}f}" if entry["sd"] is not None else ""
+        values = ", ".join(f"{v:.{digits}f}" for v in entry["values"])
+        return f"{entry['mean']:.{digits}f}{sd} ({values})"
+
+    keys = ("simpson_gender", "simpson_race", "no_face_rate", "denoising_loss")
+    lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for r, row in enumerate(summary["online_per_round"]):
+        label = "base (round 0)" if r == 0 else f"online, after round {r}"
+        lines.append(f"| {label} | " + " | ".join(fmt(row[k], 4 if k == "denoising_loss" else 3) for k in keys) + " |")
+    off = summary["offline_final"]
+    lines.append("| offline, at its end | " + " | ".join(fmt(off[k], 4 if k == "denoising_loss" else 3) for k in keys)
+                 + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict, path: Path) -> Path:
     import matplotlib
 
@@ -263,6 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--kinds", nargs="+", default=["online", "offline"], choices=["online", "offline"])
     parser.add_argument("--set", action="append", default=[], help="debias config override key=value (both sides)")
     parser.add_argument("--jobs", type=int, default=1, help="cells in parallel processes (one thread each)")
+    parser.add_argument("--finished-only", action="store_true", help="summarise the finished cells; run nothing")
     parser.add_argument("--work", default="outputs/online-debias", help="cell folders")
     parser.add_argument("--out", default="bench/results/online_debias_results.json")
     parser.add_argument("--plot", default="bench/results/online_debias.png")
@@ -273,6 +297,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             cells = list(pool.map(cell, jobs))
     else:
         cells = [cell(job) for job in jobs]
+    cells = [c for c in cells if c is not None]
     online = [c for c in cells if c["kind"] == "online"]
     offline = [c for c in cells if c["kind"] == "offline"]
     summary = {"settings": settings(args), "seeds": args.seeds, **summarise(online, offline),
@@ -283,6 +308,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(args.out), json.dumps(summary, indent=1))
+    if online:
+        print(markdown(summary))
     for attribute, entry in summary["comparison"].items():
         print(attribute, {k: entry.get(k) for k in ("online_minus_offline", "mean", "verdict")})
     return 0

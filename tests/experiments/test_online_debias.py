@@ -43,6 +43,9 @@ def test_summary_gives_mean_and_sd_per_round_over_seeds():
     assert summary["online_per_round"][0]["simpson_gender"]["sd"] == 0.0
     assert summary["offline_final"]["simpson_gender"]["values"] == [0.45]
     assert summary["online_per_round"][1]["no_face_rate"]["mean"] is None  # not measured: not invented
+    table = online_debias.markdown(summary)
+    assert "| online, after round 1 | 0.450 ± 0.071 (0.400, 0.500) |" in table
+    assert "| offline, at its end | 0.450 (0.450) |" in table
 
 
 def _args(**changes):
