@@ -8,9 +8,17 @@ Each round (the curated self-consuming loop; thesis §3.6.4's iterative mDPO):
 3. form chosen and rejected groups per prompt by reward (:func:`mmalign.shared.policy_gradient.form_groups`: top m
    vs bottom m, or a threshold), written as an ordinary group dataset (``round-NN/data.jsonl`` + PNGs);
 4. train on them with the offline image trainer's pieces (:mod:`mmalign.image.training`: the same model, objective
-   and engine; the reference stays the adapter-disabled base);
+   and engine) against the reference chosen by ``reference``: ``initial`` (default) = the model the rounds started
+   from (the adapter-disabled base under LoRA, a frozen copy under full fine-tuning), ``previous`` = a frozen copy
+   of the policy as the previous round left it (the iterative-DPO convention: each round a fresh trust region);
 5. evaluate: images for the held-out prompts (fixed seeds, the same every round) scored by the held-out reward
-   (default: the training reward), and for a classifier reward the Simpson index of its labels per prompt (SPEC §6).
+   (default: the training reward), and for a classifier reward the Simpson index of its labels per prompt (SPEC §6);
+   or the caller's ``evaluate(model) -> dict`` instead.
+
+Why ``initial`` is the default: thesis §3.6.4 does not say which reference its iterative mDPO used; anchoring every
+round to the starting model keeps the divergence penalty on the total drift from it (what an offline run of the same
+objective bounds, and what a debiasing run must keep small to keep the faces), where ``previous`` lets the drift
+compound over rounds (the convention of iterative/self-rewarding DPO, Pang et al. 2024, Yuan et al. 2024).
 
 ``rounds.jsonl`` gets one row per round (round 0 = before training) and ``rounds.png`` plots it. The same run is
 ``python -m mmalign.image.online --config rounds.yaml [--resume]`` and, from an image training config with a
@@ -23,7 +31,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 
@@ -52,7 +60,8 @@ class ImageOnlineConfig:
     prompts: list[str] = field(metadata={"help": "training prompts (k images each per round)"})
     model: ImageModelConfig = field(default_factory=ImageModelConfig, metadata={"help": "the diffusion model"})
     lora: LoraConfig = field(default_factory=default_image_lora,
-                             metadata={"help": "LoRA on the UNet (required: the policy keeps its adapters between rounds)"})
+                             metadata={"help": "LoRA on the UNet; enabled: false = full fine-tuning (the policy files "
+                                               "then hold the whole UNet)"})
     heldout_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts evaluated after each round"})
     reward: list[RewardSpec] = field(default_factory=list, metadata={"help": "image reward specs (or pass reward=...)"})
     rounds: int = field(default=2, metadata={"help": "rounds of generation and training"})
@@ -66,6 +75,9 @@ class ImageOnlineConfig:
     guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance (1 = off)"})
     scheduler: Literal["ddim", "dpm_solver"] = field(default="ddim", metadata={"help": "sampler"})
     seed: int = field(default=0, metadata={"help": "seed of the generations (round r, image i: seed + 100003 r + i)"})
+    reference: Literal["initial", "previous"] = field(
+        default="initial", metadata={"help": "reference of each round: initial = the starting model; previous = the "
+                                             "policy the previous round left (a frozen copy: one more UNet in memory)"})
     objective: ImageObjectiveConfig = field(default_factory=lambda: ImageObjectiveConfig(name="mdpo"),
                                             metadata={"help": "the objective on the groups"})
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata={"help": "training noise"})
@@ -76,8 +88,8 @@ class ImageOnlineConfig:
     def __post_init__(self) -> None:
         if not self.model.name_or_path:
             raise ValueError("model.name_or_path is required (a diffusers pipeline folder)")
-        if not self.lora.enabled:
-            raise ValueError("lora.enabled: online rounds use LoRA (the policy keeps its adapters between rounds)")
+        if self.reference not in ("initial", "previous"):
+            raise ValueError(f"reference must be 'initial' or 'previous'; got {self.reference!r}")
         if not self.prompts:
             raise ValueError("prompts: give at least one training prompt")
         if self.rounds < 1 or self.k < 2 or self.eval_k < 1:
@@ -190,52 +202,9 @@ def online_config(config: ImageTrainConfig) -> ImageOnlineConfig:
         raise ConfigError(f"rounds: {err}") from None
 
 
-def _save_policy(model, path: Path) -> None:
-    """The trainable (LoRA) tensors of the policy UNet after a round, written atomically: the round's resume point."""
-    from safetensors.torch import save_file
-
-    state = {name: p.detach().cpu().contiguous() for name, p in model.unet.named_parameters() if p.requires_grad}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
-
-
-def _load_policy(model, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: the policy of a finished round is missing; cannot resume the rounds")
-    state = load_file(str(path))
-    trainable = {name for name, p in model.unet.named_parameters() if p.requires_grad}
-    if set(state) != trainable:
-        raise ValueError(f"{path}: its tensors do not match the policy's trainable parameters (another lora config?)")
-    with torch.no_grad():
-        for name, p in model.unet.named_parameters():
-            if name in state:
-                p.copy_(state[name].to(p.device, p.dtype))
-
-
-def _finished_rounds(output_dir: Path, resume: Any, overwrite: bool) -> list[dict]:
-    """The rows of the rounds a resumed run keeps (``rounds.jsonl``); [] for a fresh run, which refuses a folder
-    that already holds rounds unless ``training.overwrite_output_dir``."""
-    path = output_dir / "rounds.jsonl"
-    if resume in (None, False):
-        if path.exists() and not overwrite:
-            raise ValueError(f"output_dir {str(output_dir)!r} holds the rounds of another run ({path}); resume it "
-                             "(--resume / training.resume_from_checkpoint: latest), choose another output_dir or "
-                             "set training.overwrite_output_dir: true")
-        return []
-    if resume not in (True, "latest"):
-        raise ValueError(f"training.resume_from_checkpoint={resume!r}: image rounds resume from their output_dir "
-                         "only; use 'latest'")
-    if not path.exists():
-        logger.warning("resume: no rounds.jsonl in %s; starting from scratch", output_dir)
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def online(config: ImageOnlineConfig | Mapping[str, Any] | str | os.PathLike, *, reward: Any = None,
-           heldout_reward: Any = None, overrides=()) -> TrainResult:
+           heldout_reward: Any = None, evaluate: Optional[Callable[[Any], Mapping[str, float]]] = None,
+           overrides=()) -> TrainResult:
     """Runs (or, with ``training.resume_from_checkpoint: latest``, resumes) the rounds; returns a
     :class:`~mmalign.engine.TrainResult`: the policy pipeline model, every round's metric rows (``round`` added)
     as ``log``, and the details ``rounds`` (one row per round, round 0 = untrained) and ``plot``.
@@ -244,7 +213,12 @@ def online(config: ImageOnlineConfig | Mapping[str, Any] | str | os.PathLike, *,
     ``rounds.jsonl``; a resumed run reloads the last finished round's policy, reuses a round's generated data when
     it was complete (``scores.json`` is written last), and resumes a round's training from its own checkpoints
     (the engine's exact resume). Generation seeds depend only on the round and the image index, and each round's
-    trainer seeds itself, so a resumed run equals an uninterrupted one.
+    trainer seeds itself, so a resumed run equals an uninterrupted one. With ``reference: previous`` the reference
+    is rebuilt from the last finished round's policy file, so a resumed round trains against the same reference.
+
+    ``evaluate(model) -> {name: number}``, when given, replaces the built-in held-out evaluation: it is called on
+    the :class:`~mmalign.image.diffusion.DiffusionPreferenceModel` before training (round 0) and after every round,
+    and its numbers go into that round's row (e.g. an experiment's own measurement).
     """
     from mmalign.config import load_config
 
@@ -254,7 +228,7 @@ def online(config: ImageOnlineConfig | Mapping[str, Any] | str | os.PathLike, *,
     from mmalign.engine.threads import torch_threads
 
     with torch_threads(cfg.training.num_threads):
-        return _rounds(cfg, reward, heldout)
+        return _rounds(cfg, reward, heldout, evaluate)
 
 
 def _build_reward(reward: Any, cfg: ImageOnlineConfig):
@@ -263,7 +237,7 @@ def _build_reward(reward: Any, cfg: ImageOnlineConfig):
     return build_reward(reward if reward is not None else (cfg.reward or None))
 
 
-def _rounds(cfg: ImageOnlineConfig, reward, heldout) -> TrainResult:
+def _rounds(cfg: ImageOnlineConfig, reward, heldout, evaluate=None) -> TrainResult:
     import numpy as np
     from accelerate.utils import set_seed
 
@@ -272,12 +246,16 @@ def _rounds(cfg: ImageOnlineConfig, reward, heldout) -> TrainResult:
     from mmalign.engine.result import read_metric_rows
     from mmalign.image.data.dataset import collate_groups
     from mmalign.image.training import build_dataset, build_objective, build_preference_model, make_compute_loss, save_trained_unet
+    from mmalign.image.rounds_state import finished_rounds, load_policy, save_policy, use_policy_as_reference
     from mmalign.io import atomic_write_text
     from mmalign.rewards import score
 
+    def measure(model) -> dict:
+        return dict(evaluate(model)) if evaluate is not None else _evaluate(model, cfg, reward, heldout)
+
     output_dir = Path(cfg.output_dir)
     resume = cfg.training.resume_from_checkpoint
-    rows = _finished_rounds(output_dir, resume, cfg.training.overwrite_output_dir)
+    rows = finished_rounds(output_dir, resume, cfg.training.overwrite_output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     training = replace(cfg.training, resume_from_checkpoint=None)  # each round's trainer is told explicitly
 
@@ -291,9 +269,11 @@ def _rounds(cfg: ImageOnlineConfig, reward, heldout) -> TrainResult:
     if torch.cuda.is_available():
         model.to("cuda")
     if rows and rows[-1]["round"] > 0:
-        _load_policy(model, output_dir / f"round-{rows[-1]['round']:02d}" / "policy.safetensors")
+        load_policy(model, output_dir / f"round-{rows[-1]['round']:02d}" / "policy.safetensors")
+        if cfg.reference == "previous":
+            use_policy_as_reference(model)
     if not rows:
-        rows = [{"round": 0, **_evaluate(model, cfg, reward, heldout)}]
+        rows = [{"round": 0, **measure(model)}]
         atomic_write_text(output_dir / "rounds.jsonl", json.dumps(rows[0]) + "\n")
         logger.info("round 0: %s", rows[0])
     resuming_round = rows[-1]["round"] + 1 if resume not in (None, False) else None
@@ -317,10 +297,12 @@ def _rounds(cfg: ImageOnlineConfig, reward, heldout) -> TrainResult:
                           save_model=save_trained_unet, resolved_config=train_cfg)
         summary = trainer.train(resume_from_checkpoint="latest" if r == resuming_round else None)
         model = trainer.model
-        _save_policy(model, directory / "policy.safetensors")
+        save_policy(model, directory / "policy.safetensors")
+        if cfg.reference == "previous" and r < cfg.rounds:
+            use_policy_as_reference(model)
         row = {"round": r, "train_reward": stats["reward_mean"], "groups": stats["groups"],
                "loss": summary["metrics"].get("loss"), "global_step": summary["global_step"],
-               "train_runtime_s": summary["train_runtime_s"], **_evaluate(model, cfg, reward, heldout)}
+               "train_runtime_s": summary["train_runtime_s"], **measure(model)}
         rows.append(row)
         logger.info("round %d: %s", r, row)
         atomic_write_text(output_dir / "rounds.jsonl", "".join(json.dumps(x) + "\n" for x in rows))

@@ -28,8 +28,11 @@ class RoundsConfig:
     guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance (1 = off)"})
     scheduler: Literal["ddim", "dpm_solver"] = field(default="ddim", metadata={"help": "sampler"})
     seed: int = field(default=0, metadata={"help": "seed of the generations (round r, image i: seed + 100003 r + i)"})
+    reference: Literal["initial", "previous"] = field(
+        default="initial", metadata={"help": "reference of each round: initial = the starting model; previous = the "
+                                             "policy the previous round left (iterative DPO; one more UNet in memory)"})
 
 
 #: the keys of RoundsConfig that ImageOnlineConfig has under the same name
 ROUND_KEYS = ("prompts", "reward", "rounds", "heldout_prompts", "k", "selection", "group_size", "threshold", "eval_k",
-              "num_inference_steps", "guidance_scale", "scheduler", "seed")
+              "num_inference_steps", "guidance_scale", "scheduler", "seed", "reference")

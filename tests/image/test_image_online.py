@@ -78,10 +78,8 @@ def test_brightness_reward_moves_up_over_rounds(tiny_pixel_path, tmp_path):
 def test_bad_settings_are_refused(tiny_sd_path, tmp_path):
     with pytest.raises(ConfigError, match="k >= 2"):
         mmalign.image.online(_config(tiny_sd_path, tmp_path / "a", k=1), reward=lambda p, o: [0.0] * len(o))
-    with pytest.raises(ConfigError, match="lora.enabled: online rounds use LoRA"):
-        cfg = _config(tiny_sd_path, tmp_path / "b")
-        cfg["lora"] = {"enabled": False}
-        mmalign.image.online(cfg, reward=lambda p, o: [0.0] * len(o))
+    with pytest.raises(ConfigError, match="reference"):
+        mmalign.image.online(_config(tiny_sd_path, tmp_path / "b", reference="last"), reward=lambda p, o: [0.0] * len(o))
     with pytest.raises(ValueError, match="tie on the reward"):
         mmalign.image.online(_config(tiny_sd_path, tmp_path / "c"), reward=lambda p, o: [0.0] * len(o))
 
@@ -144,28 +142,30 @@ def test_rounds_section_makes_image_train_run_rounds(tiny_pixel_path, tmp_path):
         mmalign.image.train({**train_cfg, "rounds": {**rounds, "k": 1}})
 
 
+def _outcome(out):
+    """rounds.jsonl, rounds 1–2's metrics (wall-clock fields dropped) and round 2's policy tensors of a run."""
+    from safetensors.torch import load_file
+
+    wall = ("train_runtime_s", "tokens/s", "samples/s", "step_s")
+    rounds = [{k: v for k, v in json.loads(x).items() if k not in wall}
+              for x in (out / "rounds.jsonl").read_text().splitlines()]
+    metrics = [[{k: v for k, v in json.loads(x).items() if k not in wall}
+                for x in (out / f"round-{r:02d}" / "metrics.jsonl").read_text().splitlines()] for r in (1, 2)]
+    return rounds, metrics, load_file(str(out / "round-02" / "policy.safetensors"))
+
+
 @pytest.mark.slow
 def test_rounds_resume_bit_exact_after_kills(tiny_pixel_path, tmp_path):
     """Killed inside round 1's training, before round 1's final save, between rounds and after round 2's data:
     the resumed run's rounds.jsonl, every round's metrics and the last policy equal an uninterrupted run's."""
-    from safetensors.torch import load_file
-
     from tests.torture import run
 
     def make(out):
         return _bright_config(tiny_pixel_path, out, max_steps=3, save_steps=2, seed=0, plot=False)
 
-    def outcome(out):
-        wall = ("train_runtime_s", "tokens/s", "samples/s", "step_s")
-        rounds = [{k: v for k, v in json.loads(x).items() if k not in wall}
-                  for x in (out / "rounds.jsonl").read_text().splitlines()]
-        metrics = [[{k: v for k, v in json.loads(x).items() if k not in wall}
-                    for x in (out / f"round-{r:02d}" / "metrics.jsonl").read_text().splitlines()] for r in (1, 2)]
-        return rounds, metrics, load_file(str(out / "round-02" / "policy.safetensors"))
-
     reference = make(tmp_path / "reference")
     assert run("image_online", reference).returncode == 0
-    expected = outcome(tmp_path / "reference")
+    expected = _outcome(tmp_path / "reference")
     assert [r["round"] for r in expected[0]] == [0, 1, 2]
     for fault in ("checkpoint_files:2", "before_final:3", "round_done:1", "round_data:2"):
         config = make(tmp_path / fault.replace(":", "-"))
@@ -173,6 +173,68 @@ def test_rounds_resume_bit_exact_after_kills(tiny_pixel_path, tmp_path):
         assert killed.returncode == -9, (fault, killed.stderr[-2000:])
         resumed = run("image_online", config, resume=True)
         assert resumed.returncode == 0, (fault, resumed.stderr[-3000:])
-        rounds, metrics, weights = outcome(Path(config["output_dir"]))
+        rounds, metrics, weights = _outcome(Path(config["output_dir"]))
         assert rounds == expected[0] and metrics == expected[1], fault
         assert weights.keys() == expected[2].keys() and all(weights[k].equal(v) for k, v in expected[2].items()), fault
+
+
+def test_reference_previous_trains_each_round_against_the_last_rounds_policy(tiny_pixel_path, tmp_path, monkeypatch):
+    """reference: previous — the reference of round r is round r−1's policy (round 1: the adapter-disabled base),
+    so each round's first loss is mDPO's at ρ = 0, ln 2."""
+    import math
+
+    from safetensors.torch import load_file
+
+    import mmalign.engine
+
+    seen = {}
+
+    class Recording(mmalign.engine.Trainer):
+        def __init__(self, model, *args, **kwargs):
+            reference = model.reference_unet
+            seen[len(seen) + 1] = None if reference is None else {
+                name: p.detach().clone() for name, p in reference.named_parameters()}
+            super().__init__(model, *args, **kwargs)
+
+    monkeypatch.setattr(mmalign.engine, "Trainer", Recording)
+    out = tmp_path / "previous"
+    result = mmalign.image.online({**_bright_config(tiny_pixel_path, out, max_steps=2), "rounds": 3,
+                                   "reference": "previous"})
+    assert [r["round"] for r in result["rounds"]] == [0, 1, 2, 3] and sorted(seen) == [1, 2, 3]
+    assert seen[1] is None  # round 1: the base (adapters disabled)
+    for r in (2, 3):
+        policy = load_file(str(out / f"round-{r - 1:02d}" / "policy.safetensors"))
+        assert set(policy) < set(seen[r])
+        assert all(seen[r][name].equal(tensor) for name, tensor in policy.items()), r
+        first = json.loads((out / f"round-{r:02d}" / "metrics.jsonl").read_text().splitlines()[0])
+        assert first["loss"] == pytest.approx(math.log(2), abs=1e-4), (r, first)
+    later = load_file(str(out / "round-02" / "policy.safetensors"))
+    assert not all(seen[2][name].equal(tensor) for name, tensor in later.items())  # the policy moved in round 2
+
+
+@pytest.mark.slow
+def test_reference_previous_resumes_bit_exact(tiny_pixel_path, tmp_path):
+    """Killed between rounds, and inside round 2's training (round 1 finished by an earlier call): the resumed
+    run rebuilds round 2's reference from round 1's policy and ends bit-exact with an uninterrupted run."""
+    from tests.torture import run
+
+    def make(out, rounds=2):
+        return {**_bright_config(tiny_pixel_path, out, max_steps=3, save_steps=2, seed=0, plot=False),
+                "reference": "previous", "rounds": rounds}
+
+    assert run("image_online", make(tmp_path / "reference")).returncode == 0
+    expected = _outcome(tmp_path / "reference")
+    between = make(tmp_path / "between")
+    assert run("image_online", between, fault="round_done:1").returncode == -9
+    inside = make(tmp_path / "inside", rounds=1)
+    assert run("image_online", inside).returncode == 0
+    inside = make(tmp_path / "inside")
+    killed = run("image_online", inside, fault="checkpoint_files:2", resume=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "inside" / "round-02").is_dir()
+    for config in (between, inside):
+        resumed = run("image_online", config, resume=True)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        rounds, metrics, weights = _outcome(Path(config["output_dir"]))
+        assert rounds == expected[0] and metrics == expected[1], config["output_dir"]
+        assert weights.keys() == expected[2].keys() and all(weights[k].equal(v) for k, v in expected[2].items())
