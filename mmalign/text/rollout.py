@@ -165,9 +165,12 @@ class OnlineLoss:
                 metrics["divergence"] = divergence_estimate(rho, algo.divergence, algo.alpha).mean()
         if algo.name == "group":
             loss = self._loss_group(model, logp, ref, rollout, metrics)
-        else:
-            loss = getattr(self, f"_loss_{algo.name}" if algo.name in ("best_of_n", "rejection_sampling")
-                           else "_loss_policy_gradient")(logp, ref, rollout, metrics)
+        elif algo.name == "best_of_n":
+            loss = self._loss_best_of_n(logp, ref, rollout, metrics)
+        elif algo.name == "rejection_sampling":
+            loss = self._loss_rejection_sampling(logp, ref, rollout, metrics)
+        else:  # rloo, grpo
+            loss = self._loss_policy_gradient(logp, ref, rollout, metrics)
         if not bool(torch.isfinite(loss)):  # before backward: a non-finite step must never reach a checkpoint
             raise FloatingPointError(f"online step {self.calls}: non-finite loss ({float(loss.detach())}); stopping before the "
                                      "update (no checkpoint is written from this step)")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.fast_layers import is_direct_lora_forward
 from mmalign.text.modeling.gated_mlp import is_lean_gated_mlp
+from mmalign.text.modeling.lora_parts import lora_parts
 
 __all__ = ["LlamaDecoder", "Unsupported", "lean_decoder", "FAST_PATH", "FUSE_BELOW_BYTES"]
 
@@ -56,7 +57,9 @@ def _check_module(module: torch.nn.Module, name: str) -> None:
 
 def _linear(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple]]:
     """(weight, bias, lora) of a projection: a plain ``nn.Linear``, or peft's ``lora.Linear`` over one, whose
-    ``lora`` = (B, A, scaling) is merged by the caller (None when the adapter is disabled, merged or absent)."""
+    ``lora`` = (B, A, scaling) is merged by the caller (None when the adapter is disabled, merged or absent). The
+    adapter's tensors come from :func:`~mmalign.text.modeling.lora_parts.lora_parts`, the same cases as the
+    training forward's direct LoRA path."""
     if type(module) is torch.nn.Linear:
         return module.weight, module.bias, None
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -65,16 +68,12 @@ def _linear(module: torch.nn.Module, name: str) -> tuple[torch.Tensor, Optional[
         raise Unsupported(f"{name} is a {type(module).__name__} (only nn.Linear and peft's lora.Linear over it)")
     _check_module(module.base_layer, name + ".base_layer")
     base = module.base_layer
-    if module._disable_adapters or module.merged_adapters:  # merged: the base weight already holds the adapter
+    if module.merged_adapters:  # the base weight already holds the adapter
         return base.weight, base.bias, None
-    active = module.active_adapters
-    if len(active) != 1 or active[0] not in module.lora_A:
-        raise Unsupported(f"{name}: {len(active)} active adapters")
-    adapter = active[0]
-    if adapter in module.lora_variant or module.lora_B[adapter].bias is not None:
-        raise Unsupported(f"{name}: adapter variant (DoRA, ...) or LoRA bias")
-    lora = (module.lora_B[adapter].weight, module.lora_A[adapter].weight, module.scaling[adapter])
-    return base.weight, base.bias, lora
+    parts = lora_parts(module, base.weight)
+    if isinstance(parts, str):
+        raise Unsupported(f"{name}: {parts}")
+    return parts.weight, parts.bias, None if parts.lora_a is None else (parts.lora_b, parts.lora_a, parts.scaling)
 
 
 def _merged(parts: list[tuple], scale_rows: Optional[tuple[int, float]] = None) -> tuple:
