@@ -4,7 +4,11 @@ Tiny pipelines built from configs (``mmalign.image.families.tiny``), 64×64 imag
 AdamW, β_d = 5000 and threads for every variant:
 
 - ``mmalign_lora`` / ``mmalign_full``: ``FamilyPreferenceModel`` + ``mmalign.objective("dpo")``; LoRA with the
-  adapter-disabled reference, or full fine-tuning with a frozen copy.
+  adapter-disabled reference, or full fine-tuning with a frozen copy; as ``mmalign.image.train`` runs it: the
+  direct LoRA forward (``lora.direct_forward``, default on) and the engine's AdamW (``build_adamw``: torch's
+  fused kernel on CPU).
+- sd3 / flux ``mmalign_lora_peft``: ``mmalign_lora`` without those two (peft's LoRA forward, the default
+  per-tensor ``torch.optim.AdamW`` of the baselines): what the fast paths are worth, in the same run.
 - sdxl ``diffusers_lora``: the inner loop of the diffusers ``train_diffusion_dpo_sdxl.py`` example, re-written
   here: chosen ‖ rejected in ONE VAE encode, both CLIP encoders per step, ``add_time_ids`` per image, one t and ε
   per pair repeated for both halves, ONE policy UNet forward, ONE reference forward with the adapter disabled.
@@ -33,8 +37,8 @@ from bench_image_dpo import MmalignStep
 BETA_D = 5000.0
 FAMILY_VARIANTS = {
     "sdxl": ("diffusers_lora", "twomodel_full", "mmalign_full", "mmalign_lora"),
-    "sd3": ("flow_lora", "twomodel_full", "mmalign_full", "mmalign_lora"),
-    "flux": ("flow_lora", "twomodel_full", "mmalign_full", "mmalign_lora"),
+    "sd3": ("flow_lora", "twomodel_full", "mmalign_full", "mmalign_lora", "mmalign_lora_peft"),
+    "flux": ("flow_lora", "twomodel_full", "mmalign_full", "mmalign_lora", "mmalign_lora_peft"),
 }
 # (label, reference variant, variant): speed ratios are reference / variant (> 1: the variant is faster)
 SPEED_PAIRS = {
@@ -43,7 +47,9 @@ SPEED_PAIRS = {
              ("speed, same mode, full: twomodel_full / mmalign_full", "twomodel_full", "mmalign_full")),
     "sd3": (("speed, same mode, LoRA: flow_lora / mmalign_lora", "flow_lora", "mmalign_lora"),
             ("speed, issue goal >= 1.2: twomodel_full / mmalign_lora", "twomodel_full", "mmalign_lora"),
-            ("speed, same mode, full: twomodel_full / mmalign_full", "twomodel_full", "mmalign_full")),
+            ("speed, same mode, full: twomodel_full / mmalign_full", "twomodel_full", "mmalign_full"),
+            ("speed, fast paths' worth: mmalign_lora_peft / mmalign_lora", "mmalign_lora_peft", "mmalign_lora"),
+            ("speed, without them: twomodel_full / mmalign_lora_peft", "twomodel_full", "mmalign_lora_peft")),
 }
 SPEED_PAIRS["flux"] = SPEED_PAIRS["sd3"]
 # (label, numerator, denominator): peak tensor memory ratios
@@ -96,21 +102,21 @@ def make_batch(pairs: int, seed: int = 0) -> dict:
 class MmalignFamilyStep(MmalignStep):
     """mmalign's step (the SD bench's ``__call__``) on a family pipeline."""
 
-    def __init__(self, parts: dict, finetuning: str):  # not super().__init__(): that builds an SD model
+    def __init__(self, parts: dict, finetuning: str, fast_paths: bool = True):  # not super().__init__() (SD)
         import mmalign
         from mmalign.image.families import get_family
         from mmalign.image.families.conditioning import PipelinePromptEncoder
         from mmalign.image.families.model import FamilyPreferenceModel
-        from mmalign.image.models import add_lora, frozen_copy
+        from mmalign.engine.optim import build_adamw
+        from mmalign.engine.sections import LoraConfig
+        from mmalign.image.models import apply_finetuning
 
         pipe, family = parts["pipe"], get_family(parts["layout"])
         backbone = copy.deepcopy(getattr(pipe, family.backbone_name))
-        reference = None
-        if finetuning == "lora":
-            add_lora(backbone, rank=8)
-        else:
-            reference = frozen_copy(backbone)
-            backbone.requires_grad_(True)
+        # the library's own set-up (mmalign.image.models.apply_finetuning), rank 8 on to_q/k/v/out.0, scale 1
+        lora = LoraConfig(enabled=finetuning == "lora", r=8, alpha=None, dropout=0.0,
+                          target_modules=["to_q", "to_k", "to_v", "to_out.0"], direct_forward=fast_paths)
+        reference = apply_finetuning(backbone, lora)
         encoders = {name: getattr(pipe, name) for name in family.encoder_names}
         tokenizers = {family.tokenizer_for(name): getattr(pipe, family.tokenizer_for(name)) for name in encoders}
         conditioner = PipelinePromptEncoder(family.name, family.pipeline_class, encoders, tokenizers, backbone)
@@ -127,7 +133,17 @@ class MmalignFamilyStep(MmalignStep):
             self.model.cache_text_embeddings(PROMPTS)
         self.model.train()
         self.objective = mmalign.objective("dpo", beta=BETA_D / 2)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-5)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if fast_paths:  # the engine's optimiser (mmalign.engine.trainer): fused AdamW, weight decay 0.01 as torch's
+            self.optimizer = build_adamw(params, _AdamwSettings())
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=1e-5)
+
+
+class _AdamwSettings:
+    """The training-config fields ``build_adamw`` reads, set to torch's AdamW defaults at lr 1e-5 (the baselines')."""
+
+    learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay = 1e-5, 0.9, 0.999, 1e-8, 0.01
 
 
 class BaselineStep:
@@ -269,7 +285,7 @@ class BaselineStep:
 
 def make_family_step(name: str, parts: dict):
     if name.startswith("mmalign_"):
-        return MmalignFamilyStep(parts, name.split("_")[1])
+        return MmalignFamilyStep(parts, name.split("_")[1], fast_paths=not name.endswith("_peft"))
     return BaselineStep(parts, concatenated=name != "twomodel_full")
 
 

@@ -75,6 +75,11 @@ class LoraConfig:
         metadata={"help": "folder of a saved PEFT adapter to continue training (instead of a fresh one); the "
                   "adapter-disabled reference is still the base model"},
     )
+    direct_forward: bool = field(
+        default=True,
+        metadata={"help": "run LoRA layers over nn.Linear/Conv1D as base + in-place scaling·(x Aᵀ)Bᵀ (the same "
+                  "function as peft's forward, faster on CPU); off: peft's own forward"},
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:

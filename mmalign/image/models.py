@@ -24,6 +24,7 @@ __all__ = [
     "load_diffusion_components",
     "components_from_pipeline",
     "add_lora",
+    "use_direct_lora",
     "frozen_copy",
     "configure_attention",
     "resolve_text_conditioner",
@@ -222,10 +223,29 @@ def apply_finetuning(backbone: nn.Module, lora) -> Optional[nn.Module]:
     if lora.enabled:
         targets = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
         add_lora(backbone, rank=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
+        if getattr(lora, "direct_forward", True):
+            use_direct_lora(backbone)
         return None
     reference = frozen_copy(backbone)
     backbone.requires_grad_(True)
     return reference
+
+
+def use_direct_lora(backbone: nn.Module) -> int:
+    """``lora.direct_forward`` on a UNet / transformer: its LoRA ``Linear`` layers run as base + one in-place
+    ``addmm_`` (:func:`mmalign.engine.lora_forward.use_direct_lora_forward`, the text models' fast path; same
+    function and gradients as peft's forward up to float rounding, and the adapter is saved and reloaded as before).
+    LoRA layers over anything but ``nn.Linear`` (e.g. convolutions) keep peft's forward, warned once; calls the
+    shortcut does not cover (mixed dtypes, autocast, ...) take peft's forward, counted and warned once per reason.
+    Returns how many layers took it."""
+    from mmalign.engine.fast_path_log import warn_not_taken
+    from mmalign.engine.lora_forward import lora_layer_count, use_direct_lora_forward
+
+    direct, total = use_direct_lora_forward(backbone), lora_layer_count(backbone)
+    if direct < total:
+        warn_not_taken("lora.direct_forward", f"{total - direct} of {total} LoRA layers of the "
+                       f"{type(backbone).__name__} are not over a plain nn.Linear; they keep peft's forward")
+    return direct
 
 
 def frozen_copy(unet: nn.Module) -> nn.Module:

@@ -96,11 +96,7 @@ class DataConfig:
 
 @dataclass
 class LoraConfig(SharedLoraConfig):
-    direct_forward: bool = field(
-        default=True,
-        metadata={"help": "run LoRA layers over nn.Linear/Conv1D as base + in-place scaling·(x Aᵀ)Bᵀ (the same "
-                  "function as peft's forward, faster on CPU); off: peft's own forward"},
-    )
+    """The shared LoRA section (``direct_forward`` moved there: the image backbones take it too)."""
 
 
 @dataclass

@@ -1,42 +1,6 @@
-"""Where a fast path falls back to the plain code: a warning once per (fast path, reason) and a count of the LoRA
-calls that took peft's forward. A leaf module (no mmalign imports), so the fast paths and their report
-(:mod:`mmalign.text.modeling.fast_paths`) can all use it."""
-from __future__ import annotations
-
-import logging
-from collections import Counter
+"""Moved to :mod:`mmalign.engine.fast_path_log` (shared with the image backend's direct LoRA forward); the old
+names stay importable from here, as the same objects."""
+from mmalign.engine.fast_path_log import (FAST_PATH_CALLS, LORA_FALLBACK_CALLS, fast_path_taken, lora_fallback,
+                                          reset_warnings, warn_not_taken)
 
 __all__ = ["warn_not_taken", "lora_fallback", "fast_path_taken", "LORA_FALLBACK_CALLS", "FAST_PATH_CALLS", "reset_warnings"]
-
-logger = logging.getLogger("mmalign.text.modeling.fast_paths")
-
-# Calls of a direct-forward LoRA layer that went through peft's forward instead, by reason (tests read it).
-LORA_FALLBACK_CALLS: Counter = Counter()
-# Calls that took a per-call fast path, by fast path (tests assert the benchmarked layouts take them).
-FAST_PATH_CALLS: Counter = Counter()
-_warned: set[tuple[str, str]] = set()
-
-
-def warn_not_taken(fast_path: str, why: str) -> None:
-    """Logs ``fast path <fast_path> not taken: <why>`` once per (fast path, reason) in this process."""
-    if (fast_path, why) not in _warned:
-        _warned.add((fast_path, why))
-        logger.warning("fast path %s not taken: %s", fast_path, why)
-
-
-def lora_fallback(reason: str) -> None:
-    """Counts one call of a direct-forward LoRA layer that took peft's forward, and warns once per reason."""
-    LORA_FALLBACK_CALLS[reason] += 1
-    warn_not_taken("lora.direct_forward", f"{reason}; this call goes through peft's forward")
-
-
-def fast_path_taken(fast_path: str) -> None:
-    """Counts one call that took the per-call fast path ``fast_path``."""
-    FAST_PATH_CALLS[fast_path] += 1
-
-
-def reset_warnings() -> None:
-    """Forgets which warnings were given and the fallback and fast-path counts (tests)."""
-    _warned.clear()
-    LORA_FALLBACK_CALLS.clear()
-    FAST_PATH_CALLS.clear()
