@@ -13,6 +13,10 @@ scores only the response tokens:
    at the start of backward, where a step's memory peaks;
 3. token log-probs are summed per sequence (``index_add_``).
 
+During the forward, grouped key/value heads go to sdpa without copies
+(:mod:`mmalign.text.modeling.grouped_query`) and RMSNorm outputs are recomputed in backward instead of kept
+(:mod:`mmalign.text.modeling.norm_recompute`).
+
 ``shared_prompt_logprobs`` scores the collator's shared-prompt layout (``PreferenceCollator(share_prompt=True)``):
 one row per example holding the prompt once and then every response, with a block attention mask (each response
 sees the prompt and itself, never another response) and position ids that restart each response where the prompt
