@@ -10,7 +10,8 @@ Changes (new vs old): float_mask — the shared-prompt mask given to sdpa as an 
 batch vs a boolean one (sdpa converts a boolean mask in every call); gqa — sdpa's grouped-query attention on the key/value heads vs transformers' repeat_kv copies; eager —
 transformers' eager attention vs sdpa; silu_mul — the SiLU-gated MLP keeping one activation fewer
 (mmalign.text.modeling.gated_mlp) vs transformers' forward; mmap — glibc mmaps blocks over 128 KiB (returned
-to the system on free) vs its heap; trim — malloc_trim(0) after the step vs not.
+to the system on free) vs its heap; trim — malloc_trim(0) after the step vs not; keep_norms — RMSNorm outputs
+kept for backward vs recomputed (mmalign.text.modeling.norm_recompute, the default).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim")
+CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim", "keep_norms")
 
 
 def main() -> None:

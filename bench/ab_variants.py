@@ -22,6 +22,14 @@ def variant(name: str, new: bool, models=()):
     if not new or name == "none":
         yield
         return
+    if name == "keep_norms":  # RMSNorm outputs kept for backward instead of recomputed (the library's default)
+        saved = logprobs.recompute_norm_outputs
+        logprobs.recompute_norm_outputs = lambda model: contextlib.nullcontext()
+        try:
+            yield
+        finally:
+            logprobs.recompute_norm_outputs = saved
+        return
     if name == "silu_mul":  # the lean SiLU-gated MLP forward on every gated MLP
         from mmalign.text.modeling.gated_mlp import GATED_MLP_CLASSES, use_lean_gated_mlps
 

@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--mmap-threshold", type=int, default=None,
                         help="mmalign: glibc M_MMAP_THRESHOLD in bytes instead of training.release_freed_memory's "
                              "(0 = leave glibc's dynamic threshold)")
+    parser.add_argument("--trim", choices=["step", "backward", "both", "reference", "step+reference"], default=None,
+                        help="malloc_trim(0) after every optimizer step, before every backward, or both")
     cli = parser.parse_args()
     if cli.mmap_threshold is not None:
         import ctypes
@@ -54,6 +56,33 @@ def main() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     args = argparse.Namespace(impl=cli.impl, model="smollm2", loss="dpo", lora=1, variant="live", steps=cli.steps,
                               warmup=1, threads=2, pairs=8, batch_size=8, gradient_checkpointing="off")
+    if cli.trim:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        if cli.trim in ("step", "both"):
+            register_optimizer_step_post_hook(lambda *_: libc.malloc_trim(0))
+        if "reference" in cli.trim:
+            from mmalign.text.modeling import references
+
+            plain_call = references.AdapterReference.__call__
+
+            def call(self, *a, **k):
+                out = plain_call(self, *a, **k)
+                libc.malloc_trim(0)
+                return out
+
+            references.AdapterReference.__call__ = call
+        if cli.trim in ("step+reference",):
+            register_optimizer_step_post_hook(lambda *_: libc.malloc_trim(0))
+        if cli.trim in ("backward", "both"):
+            plain_backward = torch.Tensor.backward
+
+            def backward(self, *a, **k):
+                libc.malloc_trim(0)
+                return plain_backward(self, *a, **k)
+
+            torch.Tensor.backward = backward
     register_optimizer_step_post_hook(lambda *_: marks.append((time.perf_counter() - start, rss_mib(), time.process_time())))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

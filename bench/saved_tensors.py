@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--layers", type=int, default=None, help="keep this many layers (random weights)")
     parser.add_argument("--repeat-kv", action="store_true", help="without mmalign's grouped-query sdpa")
+    parser.add_argument("--keep-norms", action="store_true", help="without mmalign's RMSNorm-output recompute")
     args = parser.parse_args()
 
     import torch
@@ -78,9 +79,16 @@ def main() -> None:
     from unittest import mock
 
     with (mock.patch.object(logprobs, "grouped_query_sdpa", lambda m: contextlib.nullcontext()) if args.repeat_kv
-          else contextlib.nullcontext()):
+          else contextlib.nullcontext()), (mock.patch.object(logprobs, "recompute_norm_outputs", lambda m: contextlib.nullcontext())
+                                           if args.keep_norms else contextlib.nullcontext()):
         logps, _ = logprobs.batch_logprobs(model, dict(batch))
-    by_node = saved_storages(logps.sum().grad_fn, {p.untyped_storage().data_ptr() for p in model.parameters()})
+    # reading a node's saved RMSNorm output recomputes it (mmalign.text.modeling.norm_recompute): not kept, not counted
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    from mmalign.text.modeling import norm_recompute
+
+    recomputed = norm_recompute._Output.recomputed
+    norm_recompute._Output.recomputed = lambda self: (lambda t: exclude.add(t.untyped_storage().data_ptr()) or t)(recomputed(self))
+    by_node = saved_storages(logps.sum().grad_fn, exclude)
     total = sum(by_node.values())
     tokens = int(batch["input_ids"].numel())
     print(f"{args.model} {'LoRA' if args.lora else 'full'}, {config.num_hidden_layers} layers, input {tuple(batch['input_ids'].shape)} "

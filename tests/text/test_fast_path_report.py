@@ -15,6 +15,7 @@ from mmalign.text.modeling.fast_paths import fast_path_report
 from mmalign.text.modeling.gated_mlp import RECOMPUTED_DOWN_INPUT
 from mmalign.text.modeling.grouped_query import GROUPED_QUERY_SDPA
 from mmalign.text.modeling.loading import apply_lora, fuse_activations
+from mmalign.text.modeling.norm_recompute import NORM_RECOMPUTE
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -79,6 +80,8 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
     # grouped key/value heads (3:1) go to sdpa without repeat_kv copies in every scoring forward (GPT-2 has none)
     calls = fallbacks.FAST_PATH_CALLS[GROUPED_QUERY_SDPA]
     assert calls == 0 if layout == "gpt2" else calls >= 2 * 2  # policy and reference forward of each step
+    # every policy forward keeps its RMSNorm outputs as recipes (the no-grad reference keeps nothing; GPT-2 has none)
+    assert fallbacks.FAST_PATH_CALLS[NORM_RECOMPUTE] == (0 if layout == "gpt2" else 2)
     assert not [r for r in caplog.records if "fast path" in r.getMessage()]
 
 

@@ -13,6 +13,10 @@ scores only the response tokens:
    at the start of backward, where a step's memory peaks;
 3. token log-probs are summed per sequence (``index_add_``).
 
+During the forward, grouped key/value heads go to sdpa without copies
+(:mod:`mmalign.text.modeling.grouped_query`) and RMSNorm outputs are recomputed in backward instead of kept
+(:mod:`mmalign.text.modeling.norm_recompute`).
+
 ``shared_prompt_logprobs`` scores the collator's shared-prompt layout (``PreferenceCollator(share_prompt=True)``):
 one row per example holding the prompt once and then every response, with a block attention mask (each response
 sees the prompt and itself, never another response) and position ids that restart each response where the prompt
@@ -28,6 +32,7 @@ import torch
 
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.grouped_query import grouped_query_sdpa
+from mmalign.text.modeling.norm_recompute import recompute_norm_outputs
 from mmalign.text.modeling.scored_head import lm_head_on_rows
 
 from mmalign.text.modeling.loading import unwrap
@@ -186,7 +191,8 @@ def sequence_logprobs(
         labels, mask = input_ids[:, 1:], target_mask
     # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on every kept position, then a gather
     shape = (input_ids.shape[0], kwargs.get("logits_to_keep", seq_len))
-    with lm_head_on_rows(unwrap(model), lambda hidden: hidden[:, :-1][mask], shape) as hook, grouped_query_sdpa(unwrap(model)):
+    with lm_head_on_rows(unwrap(model), lambda hidden: hidden[:, :-1][mask], shape) as hook, grouped_query_sdpa(unwrap(model)), \
+            recompute_norm_outputs(unwrap(model)):
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits = outputs.logits
     del outputs
@@ -254,7 +260,8 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     rows, columns = batch["score_rows"], batch["score_logit_index"] if keep else batch["score_positions"]
     # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on B x K positions then a gather
     shape = (input_ids.shape[0], batch["logit_positions"].shape[0] if keep else input_ids.shape[1])
-    with lm_head_on_rows(unwrap(model), lambda hidden: hidden[rows, columns], shape) as hook, grouped_query_sdpa(unwrap(model)):
+    with lm_head_on_rows(unwrap(model), lambda hidden: hidden[rows, columns], shape) as hook, grouped_query_sdpa(unwrap(model)), \
+            recompute_norm_outputs(unwrap(model)):
         outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, **kwargs)
     logits = outputs.logits
