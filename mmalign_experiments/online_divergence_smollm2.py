@@ -27,7 +27,8 @@ in every seed (seeds paired), else "not resolved":
     placement dominates iff in every seed its reward is higher and its reverse KL no larger;
 (c) thesis §2.8.1 (forward KL's penalty grows fastest, reverse KL's slowest): on the in-reward cells, the ordering
     of the last-fifth mean and of the run maximum of β·g(t), per seed.
-Every number is reported whatever its direction. If time runs out, cells finish in the order of ``CELL_ORDER``
+Every number is reported whatever its direction. Budget (docs/online-demos.md §2b): ≈ 80 CPU-s a 10-step cell; on
+the shared box of the first run the grid was cut to 5 steps and α in the loss only, before it started. If time runs out, cells finish in the order of ``CELL_ORDER``
 (every seed of a cell before the next cell) and ``--finished-only`` summarises what finished.
 
     python -m mmalign.text.smollm   # converts the offline SmolLM2-135M-Instruct GGUF once
