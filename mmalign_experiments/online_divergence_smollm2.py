@@ -179,12 +179,58 @@ def per_seed(runs: list[dict], keys: tuple = ("reward", "reverse_kl", "distinct_
     return cells
 
 
+def paired_verdict(runs: list[dict], a: tuple, b: tuple, key: str) -> Optional[str]:
+    """``a > b`` or ``a < b`` on ``key`` when it holds in every seed both cells finished (paired by seed), else
+    ``not resolved``; None without a common seed. Cells are (divergence, placement)."""
+    values = {cell: {r["seed"]: r[key] for r in runs if (r["divergence"], r["placement"]) == cell
+                     and r.get(key) is not None} for cell in (a, b)}
+    seeds = sorted(set(values[a]) & set(values[b]))
+    if not seeds:
+        return None
+    diffs = [values[a][s] - values[b][s] for s in seeds]
+    name = lambda cell: f"{cell[0]} in {cell[1]}"  # noqa: E731
+    if all(d > 0 for d in diffs):
+        return f"{name(a)} > {name(b)}"
+    if all(d < 0 for d in diffs):
+        return f"{name(a)} < {name(b)}"
+    return "not resolved"
+
+
+def comparisons(runs: list[dict]) -> dict[str, Any]:
+    """The rule's named comparisons (module docstring): (a) diversity order of the in-loss cells, (b) loss vs reward
+    placement per divergence, (c) the order of the in-reward cells' §2.8.1 penalty, per seed."""
+    divergences = list(dict.fromkeys(d for d, _ in CELL_ORDER))
+    diversity = {key: [paired_verdict(runs, (a, "loss"), (b, "loss"), key)
+                       for i, a in enumerate(divergences) for b in divergences[i + 1:]]
+                 for key in ("entropy", "distinct_2", "self_bleu")}
+    placement = {}
+    for divergence in divergences:
+        reward = paired_verdict(runs, (divergence, "loss"), (divergence, "reward"), "reward")
+        drift = paired_verdict(runs, (divergence, "loss"), (divergence, "reward"), "reverse_kl")
+        if reward is None:
+            continue
+        # verdicts read "<divergence> in loss ? <divergence> in reward"
+        if " > " in reward and drift is not None and " < " in drift:
+            placement[divergence] = "loss dominates"
+        elif " < " in reward and drift is not None and " > " in drift:
+            placement[divergence] = "reward dominates"
+        else:
+            placement[divergence] = f"not resolved (reward: {reward}; reverse KL: {drift})"
+    penalty = {}
+    for key in ("penalty_last", "max_penalty"):
+        for seed in sorted({r["seed"] for r in runs}):
+            cells = [r for r in runs if r["seed"] == seed and r["placement"] == "reward" and r.get(key) is not None]
+            penalty.setdefault(key, {})[seed] = [r["divergence"] for r in sorted(cells, key=lambda r: -r[key])]
+    return {"diversity_in_loss": diversity, "placement": placement, "penalty_order_largest_first": penalty}
+
+
 def summary(runs: list[dict], warm: Optional[dict], args) -> dict[str, Any]:
     rank = {cell: i for i, cell in enumerate(CELL_ORDER)}  # one order whatever the order the cells finished in
     trained = sorted((r for r in runs if r["divergence"] is not None),
                      key=lambda r: (rank.get((r["divergence"], r["placement"]), len(rank)), r["seed"]))
     return {"settings": run_settings(args), "seeds": args.seeds, "warm_start": warm,
-            "summary": tiny_demo.summarise(trained, METRICS), "per_seed": per_seed(trained), "runs": trained}
+            "summary": tiny_demo.summarise(trained, METRICS), "per_seed": per_seed(trained),
+            "comparisons": comparisons(trained), "runs": trained}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

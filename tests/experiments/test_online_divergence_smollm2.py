@@ -77,3 +77,32 @@ def test_driver_runs_cells_reuses_them_and_summarises_the_finished_ones(tiny_mod
     steps = args.index("--steps") + 1
     other = args[:steps] + ["3"] + args[steps + 1:] + ["--finished-only", "--out", str(tmp_path / "none.json")]
     assert main(other) == 0 and json.loads((tmp_path / "none.json").read_text())["runs"] == []
+
+
+def test_comparisons_claim_a_direction_only_when_every_seed_agrees():
+    from mmalign_experiments.online_divergence_smollm2 import comparisons
+
+    def cell(divergence, placement, seed, **values):
+        return {"divergence": divergence, "placement": placement, "seed": seed, **values}
+
+    runs = [cell("reverse_kl", "loss", 0, entropy=1.0, reward=2.0, reverse_kl=1.0),
+            cell("reverse_kl", "loss", 1, entropy=1.5, reward=2.5, reverse_kl=1.0),
+            cell("forward_kl", "loss", 0, entropy=2.0, reward=1.0, reverse_kl=0.5),
+            cell("forward_kl", "loss", 1, entropy=1.2, reward=1.0, reverse_kl=0.5),  # seed 1 disagrees on entropy
+            cell("js", "loss", 0, entropy=3.0), cell("js", "loss", 1, entropy=3.0),
+            cell("reverse_kl", "reward", 0, reward=1.0, reverse_kl=2.0, penalty_last=0.1, max_penalty=0.3),
+            cell("reverse_kl", "reward", 1, reward=2.0, reverse_kl=1.5, penalty_last=0.2, max_penalty=0.1),
+            cell("forward_kl", "reward", 0, reward=0.5, reverse_kl=0.7, penalty_last=0.4, max_penalty=0.2),
+            cell("forward_kl", "reward", 1, reward=0.5, reverse_kl=0.1, penalty_last=0.3, max_penalty=0.9)]
+    result = comparisons(runs)
+    entropy = result["diversity_in_loss"]["entropy"]
+    assert entropy[:3] == ["not resolved", "reverse_kl in loss < js in loss", None]  # rkl vs fkl, js, α (absent)
+    assert "forward_kl in loss < js in loss" in entropy
+    # reverse KL: the loss placement has more reward and less drift in every seed; forward KL: more reward but
+    # more drift in seed 1 — not resolved.
+    assert result["placement"]["reverse_kl"] == "loss dominates"
+    assert result["placement"]["forward_kl"].startswith("not resolved")
+    assert "js" not in result["placement"]  # no in-reward JS cell
+    order = result["penalty_order_largest_first"]
+    assert order["penalty_last"] == {0: ["forward_kl", "reverse_kl"], 1: ["forward_kl", "reverse_kl"]}
+    assert order["max_penalty"] == {0: ["reverse_kl", "forward_kl"], 1: ["forward_kl", "reverse_kl"]}
