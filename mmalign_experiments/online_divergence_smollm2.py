@@ -127,7 +127,7 @@ def run_cell(job: tuple) -> dict[str, Any]:
 
     divergence, placement, seed, work, pieces, policy, heldout, args = job
     name = "warm-start" if divergence is None else f"{divergence}-{placement}-seed{seed}"
-    cell, settings = work / "cells" / name, run_settings(args)
+    cell, settings = work / "cells" / name, demo1.run_settings(args)
     cached = cell / "result.json"
     if cached.is_file() and json.loads(cached.read_text())["settings"] == settings:
         return json.loads(cached.read_text())["result"]
@@ -151,16 +151,9 @@ def run_cell(job: tuple) -> dict[str, Any]:
     return row
 
 
-def run_settings(args) -> dict[str, Any]:
-    """What a cell's result depends on besides its divergence, placement and seed."""
-    keys = ("model", "steps", "batch_size", "k", "max_new_tokens", "lr", "lora_top_layers", "beta", "eval_prompts",
-            "eval_samples", "chat", "sft_steps", "sft_lr", "rm_set")
-    return {key: getattr(args, key) for key in keys}
-
-
 def finished_cells(work: Path, args) -> list[dict]:
     """The cells already measured under the current settings (for ``--finished-only``)."""
-    settings, rows = run_settings(args), []
+    settings, rows = demo1.run_settings(args), []
     for path in sorted((work / "cells").glob("*/result.json")):
         stored = json.loads(path.read_text())
         if stored["settings"] == settings:
@@ -228,7 +221,7 @@ def summary(runs: list[dict], warm: Optional[dict], args) -> dict[str, Any]:
     rank = {cell: i for i, cell in enumerate(CELL_ORDER)}  # one order whatever the order the cells finished in
     trained = sorted((r for r in runs if r["divergence"] is not None),
                      key=lambda r: (rank.get((r["divergence"], r["placement"]), len(rank)), r["seed"]))
-    return {"settings": run_settings(args), "seeds": args.seeds, "warm_start": warm,
+    return {"settings": demo1.run_settings(args), "seeds": args.seeds, "warm_start": warm,
             "summary": tiny_demo.summarise(trained, METRICS), "per_seed": per_seed(trained),
             "comparisons": comparisons(trained), "runs": trained}
 
