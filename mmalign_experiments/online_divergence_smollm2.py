@@ -226,6 +226,37 @@ def summary(runs: list[dict], warm: Optional[dict], args) -> dict[str, Any]:
             "comparisons": comparisons(trained), "runs": trained}
 
 
+TABLE_COLUMNS = (("reward", "reward"), ("sycophancy", "sycophancy"), ("accuracy", "accuracy"),
+                 ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("self_bleu", "self-BLEU"),
+                 ("entropy", "entropy"), ("reverse_kl", "reverse KL"), ("max_penalty", "max β·g(t)"),
+                 ("penalty_first", "β·g(t) first fifth"), ("penalty_last", "last fifth"),
+                 ("grad_norm_max", "max grad norm"))
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The summary as a markdown table: mean ± sd over seeds, the per-seed values in brackets for the key columns
+    (``per_seed``), and the warm start's row first."""
+    header = "| divergence | placement | seeds | " + " | ".join(label for _, label in TABLE_COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (3 + len(TABLE_COLUMNS))]
+    warm = result.get("warm_start") or {}
+    if warm:
+        lines.append("| warm start | – | – | " + " | ".join(
+            f"{warm[key]:.3g}" if warm.get(key) is not None else "" for key, _ in TABLE_COLUMNS) + " |")
+    for row in result["summary"]:
+        seeds = result["per_seed"].get(f"{row['divergence']} in {row['placement']}", {})
+        cells = []
+        for key, _ in TABLE_COLUMNS:
+            if row.get(key) is None:
+                cells.append("")
+                continue
+            text = f"{row[key]:.3g}" + (f" ± {row[key + '_sd']:.2g}" if row.get(key + "_sd") is not None else "")
+            if key in seeds:
+                text += " (" + ", ".join(f"{v:.3g}" for v in seeds[key]) + ")"
+            cells.append(text)
+        lines.append(f"| {row['divergence']} | {row['placement']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=demo1.SMOLLM2, help="base of the policy and the reward model")
@@ -279,7 +310,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     result["wall_seconds"] = round(time.time() - start, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
-    print(json.dumps(result["summary"], indent=1))
+    print(markdown_table(result))
+    print(json.dumps(result["comparisons"], indent=1))
     if args.plot and result["summary"]:
         print("frontier plot:", tiny_demo.plot_frontier(result["summary"], Path(args.plot),
                                                        title="online RLOO, SmolLM2-135M vs the vanilla RM"))

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from mmalign_experiments.online_divergence_smollm2 import algorithm_section, main, mean_over_questions, summary
+from mmalign_experiments.online_divergence_smollm2 import (algorithm_section, main, markdown_table, mean_over_questions,
+                                                           summary)
 
 
 def test_algorithm_section_names_the_divergence_and_its_placement():
@@ -41,6 +42,10 @@ def test_summary_is_mean_sd_and_per_seed_values_per_cell():
     assert result["per_seed"]["forward_kl in reward"]["reward"] == [1.0, 3.0]
     assert result["per_seed"]["forward_kl in reward"]["penalty_last"] == [1.5, 0.5]
     assert result["per_seed"]["js in loss"] == {"reward": [7.0], "reverse_kl": [0.5]}
+    table = markdown_table(result).splitlines()
+    assert len(table) == 2 + 1 + 2 and table[2].startswith("| warm start | – | – | 0.1 |")
+    assert table[3].startswith("| forward_kl | reward | 2 | 2 ± 1.4 (1, 3) | ")  # mean ± sd (per seed)
+    assert "| 1 ± 0.71 (1.5, 0.5) |" in table[3] and table[4].startswith("| js | loss | 1 | 7 (7) | ")
 
 
 @pytest.mark.slow
