@@ -193,8 +193,8 @@ def comparisons(runs: list[dict]) -> dict[str, Any]:
     """The rule's named comparisons (module docstring): (a) diversity order of the in-loss cells, (b) loss vs reward
     placement per divergence, (c) the order of the in-reward cells' §2.8.1 penalty, per seed."""
     divergences = list(dict.fromkeys(d for d, _ in CELL_ORDER))
-    diversity = {key: [paired_verdict(runs, (a, "loss"), (b, "loss"), key)
-                       for i, a in enumerate(divergences) for b in divergences[i + 1:]]
+    diversity = {key: {f"{a} vs {b}": paired_verdict(runs, (a, "loss"), (b, "loss"), key)
+                       for i, a in enumerate(divergences) for b in divergences[i + 1:]}
                  for key in ("entropy", "distinct_2", "self_bleu")}
     placement = {}
     for divergence in divergences:

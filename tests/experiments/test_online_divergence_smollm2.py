@@ -101,8 +101,10 @@ def test_comparisons_claim_a_direction_only_when_every_seed_agrees():
             cell("forward_kl", "reward", 1, reward=0.5, reverse_kl=0.1, penalty_last=0.3, max_penalty=0.9)]
     result = comparisons(runs)
     entropy = result["diversity_in_loss"]["entropy"]
-    assert entropy[:3] == ["not resolved", "reverse_kl in loss < js in loss", None]  # rkl vs fkl, js, α (absent)
-    assert "forward_kl in loss < js in loss" in entropy
+    assert entropy["reverse_kl vs forward_kl"] == "not resolved"  # seed 1 disagrees
+    assert entropy["reverse_kl vs js"] == "reverse_kl in loss < js in loss"
+    assert entropy["forward_kl vs js"] == "forward_kl in loss < js in loss"
+    assert entropy["reverse_kl vs alpha=0.5"] is None  # no α cell
     # reverse KL: the loss placement has more reward and less drift in every seed; forward KL: more reward but
     # more drift in seed 1 — not resolved.
     assert result["placement"]["reverse_kl"] == "loss dominates"
