@@ -152,12 +152,15 @@ def run_cell(job: tuple) -> dict[str, Any]:
 
 
 def finished_cells(work: Path, args) -> list[dict]:
-    """The cells already measured under the current settings (for ``--finished-only``)."""
+    """The cells already measured under the current settings (for ``--finished-only``; ``--cells`` selects)."""
     settings, rows = demo1.run_settings(args), []
     for path in sorted((work / "cells").glob("*/result.json")):
         stored = json.loads(path.read_text())
-        if stored["settings"] == settings:
-            rows.append(stored["result"])
+        result = stored["result"]
+        chosen = not args.cells or result["divergence"] is None or \
+            f"{result['divergence']}-{result['placement']}" in args.cells
+        if stored["settings"] == settings and chosen:
+            rows.append(result)
     return rows
 
 

@@ -79,6 +79,11 @@ def test_driver_runs_cells_reuses_them_and_summarises_the_finished_ones(tiny_mod
     assert main(args + ["--finished-only", "--out", str(tmp_path / "done.json")]) == 0
     done = json.loads((tmp_path / "done.json").read_text())
     assert done["summary"] == result["summary"] and done["warm_start"] == result["warm_start"]
+    cells = args.index("--cells") + 1
+    subset = args[:cells] + ["forward_kl-reward"] + args[cells + 2:] + ["--finished-only", "--out", str(tmp_path / "sub.json")]
+    assert main(subset) == 0
+    sub = json.loads((tmp_path / "sub.json").read_text())
+    assert {r["divergence"] for r in sub["runs"]} == {"forward_kl"} and sub["warm_start"] == result["warm_start"]
     steps = args.index("--steps") + 1
     other = args[:steps] + ["3"] + args[steps + 1:] + ["--finished-only", "--out", str(tmp_path / "none.json")]
     assert main(other) == 0 and json.loads((tmp_path / "none.json").read_text())["runs"] == []
