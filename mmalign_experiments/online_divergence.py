@@ -74,10 +74,16 @@ def run(model_dir: str, out: Path, divergence: str, alpha, placement: str, seed:
                         "logging_steps": 1, "progress_bar": False, "plot": False, "num_threads": 1, "seed": seed},
            "output_dir": str(out / "run")}
     summary = mmalign.text.online(cfg)
-    rows = list(read_jsonl(out / "run" / "metrics.jsonl"))
     result = evaluate(summary["final_dir"], model_dir, 8)
-    result["train_divergence_last"] = rows[-1].get("divergence")
-    result["grad_norm_max"] = max(r.get("grad_norm", 0.0) for r in rows)
+    result.update(training_log_metrics(list(read_jsonl(out / "run" / "metrics.jsonl")), beta, placement))
+    return result
+
+
+def training_log_metrics(rows: list[dict], beta: float, placement: str) -> dict:
+    """From a run's metrics.jsonl rows: the last step's divergence, the largest gradient norm and, for an in-reward
+    run, the §2.8.1 penalty: the largest β·g(t) of the run and its mean over the first and last fifth of the steps."""
+    result = {"train_divergence_last": rows[-1].get("divergence"),
+              "grad_norm_max": max(r.get("grad_norm", 0.0) for r in rows)}
     if placement == "reward":
         penalties = [beta * r["divergence/penalty_max"] for r in rows if "divergence/penalty_max" in r]
         fifth = max(1, len(penalties) // 5)
@@ -91,15 +97,15 @@ METRICS = ("reward", "distinct_1", "distinct_2", "self_bleu", "entropy", "revers
            "penalty_last", "grad_norm_max")
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """Mean and sd over seeds for each (divergence, placement)."""
+def summarise(runs: list[dict], metrics: tuple = METRICS) -> list[dict]:
+    """Mean and sd over seeds for each (divergence, placement) of ``metrics``."""
     cells: dict[tuple, list[dict]] = {}
     for run in runs:
         cells.setdefault((run["divergence"], run["placement"]), []).append(run)
     table = []
     for (divergence, placement), rows in cells.items():
         row = {"divergence": divergence, "placement": placement, "seeds": len(rows)}
-        for key in METRICS:
+        for key in metrics:
             values = [r[key] for r in rows if r.get(key) is not None]
             if values:
                 row[key] = statistics.mean(values)
@@ -108,7 +114,7 @@ def summarise(runs: list[dict]) -> list[dict]:
     return table
 
 
-def plot_frontier(table: list[dict], path: Path) -> Path:
+def plot_frontier(table: list[dict], path: Path, title: str = "online RLOO, tiny model") -> Path:
     """Reward against reverse KL and against distinct-2, one point per (divergence, placement), ± sd over seeds."""
     import matplotlib
 
@@ -129,7 +135,7 @@ def plot_frontier(table: list[dict], path: Path) -> Path:
         ax.set_xlabel(label)
         ax.set_ylabel("reward (held-out samples)")
     axes[1].legend(fontsize=7)
-    fig.suptitle("online RLOO, tiny model: reward vs divergence / diversity (mean ± sd over seeds)")
+    fig.suptitle(f"{title}: reward vs divergence / diversity (mean ± sd over seeds)")
     return save_figure(fig, path, dpi=110)
 
 

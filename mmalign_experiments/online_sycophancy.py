@@ -145,8 +145,10 @@ def top_layer_targets(model: str, n_top: int) -> str:
     return rf".*layers\.({top})\.(self_attn|mlp)\.\w+_proj"
 
 
-def train_policy(work: Path, model: str, rm_dir: Path, prompts: Path, seed: int, args) -> dict[str, Any]:
-    """One online RLOO run of a LoRA policy against the reward model in ``rm_dir``; its training curve."""
+def train_policy(work: Path, model: str, rm_dir: Path, prompts: Path, seed: int, args,
+                 algorithm: Optional[dict] = None) -> dict[str, Any]:
+    """One online RLOO run of a LoRA policy against the reward model in ``rm_dir``; its training curve.
+    ``algorithm``: the ``algorithm:`` section (default: RLOO, reverse KL in the loss, β = ``args.beta``)."""
     import torch
 
     import mmalign.text
@@ -157,7 +159,8 @@ def train_policy(work: Path, model: str, rm_dir: Path, prompts: Path, seed: int,
     cfg = {"model": {"name_or_path": model},
            "prompts": {"train": str(prompts), "use_chat_template": args.chat},
            "reward": [{"kind": "model", "path": str(rm_dir / "final")}],
-           "algorithm": {"name": "rloo", "beta": args.beta, "divergence": "reverse_kl", "divergence_in": "loss"},
+           "algorithm": algorithm or {"name": "rloo", "beta": args.beta, "divergence": "reverse_kl",
+                                      "divergence_in": "loss"},
            "sampling": {"k": args.k, "max_new_tokens": args.max_new_tokens},
            "lora": {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0,
                     "target_modules": top_layer_targets(model, args.lora_top_layers)},
