@@ -58,6 +58,8 @@ class FrontierConfig:
         default_factory=lambda: ["reverse_kl", "forward_kl", "js", "alpha:0.5", "alpha:0.3", "alpha:0.7"],
         metadata={"help": "f-DPO divergences; alpha:A is the α-divergence with α = A"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "training and sampling seeds (the unit)"})
+    sft: bool = field(default=True, metadata={"help": "also evaluate the untrained model (the SFT row); false lets a "
+                                                     "second process share the divergences without repeating it"})
     beta: float = field(default=0.1, metadata={"help": "f-DPO beta"})
     learning_rate: float = field(default=5e-4, metadata={"help": "LoRA learning rate (constant)"})
     batch_size: int = field(default=8, metadata={"help": "pairs per step"})
@@ -240,22 +242,22 @@ def run_frontier(config: FrontierConfig | dict | str | Path, overrides: Optional
         rm_report = _reward_model(cfg, files, model_path, out)
         scorer = RewardScorer.from_pretrained(out / "reward-model" / "final")
         for seed in cfg.seeds:
-            for spec in ["SFT"] + list(cfg.divergences):
+            for spec in ["SFT"] * cfg.sft + list(cfg.divergences):
                 run_dir = out / f"seed{seed}" / spec.replace(":", "")
                 done = run_dir / "eval.json"
                 if done.is_file():  # finished earlier: reused, so an interrupted sweep resumes
                     rows.append(json.loads(done.read_text()))
                     continue
-                tick = time.perf_counter()
+                tick, cpu_tick = time.perf_counter(), time.process_time()
                 model_dir = model_path if spec == "SFT" else str(_train(cfg, spec, seed, model_path, files, run_dir))
                 row = {"seed": seed, "method": "SFT" if spec == "SFT" else label(spec), "spec": spec,
                        **_evaluate(cfg, model_dir, files, scorer, seed), "ece_curve": ece_curve(run_dir),
-                       "wall_s": time.perf_counter() - tick}
+                       "wall_s": time.perf_counter() - tick, "cpu_s": time.process_time() - cpu_tick}
                 atomic_write_text(done, json.dumps(row, indent=1))
                 rows.append(row)
                 logger.info("seed %d %s: reward %.3f acc %.3f ece %.3f entropy %.3f (%.0fs)", seed, row["method"],
                             row["reward"], row["accuracy"], row["ece"], row["predictive_entropy"] or 0, row["wall_s"])
-    labels = ["SFT"] + [label(s) for s in cfg.divergences]
+    labels = ["SFT"] * cfg.sft + [label(s) for s in cfg.divergences]
     table = summary_table(rows, labels)
     results = {"rows": rows, "reward_model": rm_report, "config": to_dict(cfg), "model": model_path,
                "total_s": time.perf_counter() - started}
