@@ -74,6 +74,7 @@ class FrontierConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     rm_top_layers: int = field(default=4, metadata={"help": "reward model: trainable top blocks"})
     rm_learning_rate: float = field(default=5e-5, metadata={"help": "reward model learning rate"})
+    only_finished: bool = field(default=False, metadata={"help": "tabulate the finished cells only (train nothing)"})
     probe_reward: bool = field(default=False, metadata={"help": "also score samples with a MiniLM-embedding probe "
                                                                 "(mmalign_experiments.embedding_reward)"})
     probe_train: int = field(default=1000, metadata={"help": "probe: at most this many training pairs (outside every slice)"})
@@ -285,6 +286,8 @@ def run_frontier(config: FrontierConfig | dict | str | Path, overrides: Optional
                 if done.is_file():  # finished earlier: reused, so an interrupted sweep resumes
                     rows.append(json.loads(done.read_text()))
                     continue
+                if cfg.only_finished:
+                    continue
                 tick, cpu_tick = time.perf_counter(), time.process_time()
                 model_dir = model_path if spec == "SFT" else str(_train(cfg, spec, seed, model_path, files, run_dir))
                 row = {"seed": seed, "method": "SFT" if spec == "SFT" else label(spec), "spec": spec,
@@ -310,7 +313,8 @@ def run_frontier(config: FrontierConfig | dict | str | Path, overrides: Optional
         rm_acc += (f"; MiniLM probe {probe.report['pairwise_accuracy']:.3f} on {probe.report['heldout_pairs']} pairs "
                    f"(p = {probe.report['p_vs_chance']:.3g} against chance)")
     reward = "probe_reward" if probe is not None else "reward"
-    per_seed = "\n".join(per_seed_table(rows, labels, m) for m in ("accuracy", "ece", "predictive_entropy", reward))
+    per_seed = "\n".join(per_seed_table(rows, labels, m) for m in ("accuracy", "ece", "predictive_entropy",
+                                                                       "distinct_2", "self_bleu", reward))
     rule = rule_table(paired_rule(rows, labels, reward=reward), reward=reward)
     atomic_write_text(out / "results.md", f"# f-DPO frontier on HH-RLHF (thesis ch. 2)\n\nSeeds {cfg.seeds}; "
                       f"{cfg.train} training pairs, {cfg.eval} held-out pairs, {cfg.prompts} prompts x "

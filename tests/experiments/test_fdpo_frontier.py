@@ -78,7 +78,10 @@ def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert 0 <= results["reward_model"]["pairwise_accuracy"] <= 1
     # sft=false (a second process sharing the grid): the finished cells are reused and no SFT row is made
     again = run_frontier({**config, "sft": False, "divergences": ["alpha:0.5"]})
-    assert [r["method"] for r in again["rows"]] == ["α=0.5"] and again["rows"][0] == rows[2]
+    assert [r["method"] for r in again["rows"]] == ["α=0.5"] and again["rows"][0] == json.loads(json.dumps(rows[2]))
+    # only_finished tabulates the finished cells and trains nothing (α = 0.7 never ran)
+    tab = run_frontier({**config, "only_finished": True, "divergences": ["reverse_kl", "alpha:0.5", "alpha:0.7"]})
+    assert [r["method"] for r in tab["rows"]] == ["SFT", "RKL (DPO)", "α=0.5"] and not (out / "seed0" / "alpha0.7").exists()
     assert (out / "ece_curves.png").is_file() and "Paired by seed" in (out / "results.md").read_text()
     # The divergences train differently: the same seed, data and steps give different adapters' answers or scores.
     assert (rows[1]["accuracy"], rows[1]["ece"], rows[1]["reward"]) != (rows[2]["accuracy"], rows[2]["ece"], rows[2]["reward"])
