@@ -33,11 +33,12 @@ from mmalign.cli import run_command
 from mmalign.config import to_dict
 from mmalign.io import atomic_write_text, read_jsonl, write_jsonl
 from mmalign_experiments.bias_data import hh_pairs
+from mmalign_experiments.fdpo_report import paired_rule, per_seed_table, plot_ece_curves, rule_table
 from mmalign_experiments.sweep import finish_figure, open_sweep
 
 logger = logging.getLogger("mmalign_experiments.fdpo_frontier")
 
-METRICS = ("reward", "accuracy", "ece", "predictive_entropy", "distinct_1", "distinct_2", "self_bleu", "length")
+METRICS = ("reward", "probe_reward", "accuracy", "ece", "predictive_entropy", "distinct_1", "distinct_2", "self_bleu", "length")
 
 
 @dataclass
@@ -58,6 +59,8 @@ class FrontierConfig:
         default_factory=lambda: ["reverse_kl", "forward_kl", "js", "alpha:0.5", "alpha:0.3", "alpha:0.7"],
         metadata={"help": "f-DPO divergences; alpha:A is the α-divergence with α = A"})
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "training and sampling seeds (the unit)"})
+    sft: bool = field(default=True, metadata={"help": "also evaluate the untrained model (the SFT row); false lets a "
+                                                     "second process share the divergences without repeating it"})
     beta: float = field(default=0.1, metadata={"help": "f-DPO beta"})
     learning_rate: float = field(default=5e-4, metadata={"help": "LoRA learning rate (constant)"})
     batch_size: int = field(default=8, metadata={"help": "pairs per step"})
@@ -71,6 +74,10 @@ class FrontierConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
     rm_top_layers: int = field(default=4, metadata={"help": "reward model: trainable top blocks"})
     rm_learning_rate: float = field(default=5e-5, metadata={"help": "reward model learning rate"})
+    only_finished: bool = field(default=False, metadata={"help": "tabulate the finished cells only (train nothing)"})
+    probe_reward: bool = field(default=False, metadata={"help": "also score samples with a MiniLM-embedding probe "
+                                                                "(mmalign_experiments.embedding_reward)"})
+    probe_train: int = field(default=1000, metadata={"help": "probe: at most this many training pairs (outside every slice)"})
     num_threads: int = field(default=1, metadata={"help": "torch threads"})
     output_dir: str = field(default="outputs/fdpo-frontier", metadata={"help": "run folder (finished parts are reused)"})
 
@@ -107,12 +114,28 @@ def label(spec: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def make_splits(cfg: FrontierConfig, out: Path) -> dict[str, Path]:
-    rows = [r for r in hh_pairs(cfg.hh) if r["prompt"].count("Human:") == 1 and len(r["prompt"]) <= cfg.max_prompt_chars
+def _short_rows(cfg: FrontierConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, int]]:
+    """(every HH pair, the short single-turn ones shuffled by the data seed, the slice sizes in order)."""
+    every = hh_pairs(cfg.hh)
+    rows = [r for r in every if r["prompt"].count("Human:") == 1 and len(r["prompt"]) <= cfg.max_prompt_chars
             and max(len(r["chosen"]), len(r["rejected"])) <= cfg.max_response_chars]
     random.Random(cfg.data_seed).shuffle(rows)
     sizes = {"rm_train": cfg.rm_train, "rm_eval": cfg.rm_eval, "train": cfg.train, "eval": cfg.eval,
              "prompts": cfg.prompts}
+    return every, rows, sizes
+
+
+def probe_split(cfg: FrontierConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The probe's (training, held-out) pairs: held out are the reward model's eval slice and the short pairs no
+    slice uses; it trains on up to ``probe_train`` pairs whose prompt is not among the short ones (no overlap)."""
+    every, rows, sizes = _short_rows(cfg)
+    heldout = rows[cfg.rm_train:cfg.rm_train + cfg.rm_eval] + rows[sum(sizes.values()):]
+    short_prompts = {r["prompt"] for r in rows}
+    return [r for r in every if r["prompt"] not in short_prompts][:cfg.probe_train], heldout
+
+
+def make_splits(cfg: FrontierConfig, out: Path) -> dict[str, Path]:
+    _, rows, sizes = _short_rows(cfg)
     if sum(sizes.values()) > len(rows):
         raise ValueError(f"{cfg.hh}: {len(rows)} pairs pass the length filters; the slices need {sum(sizes.values())}")
     files, start = {}, 0
@@ -141,6 +164,21 @@ def _reward_model(cfg: FrontierConfig, files: dict[str, Path], model_path: str, 
     report = json.loads(report_file.read_text())
     return {"pairwise_accuracy": report["eval"]["pairwise_accuracy"], "mean_margin": report["eval"]["mean_margin"],
             "eval_pairs": report["eval"]["pairs"], "train_steps": report["train"]["global_step"]}
+
+
+def _probe(cfg: FrontierConfig, out: Path):
+    """The MiniLM probe reward, fitted once and kept as JSON (weights as numbers: nothing executable is loaded)."""
+    import torch
+
+    from mmalign_experiments.embedding_reward import MiniLMEmbedder, ProbeReward, train_probe
+
+    path = out / "probe-reward.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return ProbeReward(MiniLMEmbedder(), torch.tensor(saved["weight"]), saved["report"])
+    probe = train_probe(*probe_split(cfg))
+    atomic_write_text(path, json.dumps({"report": probe.report, "weight": probe.weight.tolist()}))
+    return probe
 
 
 def _train(cfg: FrontierConfig, spec: str, seed: int, model_path: str, files: dict[str, Path], run_dir: Path) -> Path:
@@ -196,12 +234,12 @@ def _evaluate(cfg: FrontierConfig, model_dir: str, files: dict[str, Path], score
 
 def summary_table(rows: list[dict[str, Any]], labels: list[str]) -> str:
     def cell(lab: str, metric: str) -> str:
-        values = [r[metric] for r in rows if r["method"] == lab and r[metric] is not None]
+        values = [r[metric] for r in rows if r["method"] == lab and r.get(metric) is not None]
         if not values:
             return "–"
         return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
-    head = ["reward ↑", "pref. accuracy ↑", "ECE ↓", "pred. entropy ↑", "distinct-1 ↑", "distinct-2 ↑",
+    head = ["reward ↑", "probe reward ↑", "pref. accuracy ↑", "ECE ↓", "pred. entropy ↑", "distinct-1 ↑", "distinct-2 ↑",
             "self-BLEU ↓", "length (tokens)"]
     lines = ["| model | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     lines += [f"| {lab} | " + " | ".join(cell(lab, m) for m in METRICS) + " |" for lab in labels]
@@ -214,7 +252,8 @@ def plot(path: Path, rows: list[dict[str, Any]], labels: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("predictive_entropy", "reward"), ("distinct_2", "reward"), ("ece", "accuracy")]
+    y = "probe_reward" if any(r.get("probe_reward") is not None for r in rows) else "reward"
+    panels = [("predictive_entropy", y), ("distinct_2", y), ("ece", "accuracy")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, (x, y) in zip(axes, panels):
         for i, lab in enumerate(labels):
@@ -239,33 +278,51 @@ def run_frontier(config: FrontierConfig | dict | str | Path, overrides: Optional
         files = make_splits(cfg, out)
         rm_report = _reward_model(cfg, files, model_path, out)
         scorer = RewardScorer.from_pretrained(out / "reward-model" / "final")
+        probe = _probe(cfg, out) if cfg.probe_reward else None
         for seed in cfg.seeds:
-            for spec in ["SFT"] + list(cfg.divergences):
+            for spec in ["SFT"] * cfg.sft + list(cfg.divergences):
                 run_dir = out / f"seed{seed}" / spec.replace(":", "")
                 done = run_dir / "eval.json"
                 if done.is_file():  # finished earlier: reused, so an interrupted sweep resumes
                     rows.append(json.loads(done.read_text()))
                     continue
-                tick = time.perf_counter()
+                if cfg.only_finished:
+                    continue
+                tick, cpu_tick = time.perf_counter(), time.process_time()
                 model_dir = model_path if spec == "SFT" else str(_train(cfg, spec, seed, model_path, files, run_dir))
                 row = {"seed": seed, "method": "SFT" if spec == "SFT" else label(spec), "spec": spec,
                        **_evaluate(cfg, model_dir, files, scorer, seed), "ece_curve": ece_curve(run_dir),
-                       "wall_s": time.perf_counter() - tick}
+                       "wall_s": time.perf_counter() - tick, "cpu_s": time.process_time() - cpu_tick}
                 atomic_write_text(done, json.dumps(row, indent=1))
                 rows.append(row)
                 logger.info("seed %d %s: reward %.3f acc %.3f ece %.3f entropy %.3f (%.0fs)", seed, row["method"],
                             row["reward"], row["accuracy"], row["ece"], row["predictive_entropy"] or 0, row["wall_s"])
-    labels = ["SFT"] + [label(s) for s in cfg.divergences]
+        if probe is not None:  # cheap (a few hundred MiniLM forwards): scored on the stored samples, not cached
+            prompts = [r["prompt"] for r in read_jsonl(files["prompts"])]
+            for row in rows:
+                row["probe_reward"] = statistics.mean(probe.score(
+                    [p for p, texts in zip(prompts, row["samples"]) for _ in texts],
+                    [t for texts in row["samples"] for t in texts]))
+    labels = ["SFT"] * cfg.sft + [label(s) for s in cfg.divergences]
     table = summary_table(rows, labels)
-    results = {"rows": rows, "reward_model": rm_report, "config": to_dict(cfg), "model": model_path,
+    results = {"rows": rows, "reward_model": rm_report, "probe": probe.report if probe else None, "config": to_dict(cfg), "model": model_path,
                "total_s": time.perf_counter() - started}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     rm_acc = f"{rm_report['pairwise_accuracy']:.3f} on {rm_report['eval_pairs']} pairs"
+    if probe is not None:
+        rm_acc += (f"; MiniLM probe {probe.report['pairwise_accuracy']:.3f} on {probe.report['heldout_pairs']} pairs "
+                   f"(p = {probe.report['p_vs_chance']:.3g} against chance)")
+    reward = "probe_reward" if probe is not None else "reward"
+    per_seed = "\n".join(per_seed_table(rows, labels, m) for m in ("accuracy", "ece", "predictive_entropy",
+                                                                       "distinct_2", "self_bleu", reward))
+    rule = rule_table(paired_rule(rows, labels, reward=reward), reward=reward)
     atomic_write_text(out / "results.md", f"# f-DPO frontier on HH-RLHF (thesis ch. 2)\n\nSeeds {cfg.seeds}; "
                       f"{cfg.train} training pairs, {cfg.eval} held-out pairs, {cfg.prompts} prompts x "
-                      f"{cfg.num_samples} samples; reward model held-out accuracy {rm_acc}.\n\n{table}")
+                      f"{cfg.num_samples} samples; reward model held-out accuracy {rm_acc}.\n\n{table}\n"
+                      f"## Per seed\n\n{per_seed}\n## Paired by seed against reverse KL\n\n{rule}")
     plot(out / "frontier.png", rows, labels)
-    print(table, end="")
+    plot_ece_curves(out / "ece_curves.png", rows, labels)
+    print(table + "\n" + rule, end="")
     print(f"reward model: {rm_report}\ntotal {results['total_s']:.0f}s; results in {out}")
     return results
 
