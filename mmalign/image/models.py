@@ -223,7 +223,7 @@ def apply_finetuning(backbone: nn.Module, lora) -> Optional[nn.Module]:
     if lora.enabled:
         targets = [lora.target_modules] if isinstance(lora.target_modules, str) else list(lora.target_modules)
         add_lora(backbone, rank=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=targets)
-        if getattr(lora, "direct_forward", True):
+        if lora.direct_forward:
             use_direct_lora(backbone)
         return None
     reference = frozen_copy(backbone)

@@ -22,6 +22,7 @@ from typing import Iterator, Optional
 import torch
 
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
+from mmalign.text.modeling.lora_parts import base_has_hooks
 
 __all__ = ["recompute_norm_outputs", "NORM_RECOMPUTE", "rms_norms"]
 
@@ -98,7 +99,7 @@ class _Hooks:
 
 
 def _not_eligible(model: torch.nn.Module, norms: list[torch.nn.Module]) -> Optional[str]:
-    if any(n._forward_hooks or n._forward_pre_hooks or "forward" in n.__dict__ for n in norms):
+    if any(base_has_hooks(n) for n in norms):
         return "hooks on an RMSNorm module"
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         return "activation checkpointing keeps its own saved tensors"
