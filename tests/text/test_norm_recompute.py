@@ -132,3 +132,19 @@ def test_no_grad_forwards_and_models_without_rms_norms_run_unchanged(tokenizer):
     with recompute_norm_outputs(torch.nn.Linear(3, 3)):
         pass
     assert fallbacks.FAST_PATH_CALLS[NORM_RECOMPUTE] == 0
+
+
+def test_checkpointing_turned_on_after_a_recomputed_forward_is_seen(tokenizer, caplog):
+    """The eligibility check caches which modules carry the checkpointing flag, but reads the flags each forward."""
+    model = _model(tokenizer, lora=True)
+    fallbacks.reset_warnings()
+    ids = torch.randint(0, len(tokenizer), (2, 9))
+    with recompute_norm_outputs(model):
+        model(input_ids=ids).logits.sum().backward()
+    assert fallbacks.FAST_PATH_CALLS[NORM_RECOMPUTE] == 1
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with caplog.at_level(logging.WARNING, logger="mmalign"):
+        with recompute_norm_outputs(model):
+            model(input_ids=ids).logits.sum().backward()
+    assert fallbacks.FAST_PATH_CALLS[NORM_RECOMPUTE] == 1
+    assert any("activation checkpointing keeps its own saved tensors" in r.getMessage() for r in caplog.records)

@@ -50,7 +50,7 @@ from mmalign.text.evaluation.metrics import (
     preference_metrics,
     rng_metrics,
 )
-from mmalign.text.modeling.loading import load_model_for_eval
+from mmalign.text.modeling.loading import ensure_pad_token, load_model_for_eval
 from mmalign.text.modeling.sampling import Samples, sample_completions
 from mmalign.text.recipes.inputs import is_path, require
 
@@ -222,10 +222,7 @@ def _model_object(model: Any, tokenizer: Any):
             raise ConfigError("tokenizer: required with a model object that was not loaded from a local folder; "
                               "pass tokenizer=...")
         tokenizer = load_tokenizer(source)
-    if getattr(tokenizer, "pad_token_id", None) is None:
-        if getattr(tokenizer, "eos_token", None) is None:
-            raise ConfigError("tokenizer: the tokenizer object has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, "tokenizer", ConfigError)
     return model, tokenizer, str(source) if source else f"<{type(model).__name__}>"
 
 

@@ -16,6 +16,7 @@ from mmalign.text.modeling.fast_layers import fuse_activations, use_direct_lora_
 __all__ = [
     "TORCH_DTYPES",
     "load_tokenizer",
+    "ensure_pad_token",
     "load_causal_lm",
     "apply_lora",
     "apply_lora_config",
@@ -35,6 +36,15 @@ def _expand(name_or_path: str) -> str:
     return os.path.expanduser(name_or_path) if name_or_path.startswith("~") else name_or_path
 
 
+def ensure_pad_token(tokenizer: Any, where: str, error: type[Exception] = ValueError) -> None:
+    """Gives ``tokenizer`` its EOS token as pad token when it has none (batches are padded); ``error(where: ...)``
+    when it has neither."""
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        if getattr(tokenizer, "eos_token", None) is None:
+            raise error(f"{where}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def load_tokenizer(name_or_path: str, *, gguf_file: Optional[str] = None, chat_template: Optional[str] = None,
                    trust_remote_code: bool = False):
     """``AutoTokenizer`` with right padding and a pad token (EOS when the tokenizer has none)."""
@@ -43,10 +53,7 @@ def load_tokenizer(name_or_path: str, *, gguf_file: Optional[str] = None, chat_t
     name_or_path = _expand(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **kwargs)
-    if tokenizer.pad_token_id is None:
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"{name_or_path}: the tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    ensure_pad_token(tokenizer, name_or_path)
     tokenizer.padding_side = "right"
     if chat_template is not None:
         tokenizer.chat_template = chat_template

@@ -98,10 +98,20 @@ class _Hooks:
         return packed.output.recomputed().as_strided(packed.size, packed.stride, packed.offset)
 
 
+def _checkpointable(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules of ``model`` that carry transformers' ``gradient_checkpointing`` flag (cached: the module tree
+    does not change, the flags may)."""
+    cached = model.__dict__.get("_mmalign_checkpointable")
+    if cached is None:
+        cached = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        model.__dict__["_mmalign_checkpointable"] = cached
+    return cached
+
+
 def _not_eligible(model: torch.nn.Module, norms: list[torch.nn.Module]) -> Optional[str]:
     if any(base_has_hooks(n) for n in norms):
         return "hooks on an RMSNorm module"
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in _checkpointable(model)):
         return "activation checkpointing keeps its own saved tensors"
     return None
 

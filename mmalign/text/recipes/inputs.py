@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from mmalign.config import ConfigError
-from mmalign.text.modeling.loading import fuse_activations, load_tokenizer
+from mmalign.text.modeling.loading import ensure_pad_token, fuse_activations, load_tokenizer
 
 __all__ = ["JobInputs", "is_path", "split_objects", "require", "is_peft_model", "resolve_tokenizer", "prepare_model_object",
            "check_job_sources"]
@@ -69,10 +69,7 @@ def resolve_tokenizer(tokenizer: Any, model_config, model: Any = None):
     """The tokenizer object given, else the one named by ``model.tokenizer`` / ``model.name_or_path``, else the one
     saved with the model object (its ``name_or_path``)."""
     if tokenizer is not None:
-        if getattr(tokenizer, "pad_token_id", None) is None:
-            if getattr(tokenizer, "eos_token", None) is None:
-                raise ConfigError("tokenizer: the tokenizer object has neither a pad nor an eos token")
-            tokenizer.pad_token = tokenizer.eos_token
+        ensure_pad_token(tokenizer, "tokenizer", ConfigError)
         tokenizer.padding_side = "right"
         if model_config.chat_template:
             tokenizer.chat_template = model_config.chat_template
