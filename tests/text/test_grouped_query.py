@@ -47,12 +47,60 @@ def test_enable_gqa_gives_the_outputs_and_gradients_of_repeat_kv_keeping_less(mo
     gqa_logits, gqa_grads, gqa_saved = _run(model, ids, mask, gqa=True)
     assert len(repeats) == 2 * LAYERS  # no copies under the fast path
     assert fallbacks.FAST_PATH_CALLS[GROUPED_QUERY_SDPA] == 1
-    assert sdpa_attention.use_gqa_in_sdpa.__module__ == sdpa_attention.__name__  # restored
     assert torch.equal(gqa_logits, plain_logits)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(gqa_grads[name], grad, rtol=1e-5, atol=1e-7)
     # sdpa keeps the KV_HEADS key/value heads instead of HEADS copies: 2 x (HEADS - KV_HEADS) heads less per layer
     assert plain_saved - gqa_saved == LAYERS * 2 * (HEADS - KV_HEADS) * HEAD_DIM * ids.numel() * 4
+    _run(model, ids, mask, gqa=False)  # outside the block transformers decides again
+    assert len(repeats) == 4 * LAYERS
+
+
+def test_blocks_of_other_threads_and_any_closing_order_leave_each_forward_its_own_setting(monkeypatch):
+    """Two threads enter and leave in crossed order; a forward outside any block (in either thread, at any time)
+    copies the key/value heads as transformers decides, one inside its own block does not."""
+    import threading
+
+    model = _model()
+    ids, mask = torch.randint(0, 97, (1, 9)), torch.ones(1, 1, 9, 9, dtype=torch.bool).tril()
+    repeats = []
+    original = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda x, n: repeats.append(threading.get_ident()) or original(x, n))
+    a_inside, b_done, a_may_leave = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with grouped_query_sdpa(model):
+            a_inside.set()
+            b_done.wait(30)
+            before = len(repeats)
+            with torch.no_grad():
+                model(input_ids=ids, attention_mask=mask)
+            seen["a_inside_copies"] = len(repeats) - before
+            a_may_leave.wait(30)
+
+    def thread_b():
+        a_inside.wait(30)
+        cm = grouped_query_sdpa(model)
+        cm.__enter__()
+        cm.__exit__(None, None, None)  # closes while A's block is still open
+        before = len(repeats)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)  # outside any block of its own thread
+        seen["b_outside_copies"] = len(repeats) - before
+        b_done.set()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    threads[1].join(60)
+    a_may_leave.set()
+    threads[0].join(60)
+    assert seen == {"a_inside_copies": 0, "b_outside_copies": 2 * LAYERS}
+    before = len(repeats)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert len(repeats) - before == 2 * LAYERS  # nothing leaked after both closed
 
 
 def test_without_transformers_hook_it_runs_as_before_and_says_why(monkeypatch, caplog):

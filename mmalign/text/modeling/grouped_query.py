@@ -9,13 +9,16 @@ sdpa keeps for backward: 48 MiB of a SmolLM2 LoRA forward of 544 tokens (2 × [t
 key/value gradients differ by float rounding (the sum over the query heads of a group is taken in another
 order; about 1e-6 relative, tested).
 
-:func:`grouped_query_sdpa` lets ``use_gqa_in_sdpa`` say yes for CPU tensors while one forward runs, and restores
-it afterwards. When transformers no longer has that function the forward runs as transformers does it, and the
-fast path is reported not taken (once, with the reason).
+:func:`grouped_query_sdpa` lets ``use_gqa_in_sdpa`` say yes for CPU tensors while one forward runs in the calling
+thread. transformers' function is wrapped once and never restored: the wrapper asks the original outside such a
+block, so concurrent or nested forwards (another thread, a callback's forward) see exactly their own setting,
+whatever order their blocks close in. When transformers no longer has that function the forward runs as
+transformers does it, and the fast path is reported not taken (once, with the reason).
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
@@ -56,16 +59,31 @@ def grouped_query_sdpa(model: torch.nn.Module) -> Iterator[None]:
                                            "(transformers changed): key/value heads are copied per query head")
         yield
         return
-    original = module.use_gqa_in_sdpa
-
-    def use_gqa_in_sdpa(attention_mask, key, value):
-        if key.device.type == "cpu" and key.shape[-1] == value.shape[-1]:
-            return True
-        return original(attention_mask, key, value)
-
-    module.use_gqa_in_sdpa = use_gqa_in_sdpa
+    _install_wrapper(module)
+    _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
     fast_path_taken(GROUPED_QUERY_SDPA)
     try:
         yield
     finally:
-        module.use_gqa_in_sdpa = original
+        _ACTIVE.depth -= 1
+
+
+# how many grouped_query_sdpa blocks the current thread is inside
+_ACTIVE = threading.local()
+_WRAPPER_MARK = "mmalign_grouped_query"
+_INSTALL_LOCK = threading.Lock()
+
+
+def _install_wrapper(module) -> None:
+    with _INSTALL_LOCK:
+        original = module.use_gqa_in_sdpa
+        if getattr(original, _WRAPPER_MARK, False):
+            return
+
+        def use_gqa_in_sdpa(attention_mask, key, value):
+            if getattr(_ACTIVE, "depth", 0) and key.device.type == "cpu" and key.shape[-1] == value.shape[-1]:
+                return True
+            return original(attention_mask, key, value)
+
+        setattr(use_gqa_in_sdpa, _WRAPPER_MARK, True)
+        module.use_gqa_in_sdpa = use_gqa_in_sdpa
