@@ -46,11 +46,11 @@ def test_train_uses_bitsandbytes_adamw8bit_with_8bit_state(tiny_sd3, toy_data, t
 
 
 def test_8bit_adamw_steps_move_the_margin(tiny_sd3):
-    import mmalign
     from mmalign.config import load_config
     from mmalign.image.config import ImageTrainConfig
     from mmalign.image.families.build import build_family_model
     from mmalign.image.families.memory import trainer_class
+    from mmalign.image.testing import margin_before_and_after_steps
 
     config = load_config(ImageTrainConfig, {"model": {"name_or_path": str(tiny_sd3), "optimizer": "adamw_8bit"},
                                             "lora": FULL, "data": {"train": "unused", "resolution": 64},
@@ -67,18 +67,6 @@ def test_8bit_adamw_steps_move_the_margin(tiny_sd3):
     batch = {"prompts": ["a photo of thing 0", "a photo of thing 1"], "inputs": "latents",
              "chosen": torch.randn(shape, generator=generator), "rejected": torch.randn(shape, generator=generator),
              "noise": torch.randn(shape[:1] + shape[2:], generator=generator), "timesteps": torch.tensor([700.0, 250.0])}
-    objective = mmalign.objective("dpo", beta=50.0)
-
-    def margin():
-        with torch.no_grad():
-            out = model(batch)
-        return ((out.policy_chosen - out.ref_chosen) - (out.policy_rejected - out.ref_rejected)).mean().item()
-
-    before = margin()
-    for _ in range(4):
-        loss = objective(**model(batch).objective_inputs()).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    before, after = margin_before_and_after_steps(model, batch, optimizer)
     assert _eight_bit_states(optimizer) > 0
-    assert margin() > before + 1e-4
+    assert after > before + 1e-4
