@@ -23,6 +23,10 @@ Each baseline's noise, conditioning and backbone call are written out here, not 
 ``--cache-text``: every loop encodes the step's prompts once before timing (mmalign: ``cache_text_embeddings``,
 the encoders' outputs looked up per step; baselines: the same lookup written out), so the step measures the VAE
 and backbone work, not the text encoders that dominate the tiny layouts.
+
+``--shape proportioned`` (sd3 / flux): the transformer and VAE of ``bench/image_proportioned.py`` (the real models'
+proportions: head dimension 64, 256 image vs 32 text tokens, hidden width to tokens as at 1024 px), T5 cut to its
+text length by ``max_sequence_length`` in every loop; nothing else changes.
 """
 
 from __future__ import annotations
@@ -67,24 +71,35 @@ def add_arguments(parser) -> None:
                         help="sd3/flux: multiply the tiny transformer's layers/heads")
     parser.add_argument("--cache-text", action="store_true",
                         help="sdxl/sd3/flux: every loop looks up text embeddings computed once (encoders off the step)")
+    parser.add_argument("--shape", choices=("tiny", "proportioned"), default="tiny",
+                        help="sd3/flux: proportioned = the real models' proportions (bench/image_proportioned.py)")
 
 
 def memory_setup(args):
     """``(parts, batch, make_step)`` of a fresh memory-measuring process."""
-    parts = build_parts(args.layout, backbone_scale=args.backbone_scale, cache_text=args.cache_text)
+    parts = build_parts(args.layout, backbone_scale=args.backbone_scale, cache_text=args.cache_text, shape=args.shape)
     return parts, make_batch(args.pairs), make_family_step
 
 
-def build_parts(layout: str, seed: int = 0, backbone_scale: int = 1, cache_text: bool = False) -> dict:
+def build_parts(layout: str, seed: int = 0, backbone_scale: int = 1, cache_text: bool = False,
+                shape: str = "tiny") -> dict:
     from mmalign.image.families.tiny import build_tiny_pipeline
 
-    with tempfile.TemporaryDirectory() as tokenizer_dir:
-        pipe = build_tiny_pipeline(layout, tokenizer_dir, seed=seed, backbone_scale=backbone_scale)
+    max_sequence_length = None  # the pipelines' default T5 length
+    if shape == "proportioned":
+        from image_proportioned import T5_TOKENS, build_proportioned_pipeline
+
+        if backbone_scale != 1:
+            raise ValueError("--shape proportioned fixes the backbone; leave --backbone-scale at 1")
+        pipe, max_sequence_length = build_proportioned_pipeline(layout, seed), T5_TOKENS[layout]
+    else:
+        with tempfile.TemporaryDirectory() as tokenizer_dir:
+            pipe = build_tiny_pipeline(layout, tokenizer_dir, seed=seed, backbone_scale=backbone_scale)
     pipe.vae.requires_grad_(False).eval()
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False).eval()
-    return {"pipe": pipe, "layout": layout, "cache_text": cache_text}
+    return {"pipe": pipe, "layout": layout, "cache_text": cache_text, "max_sequence_length": max_sequence_length}
 
 
 PROMPTS = [f"object {i}" for i in range(16)]  # every prompt a step may use (the text-embedding caches hold them)
@@ -119,7 +134,8 @@ class MmalignFamilyStep(MmalignStep):
         reference = apply_finetuning(backbone, lora)
         encoders = {name: getattr(pipe, name) for name in family.encoder_names}
         tokenizers = {family.tokenizer_for(name): getattr(pipe, family.tokenizer_for(name)) for name in encoders}
-        conditioner = PipelinePromptEncoder(family.name, family.pipeline_class, encoders, tokenizers, backbone)
+        conditioner = PipelinePromptEncoder(family.name, family.pipeline_class, encoders, tokenizers, backbone,
+                                            max_sequence_length=parts["max_sequence_length"])
         if family.flow:
             from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -154,6 +170,8 @@ class BaselineStep:
         from mmalign.image.models import add_lora
 
         self.pipe, self.layout, self.concatenated = parts["pipe"], parts["layout"], concatenated
+        length = parts["max_sequence_length"]
+        self.t5_length = {} if length is None else {"max_sequence_length": length}
         base = backbone_of(parts)
         self.backbone = copy.deepcopy(base)
         if concatenated:
@@ -182,10 +200,10 @@ class BaselineStep:
             if self.layout == "sdxl":
                 states, _, pooled, _ = self.pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
             elif self.layout == "flux":
-                states, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device="cpu")
+                states, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device="cpu", **self.t5_length)
             else:
                 states, _, pooled, _ = self.pipe.encode_prompt(prompts, None, None, device="cpu",
-                                                               do_classifier_free_guidance=False)
+                                                               do_classifier_free_guidance=False, **self.t5_length)
         return {"states": states, "pooled": pooled}
 
     def _encode(self, prompts):
@@ -312,7 +330,7 @@ def family_main(args) -> None:
     layout, variants = args.layout, FAMILY_VARIANTS[args.layout]
     load_before = os.getloadavg()
     torch.manual_seed(0)
-    parts = build_parts(layout, backbone_scale=args.backbone_scale, cache_text=args.cache_text)
+    parts = build_parts(layout, backbone_scale=args.backbone_scale, cache_text=args.cache_text, shape=args.shape)
     steps = {name: make_family_step(name, parts) for name in variants}
     batch = make_batch(args.pairs)
     times = time_rounds(steps, {name: batch for name in variants}, variants, args.warmup, args.rounds)
@@ -324,7 +342,8 @@ def family_main(args) -> None:
                 [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_image_dpo.py"),
                  "--layout", layout, "--memory-variant", name, "--memory-measure", "tensor", "--threads",
                  str(args.threads), "--pairs", str(args.pairs), "--memory-steps", str(args.memory_steps),
-                 "--backbone-scale", str(args.backbone_scale)] + (["--cache-text"] if args.cache_text else []),
+                 "--backbone-scale", str(args.backbone_scale), "--shape", args.shape]
+                + (["--cache-text"] if args.cache_text else []),
                 capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), check=True)
             tensor_runs[name].append(json.loads(result.stdout.strip().splitlines()[-1])["peak_tensor_mb"])
     tensor = {name: statistics.median(values) for name, values in tensor_runs.items()}
@@ -335,7 +354,8 @@ def family_main(args) -> None:
     for label, numerator, denominator in MEMORY_PAIRS[layout]:
         ratios[label + " (peak tensor memory)"] = tensor[numerator] / tensor[denominator]
     load_after = os.getloadavg()
-    print(f"\ntiny {layout}: backbone {backbone_params(parts) / 1e6:.2f}M params, 64x64 images (16x16 latents), "
+    latent = "32x32 latents, 256 image + 32 text tokens" if args.shape == "proportioned" else "16x16 latents"
+    print(f"\n{args.shape} {layout}: backbone {backbone_params(parts) / 1e6:.2f}M params, 64x64 images ({latent}), "
           f"{args.pairs} prompts/step, text embeddings {'cached' if args.cache_text else 'encoded per step'}, "
           f"{args.threads} threads, {args.rounds} rounds, float32, torch {torch.__version__}, "
           f"load average before/after {load_before} / {load_after}")
@@ -345,6 +365,7 @@ def family_main(args) -> None:
     for label, value in ratios.items():
         print(f"- {label}: {value:.2f}")
     suffix = (f"_{layout}" + (f"_x{args.backbone_scale}" if args.backbone_scale != 1 else "")
+              + ("_proportioned" if args.shape == "proportioned" else "")
               + ("_cached_text" if args.cache_text else ""))
     path = args.json if args.json != args.default_json else args.default_json.replace(".json", f"{suffix}.json")
     results = {"layout": layout, "medians_s": medians, "times_s": times, "peak_tensor_memory_mb": tensor,

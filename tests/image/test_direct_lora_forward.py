@@ -89,6 +89,49 @@ def test_direct_forward_gives_peft_errors_and_gradients(layout, tiny_paths):
     torch.testing.assert_close(reference, torch.cat([base.ref_chosen, base.ref_rejected], 1), rtol=1e-5, atol=1e-6)
 
 
+def test_sdxl_text_encoder_lora_takes_the_direct_forward_with_peft_errors_and_gradients(tiny_paths):
+    def model(lora):
+        from mmalign.image.training import build_preference_model
+
+        config = load_config(ImageTrainConfig, {"model": {"name_or_path": str(tiny_paths["sdxl"]),
+                                                          "text_encoder_lora": True},
+                                                "lora": {"r": 4, **lora}, "data": {"train": "unused", "resolution": 64}})
+        return build_preference_model(config)
+
+    peft_model, direct_model = model({"direct_forward": False}), model({})
+    direct_model.load_state_dict(peft_model.state_dict())  # the same LoRA A (drawn at injection)
+    torch.manual_seed(5)
+    for name, parameter in sorted(direct_model.named_parameters()):
+        if "lora_B" in name and "encoders" in name:  # nonzero text-encoder B: the adapters matter
+            torch.nn.init.normal_(parameter, std=0.2)
+    peft_model.load_state_dict(direct_model.state_dict())
+    encoders = direct_model.conditioner.encoders
+    layers = lora_layer_count(encoders)
+    assert layers > 0 and sum(runs_direct_forward(m) for m in encoders.modules()) == layers
+    assert not any(runs_direct_forward(m) for m in peft_model.conditioner.encoders.modules())
+
+    def run(model):
+        out = model(_batch(model))
+        policy, reference = torch.cat([out.policy_chosen, out.policy_rejected], 1), torch.cat([out.ref_chosen,
+                                                                                             out.ref_rejected], 1)
+        ((policy - reference).sum() * 1e3).backward()
+        # (SDXL reads the penultimate layer of the first encoder: its last layer's LoRA gets no gradient)
+        grads = {n: p.grad.clone() for n, p in model.conditioner.named_parameters() if p.grad is not None}
+        return policy.detach(), reference.detach(), grads
+
+    expected_policy, expected_reference, expected_grads = run(peft_model)
+    fast_path_log.reset_warnings()
+    policy, reference, grads = run(direct_model)
+    assert not fast_path_log.LORA_FALLBACK_CALLS
+    torch.testing.assert_close(policy, expected_policy, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reference, expected_reference, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and grads
+    assert max(float(g.abs().max()) for g in expected_grads.values()) > 0  # the encoders' LoRA gets gradients
+    for name, grad in grads.items():
+        error, scale = (grad - expected_grads[name]).abs().max(), expected_grads[name].abs().max()
+        assert error <= 1e-4 * scale + 1e-7, (name, float(error), float(scale))
+
+
 def test_a_call_the_shortcut_does_not_cover_takes_peft_forward_counted_and_warned(tiny_paths, caplog):
     import logging
 

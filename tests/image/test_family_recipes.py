@@ -72,7 +72,8 @@ def test_recipe_runs_end_to_end_on_a_tiny_pipeline_of_its_layout(recipe, tiny_pa
 
 
 def test_adamw_8bit_is_the_optimizer_when_bitsandbytes_is_present(tiny_paths, toy_data, tmp_path, monkeypatch):
-    """The wiring of model.optimizer: adamw_8bit, with a stand-in bitsandbytes module (not installed here)."""
+    """The wiring of model.optimizer: adamw_8bit, with a stand-in bitsandbytes module (the real one, where installed:
+    tests/image/test_adamw_8bit.py)."""
     import sys
     import types
 

@@ -4,7 +4,8 @@ The adapters go on the encoders' attention projections (``q_proj, k_proj, v_proj
 LoRA scripts' targets) with the ``lora`` section's rank, alpha and dropout, parameters in float32. The reference
 is the base model: the reference forward conditions on the encoders with their adapters disabled, the policy on
 the adapted ones (with gradients). Saved with ``StableDiffusionXLPipeline.save_lora_weights`` next to the UNet's
-layers, so ``pipe.load_lora_weights(dir)`` restores all three.
+layers, so ``pipe.load_lora_weights(dir)`` restores all three. With ``lora.direct_forward`` (default) the encoders'
+LoRA layers run the direct forward as the UNet's do.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def add_text_encoder_lora(encoders: nn.ModuleDict, lora) -> dict[str, nn.Module]
             if "lora_" in parameter_name:
                 parameter.data = parameter.data.float()
                 parameter.requires_grad_(True)
+        if lora.direct_forward:  # the UNet's shortcut (mmalign.image.models.use_direct_lora), same outputs
+            from mmalign.image.models import use_direct_lora
+
+            use_direct_lora(encoder)
         adapted[name] = encoder
     return adapted
 
