@@ -63,23 +63,25 @@ def test_rounds_generate_score_group_and_train(tiny_sd_path, tmp_path):
 
 
 @pytest.mark.slow
-def test_brightness_reward_moves_up_over_rounds(tiny_pixel_path, tmp_path):
-    """A pixel-space UNet (a random VAE would hide brightness in its latents) learns "brighter is better"."""
+def test_pixel_unet_rounds_train_on_a_callable_reward_without_clipping(tiny_pixel_path, tmp_path):
+    """Two rounds on a pixel-space UNet with a callable (brightness) reward, the direct LoRA forward and no gradient
+    clipping: every round trains (the held-out images, same seeds every round, change) and stays finite.
+
+    What it does NOT check: that brightness rises. Measured (docs/image.md, Known limits): on this 16 px, 3-step
+    model a run rewarded for DARK images moves the held-out brightness as much and in the same direction as one
+    rewarded for bright images (bright - dark after the last round -2.7, +0.08, -4.4 over three settings), so a
+    "moves up" assertion here would test drift of +-2-4 per round, not learning; an earlier version did."""
     brightness = CallableReward(lambda prompts, images: [float(np.asarray(i).mean()) for i in images], name="bright")
     cfg = _config(tiny_pixel_path, tmp_path / "run", rounds=2, resolution=16)
     cfg["diffusion"]["timestep_max"] = 200
     cfg["eval_k"] = 8
     cfg["training"] = {**cfg["training"], "max_steps": 12, "learning_rate": 5e-2, "max_grad_norm": None}
-    # Pinned to peft's forward: at this lr without clipping the 2-round rise hangs on float rounding. Measured
-    # 3 Dec 2026: direct forward 126.6 -> 128.6 -> 126.7; with max_grad_norm 1.0 peft's forward also falls
-    # (126.6 -> 125.2 -> 125.3). A sturdier brightness check is still to be designed: the same rounds rewarded for
-    # DARKNESS move the held-out brightness alike (4 Dec 2026, direct forward, bright vs dark run from the same start:
-    # lr 5e-2: 128.6/126.7 vs 128.6/126.8; all timesteps, lr 5e-2: final gap -2.7; lr 1e-2 + clip 1: +0.08; k 8,
-    # 3 rounds, lr 2e-2 + clip 1: -4.4), so this rise is drift of +-2-4 per round, not learning (i18 note, session 11).
-    cfg["lora"] = {**cfg["lora"], "direct_forward": False}
-    rows = mmalign.image.online(cfg, reward=brightness)["rounds"]
-    # measured: 126.6 -> 128.8 -> 130.5 (mean pixel value of the held-out images, same seeds every round)
-    assert rows[0]["heldout_reward"] < rows[1]["heldout_reward"] < rows[2]["heldout_reward"], rows
+    result = mmalign.image.online(cfg, reward=brightness)
+    rows = result["rounds"]
+    held_out = [r["heldout_reward"] for r in rows]
+    assert len(held_out) == 3 and all(np.isfinite(held_out)) and all(0.0 <= b <= 255.0 for b in held_out), rows
+    assert held_out[0] != held_out[1] != held_out[2], rows
+    assert all(np.isfinite(r["loss"]) for r in result.log), result.log
 
 
 def test_bad_settings_are_refused(tiny_sd_path, tmp_path):
