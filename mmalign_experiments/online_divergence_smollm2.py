@@ -124,8 +124,13 @@ def mean_over_questions(metric, answers: list[list[str]]) -> Optional[float]:
 def run_cell(job: tuple) -> dict[str, Any]:
     """One (divergence, placement, seed) cell — or the warm start (divergence None) — reused when finished with the
     same settings (a process-pool job)."""
+    import torch
+
     from mmalign.io import read_jsonl
 
+    # one thread in every worker: the warm start's measurement calls no train_policy (which sets it) — in session
+    # 10 it ran at torch's default and its entropy differed in the 8th digit from a 1-thread run
+    torch.set_num_threads(1)
     divergence, placement, seed, work, pieces, policy, heldout, args = job
     name = "warm-start" if divergence is None else f"{divergence}-{placement}-seed{seed}"
     cell, settings = work / "cells" / name, demo1.run_settings(args)
