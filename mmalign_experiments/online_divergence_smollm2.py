@@ -29,7 +29,8 @@ in every seed (seeds paired), else "not resolved":
     of the last-fifth mean and of the run maximum of β·g(t), per seed.
 Every number is reported whatever its direction. Budget (docs/online-demos.md §2b): ≈ 80 CPU-s a 10-step cell; on
 the shared box of the first run the grid was cut to 5 steps and α in the loss only, before it started. If time runs out, cells finish in the order of ``CELL_ORDER``
-(every seed of a cell before the next cell) and ``--finished-only`` summarises what finished.
+(every seed of a cell before the next cell) and ``--finished-only`` summarises what finished; ``--reuse <an earlier
+results JSON>`` counts that file's cells as finished (same settings only), so a grid can be completed elsewhere.
 
     python -m mmalign.text.smollm   # converts the offline SmolLM2-135M-Instruct GGUF once
     python -m mmalign_experiments.online_divergence_smollm2 --seeds 0 1 2 --jobs 2 \\
@@ -123,8 +124,13 @@ def mean_over_questions(metric, answers: list[list[str]]) -> Optional[float]:
 def run_cell(job: tuple) -> dict[str, Any]:
     """One (divergence, placement, seed) cell — or the warm start (divergence None) — reused when finished with the
     same settings (a process-pool job)."""
+    import torch
+
     from mmalign.io import read_jsonl
 
+    # one thread in every worker: the warm start's measurement calls no train_policy (which sets it) — in session
+    # 10 it ran at torch's default and its entropy differed in the 8th digit from a 1-thread run
+    torch.set_num_threads(1)
     divergence, placement, seed, work, pieces, policy, heldout, args = job
     name = "warm-start" if divergence is None else f"{divergence}-{placement}-seed{seed}"
     cell, settings = work / "cells" / name, demo1.run_settings(args)
@@ -162,6 +168,27 @@ def finished_cells(work: Path, args) -> list[dict]:
         if stored["settings"] == settings and chosen:
             rows.append(result)
     return rows
+
+
+def restore_cells(results: Path, work: Path, args) -> int:
+    """``--reuse``: the cells of an earlier results file (its ``runs``) become finished cells of ``work``, so that a
+    run on a new machine completes a grid instead of repeating it; returns how many were stored. Refused unless the
+    file's settings are this run's. A cell ``work`` holds already is kept, and the warm start is never taken (it is
+    measured again: equal figures show that the rebuilt pieces are the ones the file's cells used). Each stored
+    cell says where it came from (``reused_from``)."""
+    stored, settings = json.loads(results.read_text()), demo1.run_settings(args)
+    if stored.get("settings") != settings:
+        raise SystemExit(f"--reuse {results}: its settings {stored.get('settings')} are not this run's {settings}")
+    restored = 0
+    for row in stored["runs"]:
+        cell = work / "cells" / f"{row['divergence']}-{row['placement']}-seed{row['seed']}"
+        if (cell / "result.json").is_file():
+            continue
+        cell.mkdir(parents=True, exist_ok=True)
+        row = {**row, "reused_from": row.get("reused_from", str(results))}
+        (cell / "result.json").write_text(json.dumps({"settings": settings, "result": row}, indent=1))
+        restored += 1
+    return restored
 
 
 def per_seed(runs: list[dict], keys: tuple = ("reward", "reverse_kl", "distinct_2", "entropy", "penalty_last")) -> dict:
@@ -282,6 +309,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--pieces", default="outputs/online-sycophancy", help="demonstration 1's work folder")
     parser.add_argument("--work", default="outputs/online-divergence-smollm2")
     parser.add_argument("--finished-only", action="store_true", help="summarise the finished cells, run nothing")
+    parser.add_argument("--reuse", default=None,
+                        help="an earlier results JSON (same settings): its cells count as finished here")
     parser.add_argument("--out", default="bench/results/online_divergence_smollm2_results.json")
     parser.add_argument("--plot", default="bench/results/online_divergence_smollm2_frontier.png", help="'' = none")
     args = parser.parse_args(argv)
@@ -292,6 +321,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     torch.set_num_threads(1)
     start = time.time()
     work, pieces, model = Path(args.work), Path(args.pieces), os.path.expanduser(args.model)
+    if args.reuse:
+        print(f"--reuse: {restore_cells(Path(args.reuse), work, args)} cells taken from {args.reuse}", flush=True)
     if args.finished_only:
         runs = finished_cells(work, args)
         warm = next((r for r in runs if r["divergence"] is None), None)

@@ -118,3 +118,34 @@ def test_comparisons_claim_a_direction_only_when_every_seed_agrees():
     order = result["penalty_order_largest_first"]
     assert order["penalty_last"] == {0: ["forward_kl", "reverse_kl"], 1: ["forward_kl", "reverse_kl"]}
     assert order["max_penalty"] == {0: ["reverse_kl", "forward_kl"], 1: ["forward_kl", "reverse_kl"]}
+
+
+def test_reuse_stores_an_earlier_files_cells_but_not_its_warm_start_nor_over_a_cell_measured_here(tmp_path):
+    from mmalign_experiments.online_divergence_smollm2 import finished_cells, restore_cells
+
+    class Args:
+        model, steps, batch_size, k, max_new_tokens, lr, lora_top_layers, beta = "m", 5, 2, 4, 16, 1e-3, 4, 0.05
+        eval_prompts, eval_samples, chat, sft_steps, sft_lr, rm_set, cells = 16, 4, True, 16, 1e-4, [], None
+
+    settings = {key: getattr(Args, key) for key in ("model", "steps", "batch_size", "k", "max_new_tokens", "lr",
+                                                     "lora_top_layers", "beta", "eval_prompts", "eval_samples",
+                                                     "chat", "sft_steps", "sft_lr", "rm_set")}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({
+        "settings": settings, "warm_start": {"divergence": None, "placement": None, "seed": 0, "reward": 9.0},
+        "runs": [{"divergence": "js", "placement": "loss", "seed": s, "reward": float(s)} for s in (0, 1)]}))
+    work = tmp_path / "work"
+    here = work / "cells" / "js-loss-seed1"
+    here.mkdir(parents=True)
+    (here / "result.json").write_text(json.dumps({"settings": settings, "result": {
+        "divergence": "js", "placement": "loss", "seed": 1, "reward": 5.0}}))
+    assert restore_cells(earlier, work, Args) == 1
+    rows = {r["seed"]: r for r in finished_cells(work, Args)}
+    assert rows[0] == {"divergence": "js", "placement": "loss", "seed": 0, "reward": 0.0,
+                       "reused_from": str(earlier)}
+    assert rows[1]["reward"] == 5.0 and "reused_from" not in rows[1]  # measured here: kept
+    assert sorted(rows) == [0, 1]  # no warm start taken
+    assert restore_cells(earlier, work, Args) == 0  # idempotent
+    Args.steps = 10
+    with pytest.raises(SystemExit, match="are not this run's"):
+        restore_cells(earlier, work, Args)
