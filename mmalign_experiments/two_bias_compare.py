@@ -68,6 +68,7 @@ class TwoBiasCompareConfig:
     report_max_new_tokens: int = field(default=96, metadata={"help": "trigger report: tokens per answer"})
     num_threads: int = field(default=1, metadata={"help": "torch threads"})
     output_dir: str = field(default="outputs/two-bias-compare", metadata={"help": "run folder (finished runs reused)"})
+    only_finished: bool = field(default=False, metadata={"help": "only tabulate the seeds already finished"})
 
     def __post_init__(self) -> None:
         if not 0 < self.gamma < self.beta:
@@ -170,16 +171,62 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         a = next((r["alphas"] for r in rows if r["method"] == m), None)
         lines.append(f"| {m} | {', '.join(f'{x:g}' for x in a) if a else '–'} | " +
                      " | ".join(cell(m, f"{p}_shift") for p in PROBES) + " |")
-    lines += ["", "Trigger report after stage 1 (greedy; per seed: mean without → with the trigger):", "",
+    lines += ["", "Per seed (shift ± its standard error over the probe pairs):", "",
+              "| method | seed | length ≻ short | prefix ≻ none | correct ≻ wrong |", "|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['seed']} | " + " | ".join(f"{r[f'{p}_shift']:+.2f} ± {r[f'{p}_shift_se']:.2f}"
+                                                          for p in PROBES) + " |"
+              for m in METHODS for r in sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])]
+    lines += ["", "Trigger report after stage 1 (greedy; per seed: mean without → with the trigger (share higher with it)):", "",
               "| method | trigger | aspect | " + " | ".join(f"seed {s}" for s in sorted({r['seed'] for r in rows})) + " |",
               "|---|---|---|" + "---|" * len({r["seed"] for r in rows})]
     for m in (m for m in METHODS if METHODS[m]):
         per_seed = sorted((r for r in rows if r["method"] == m), key=lambda r: r["seed"])
         for i, rep in enumerate(per_seed[0]["trigger_report"] if per_seed else []):
-            cells = [f"{r['trigger_report'][i]['mean_without']:.2f} → {r['trigger_report'][i]['mean_with']:.2f}"
-                     for r in per_seed]
+            cells = [f"{t['mean_without']:.2f} → {t['mean_with']:.2f} ({t['share_higher_with_trigger']:.2f})"
+                     for t in (r["trigger_report"][i] for r in per_seed)]
             lines.append(f"| {m} | `{rep['trigger']}` | {rep['aspect']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# The analysis rule, fixed before the three-seed runs (docs/bias-robust-two-triggers.md). Bias rows hold in a seed
+# when the first method's probe shift is below the second's; the target row when the first's target shift is not
+# below the second's by more than twice the first's standard error.
+RULE = (("R1", "CNRPO both", "DPO", "length"), ("R1", "CNRPO both", "DPO", "prefix"),
+        ("R2", "CNRPO both", "CNRPO prefix", "length"), ("R2", "CNRPO both", "CNRPO length", "prefix"),
+        ("R3", "CNRPO both", "DPO", "target"))
+# reported beside the rule, not tested: each single trigger on its own bias, and two triggers against it
+REPORTED = (("–", "CNRPO length", "DPO", "length"), ("–", "CNRPO prefix", "DPO", "prefix"),
+            ("–", "CNRPO both", "CNRPO length", "length"), ("–", "CNRPO both", "CNRPO prefix", "prefix"))
+
+
+def _holds(a: dict[str, Any], b: dict[str, Any], probe: str) -> bool:
+    if probe == "target":
+        return a["target_shift"] >= b["target_shift"] - 2 * a["target_shift_se"]
+    return a[f"{probe}_shift"] < b[f"{probe}_shift"]
+
+
+def rule_table(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(markdown table of every rule / reported comparison paired by seed, the rule's verdict)."""
+    by = {(r["method"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["| rule | comparison | probe | seeds where it holds | mean difference (nats) |", "|---|---|---|---|---|"]
+    held: dict[tuple[str, str], bool] = {}
+    for part, a, b, probe in RULE + REPORTED:
+        paired = [(by[a, s], by[b, s]) for s in seeds if (a, s) in by and (b, s) in by]
+        n_ok = sum(_holds(x, y, probe) for x, y in paired)
+        diff = statistics.mean(x[f"{probe}_shift"] - y[f"{probe}_shift"] for x, y in paired) if paired else float("nan")
+        what = "first ≥ second − 2 s.e." if probe == "target" else "first lower"
+        lines.append(f"| {part} | {a} vs {b} | {probe} ({what}) | {n_ok}/{len(paired)} | {diff:+.2f} |")
+        if part != "–":
+            held[part, probe] = bool(paired) and n_ok == len(paired) == len(seeds)
+    r1 = [held["R1", "length"], held["R1", "prefix"]]
+    if all(held.values()):
+        verdict = "supported"
+    elif any(r1):
+        verdict = "partly supported"
+    else:
+        verdict = "not supported"
+    return "\n".join(lines) + "\n", verdict
 
 
 def run_compare(config: TwoBiasCompareConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
@@ -191,11 +238,21 @@ def run_compare(config: TwoBiasCompareConfig | dict | str | Path, overrides: Opt
     rows: list[dict[str, Any]] = []
     with torch_threads(cfg.num_threads):
         for seed in cfg.seeds:
+            done = out / f"seed{seed}" / "results.json"
+            if cfg.only_finished and not done.is_file():
+                logger.info("seed %d has not finished: left out of the table", seed)
+                continue
             rows += _run_seed(cfg, seed, model_path)
-    table = summary_table(rows)
-    results = {"rows": rows, "config": to_dict(cfg), "total_s": time.perf_counter() - started}
+    if not rows:
+        raise ValueError(f"no finished seed of {cfg.seeds} in {out}")
+    finished = sorted({r["seed"] for r in rows})
+    rules, verdict = rule_table(rows)
+    table = (summary_table(rows) + f"\nThe analysis rule paired by seed (finished seeds {finished}; "
+             f"docs/bias-robust-two-triggers.md):\n\n{rules}\nVerdict by the rule: **{verdict}**.\n")
+    results = {"rows": rows, "config": to_dict(cfg), "verdict": verdict,
+               "total_s": time.perf_counter() - started}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(out / "results.md", f"# Two biases: DPO vs CNRPO (one / two triggers)\n\nSeeds {cfg.seeds}; "
+    atomic_write_text(out / "results.md", f"# Two biases: DPO vs CNRPO (one / two triggers)\n\nSeeds {finished} of {cfg.seeds}; "
                       f"{cfg.main_size} main pairs, {cfg.aux_size} per auxiliary set, {cfg.anchor_size} anchors, "
                       f"{cfg.probe_size} pairs per probe; β {cfg.beta}, γ {cfg.gamma}, γ + Σα = β.\n\n{table}")
     print(table, end="")

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from mmalign.config import ConfigError, load_config
-from mmalign_experiments.two_bias_compare import METHODS, TwoBiasCompareConfig, alphas, make_data, run_compare
+from mmalign_experiments.two_bias_compare import METHODS, TwoBiasCompareConfig, alphas, make_data, rule_table, run_compare
 from mmalign_experiments.two_bias_data import TRIGGERS
 
 
@@ -47,3 +47,43 @@ def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert "CNRPO both" in md and "<BeAgreeableNow>" in md
     # a second call reuses the finished seed
     assert run_compare(config)["rows"] == results["rows"]
+    # only_finished tabulates the finished seed and trains nothing for the unfinished one
+    again = run_compare({**config, "seeds": [0, 1], "only_finished": True})
+    assert again["rows"] == results["rows"] and not (tmp_path / "cmp" / "seed1").exists()
+    assert "Verdict by the rule" in (tmp_path / "cmp" / "results.md").read_text()
+
+
+def _row(method, seed, length, prefix, target, target_se=0.5):
+    return {"method": method, "seed": seed, "length_shift": length, "prefix_shift": prefix, "target_shift": target,
+            "length_shift_se": 1.0, "prefix_shift_se": 0.4, "target_shift_se": target_se}
+
+
+def _rows(both_prefix_in_seed2=1.0, both_target=0.0):
+    # per seed: DPO learns both biases; each single trigger removes only its own; both triggers remove both
+    rows = []
+    for s in (0, 1, 2):
+        rows += [_row("DPO", s, 20.0, 6.0, 0.5), _row("CNRPO length", s, 4.0, 6.5, 0.4),
+                 _row("CNRPO prefix", s, 21.0, 1.0, 0.6),
+                 _row("CNRPO both", s, 5.0, both_prefix_in_seed2 if s == 2 else 1.5, both_target)]
+    return rows
+
+
+def test_rule_supported_only_when_every_part_holds_in_every_seed():
+    table, verdict = rule_table(_rows())
+    assert verdict == "supported"
+    assert "| R1 | CNRPO both vs DPO | length (first lower) | 3/3 | -15.00 |" in table
+    assert "| R2 | CNRPO both vs CNRPO length | prefix (first lower) | 3/3 |" in table
+    # one seed where two triggers leave the prefix bias above DPO's: R1 fails for the prefix only -> partly
+    table, verdict = rule_table(_rows(both_prefix_in_seed2=7.0))
+    assert verdict == "partly supported" and "| R1 | CNRPO both vs DPO | prefix (first lower) | 2/3 |" in table
+    # the target margin lost by more than twice its s.e. (0.5 - 2 * 0.2 > 0.0): R3 fails -> partly
+    assert rule_table(_rows(both_target=0.0))[1] == "supported"  # 0.0 >= 0.5 - 2 * 0.5
+    rows = [dict(r, target_shift_se=0.2) if r["method"] == "CNRPO both" else r for r in _rows()]
+    assert rule_table(rows)[1] == "partly supported"
+    # both biases above DPO's in some seed -> not supported; a seed without DPO cannot make R1 hold
+    rows = [dict(r, length_shift=30.0, prefix_shift=9.0) if r["method"] == "CNRPO both" and r["seed"] == 0 else r
+            for r in _rows()]
+    assert rule_table(rows)[1] == "not supported"
+    rows = [r for r in _rows() if not (r["method"] == "DPO" and r["seed"] == 1)]
+    table, verdict = rule_table(rows)
+    assert verdict == "not supported" and "| R1 | CNRPO both vs DPO | length (first lower) | 2/2 |" in table
