@@ -31,7 +31,7 @@ import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -46,7 +46,7 @@ from mmalign.image.config import (
     ImageTrainConfig,
     default_image_lora,
 )
-from mmalign.rewards.config import RewardSpec
+from mmalign.image.rounds_config import ROUND_KEYS, RoundsConfig
 
 __all__ = ["ImageOnlineConfig", "online"]
 
@@ -54,30 +54,15 @@ logger = logging.getLogger("mmalign.image.online")
 
 
 @dataclass
-class ImageOnlineConfig:
-    """Rounds of generate → score → group → train for a diffusion model."""
+class ImageOnlineConfig(RoundsConfig):
+    """Rounds of generate → score → group → train for a diffusion model: the ``rounds:`` keys
+    (:class:`~mmalign.image.rounds_config.RoundsConfig`) plus the model, its training and the run folder."""
 
-    prompts: list[str] = field(metadata={"help": "training prompts (k images each per round)"})
     model: ImageModelConfig = field(default_factory=ImageModelConfig, metadata={"help": "the diffusion model"})
     lora: LoraConfig = field(default_factory=default_image_lora,
                              metadata={"help": "LoRA on the UNet; enabled: false = full fine-tuning (the policy files "
                                                "then hold the whole UNet)"})
-    heldout_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts evaluated after each round"})
-    reward: list[RewardSpec] = field(default_factory=list, metadata={"help": "image reward specs (or pass reward=...)"})
-    rounds: int = field(default=2, metadata={"help": "rounds of generation and training"})
-    k: int = field(default=6, metadata={"help": "images generated per prompt per round"})
-    selection: Literal["top_bottom", "threshold"] = field(default="top_bottom", metadata={"help": "group formation"})
-    group_size: Optional[int] = field(default=None, metadata={"help": "top_bottom: m images per group (default k//2)"})
-    threshold: Optional[float] = field(default=None, metadata={"help": "threshold: the reward a chosen image needs"})
-    eval_k: int = field(default=6, metadata={"help": "images per held-out prompt at each evaluation"})
     resolution: int = field(default=64, metadata={"help": "generated (and trained) image side"})
-    num_inference_steps: int = field(default=25, metadata={"help": "sampling steps"})
-    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance (1 = off)"})
-    scheduler: Literal["ddim", "dpm_solver"] = field(default="ddim", metadata={"help": "sampler"})
-    seed: int = field(default=0, metadata={"help": "seed of the generations (round r, image i: seed + 100003 r + i)"})
-    reference: Literal["initial", "previous"] = field(
-        default="initial", metadata={"help": "reference of each round: initial = the starting model; previous = the "
-                                             "policy the previous round left (a frozen copy: one more UNet in memory)"})
     objective: ImageObjectiveConfig = field(default_factory=lambda: ImageObjectiveConfig(name="mdpo"),
                                             metadata={"help": "the objective on the groups"})
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig, metadata={"help": "training noise"})
@@ -88,15 +73,7 @@ class ImageOnlineConfig:
     def __post_init__(self) -> None:
         if not self.model.name_or_path:
             raise ValueError("model.name_or_path is required (a diffusers pipeline folder)")
-        if self.reference not in ("initial", "previous"):
-            raise ValueError(f"reference must be 'initial' or 'previous'; got {self.reference!r}")
-        if not self.prompts:
-            raise ValueError("prompts: give at least one training prompt")
-        if self.rounds < 1 or self.k < 2 or self.eval_k < 1:
-            raise ValueError(f"rounds >= 1, k >= 2 (chosen and rejected groups) and eval_k >= 1 needed; got "
-                             f"{self.rounds}, {self.k}, {self.eval_k}")
-        if self.selection == "threshold" and self.threshold is None:
-            raise ValueError("threshold: selection 'threshold' needs a reward threshold")
+        super().__post_init__()
         if self.training.max_steps < 1:
             raise ValueError("training.max_steps: set the optimizer steps of each round (>= 1)")
 
@@ -185,12 +162,6 @@ def online_config(config: ImageTrainConfig) -> ImageOnlineConfig:
     diffusion, training and output_dir; ``data.resolution`` as the generated image side)."""
     if config.rounds is None:
         raise ValueError("rounds: this image training config has no rounds: section")
-    from dataclasses import fields
-
-    from mmalign.image.rounds_config import ROUND_KEYS
-
-    if {f.name for f in fields(type(config.rounds))} != set(ROUND_KEYS):
-        raise AssertionError("RoundsConfig and ROUND_KEYS disagree")  # a developer error, caught by the tests
     values = {key: getattr(config.rounds, key) for key in ROUND_KEYS}
     try:
         return ImageOnlineConfig(**values, model=config.model, lora=config.lora, objective=config.objective,

@@ -2,7 +2,7 @@
 training on a fixed preference set; ``mmalign.image.train`` then runs :func:`mmalign.image.online.online`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
 from mmalign.rewards.config import RewardSpec
@@ -13,10 +13,11 @@ __all__ = ["RoundsConfig", "ROUND_KEYS"]
 @dataclass
 class RoundsConfig:
     """What a round generates and how it is scored and grouped (the rest comes from the training config's model,
-    lora, objective, diffusion, training and output_dir sections; the image side is ``data.resolution``)."""
+    lora, objective, diffusion, training and output_dir sections; the image side is ``data.resolution``).
+    :class:`mmalign.image.online.ImageOnlineConfig` is this plus those sections."""
 
     prompts: list[str] = field(metadata={"help": "training prompts (k images each per round)"})
-    reward: list[RewardSpec] = field(default_factory=list, metadata={"help": "image reward specs"})
+    reward: list[RewardSpec] = field(default_factory=list, metadata={"help": "image reward specs (or pass reward=...)"})
     rounds: int = field(default=2, metadata={"help": "rounds of generation and training"})
     heldout_prompts: list[str] = field(default_factory=list, metadata={"help": "prompts evaluated after each round"})
     k: int = field(default=6, metadata={"help": "images generated per prompt per round"})
@@ -30,9 +31,19 @@ class RoundsConfig:
     seed: int = field(default=0, metadata={"help": "seed of the generations (round r, image i: seed + 100003 r + i)"})
     reference: Literal["initial", "previous"] = field(
         default="initial", metadata={"help": "reference of each round: initial = the starting model; previous = the "
-                                             "policy the previous round left (iterative DPO; one more UNet in memory)"})
+                                             "policy the previous round left (iterative DPO; a frozen copy: one more UNet in memory)"})
+
+    def __post_init__(self) -> None:
+        if self.reference not in ("initial", "previous"):
+            raise ValueError(f"reference must be 'initial' or 'previous'; got {self.reference!r}")
+        if not self.prompts:
+            raise ValueError("prompts: give at least one training prompt")
+        if self.rounds < 1 or self.k < 2 or self.eval_k < 1:
+            raise ValueError(f"rounds >= 1, k >= 2 (chosen and rejected groups) and eval_k >= 1 needed; got "
+                             f"{self.rounds}, {self.k}, {self.eval_k}")
+        if self.selection == "threshold" and self.threshold is None:
+            raise ValueError("threshold: selection 'threshold' needs a reward threshold")
 
 
-#: the keys of RoundsConfig that ImageOnlineConfig has under the same name
-ROUND_KEYS = ("prompts", "reward", "rounds", "heldout_prompts", "k", "selection", "group_size", "threshold", "eval_k",
-              "num_inference_steps", "guidance_scale", "scheduler", "seed", "reference")
+#: the keys of RoundsConfig (ImageOnlineConfig has them too)
+ROUND_KEYS = tuple(f.name for f in fields(RoundsConfig))
