@@ -37,7 +37,8 @@ from mmalign.text.config import LoraConfig, TextTrainingConfig
 from mmalign.text.evaluation.uniformity import summarize, uniformity_metrics
 from mmalign_experiments.rng.config import SMOLLM2, RngDataConfig, RngSamplingConfig
 from mmalign_experiments.rng.data import build_preference_rows, format_prompt, make_intervals
-from mmalign_experiments.sweep import finish_figure, open_sweep
+from mmalign_experiments.label_noise_trend import k_trend
+from mmalign_experiments.sweep import finish_figure, open_sweep, stored_rows
 
 logger = logging.getLogger("mmalign_experiments.label_noise")
 
@@ -76,6 +77,9 @@ class LabelNoiseConfig:
     output_dir: str = field(default="outputs/label-noise", metadata={"help": "run folder (finished runs are reused)"})
     only_finished: bool = field(default=False, metadata={"help": "only tabulate the runs already finished in "
                                                                  "output_dir (train nothing)"})
+    reuse_results: Optional[str] = field(default=None, metadata={
+        "help": "an earlier results.json with the same settings (e.g. docs/label-noise-b-results.json): its runs of "
+                "the configured seeds, rates and methods count as finished (written as eval.json where none exists)"})
 
     def __post_init__(self) -> None:
         if not self.noise_rates or any(not 0.0 <= p < 0.5 for p in self.noise_rates):
@@ -158,6 +162,38 @@ def _evaluate(answers: list[list[str]], intervals) -> dict[str, Any]:
     return {**summarize(per_interval), "entropy_per_interval": [r["entropy"] for r in per_interval]}
 
 
+def run_folder(rate: float, label: str) -> str:
+    """A run's folder under its seed's folder: ``p0.3/mDPO_k5``."""
+    return f"p{rate:g}/" + label.replace(" ", "_").replace("=", "")
+
+
+# what may differ between a stored sweep and this one: the grid (seeds, rates, methods) and the bookkeeping
+REUSE_IGNORE = ("noise_rates", "group_sizes", "pairwise_group_sizes", "seeds", "output_dir", "only_finished",
+                "reuse_results")
+
+
+def reuse_stored_runs(cfg: LabelNoiseConfig, out: Path) -> int:
+    """Writes the rows of ``cfg.reuse_results`` that this sweep would run (its seeds, rates and methods, and each
+    seed's base row) as finished runs where none exists; returns how many were written."""
+    labels = {m.label for m in methods(cfg)}
+    written = 0
+    for row in stored_rows(cfg.reuse_results, cfg, REUSE_IGNORE):
+        if row["seed"] not in cfg.seeds:
+            continue
+        if row["method"] == "base":
+            target = out / f"seed{row['seed']}" / "base.json"
+        elif row["method"] in labels and row["rate"] in cfg.noise_rates:
+            target = out / f"seed{row['seed']}" / run_folder(row["rate"], row["method"]) / "eval.json"
+        else:
+            continue
+        if not target.is_file():
+            atomic_write_text(target, json.dumps(row, indent=2))
+            atomic_write_text(target.with_name("reused_from.txt"), f"{cfg.reuse_results}\n")
+            written += 1
+    logger.info("reused %d runs from %s", written, cfg.reuse_results)
+    return written
+
+
 def _run_seed(cfg: LabelNoiseConfig, seed: int, model_path: str) -> list[dict[str, Any]]:
     from peft import PeftModel
 
@@ -186,7 +222,7 @@ def _run_seed(cfg: LabelNoiseConfig, seed: int, model_path: str) -> list[dict[st
     votes = vote_draws(len(groups), data_cfg.group_size, seed)
     for rate in cfg.noise_rates:
         for method in methods(cfg):
-            run_dir = out / f"p{rate:g}" / method.label.replace(" ", "_").replace("=", "")
+            run_dir = out / run_folder(rate, method.label)
             done = run_dir / "eval.json"
             if done.is_file():  # finished earlier: reused, so an interrupted sweep resumes
                 rows.append(json.loads(done.read_text()))
@@ -309,6 +345,8 @@ def run_label_noise(config: LabelNoiseConfig | dict | str | Path, overrides: Opt
 
     started = time.perf_counter()
     cfg, out, model_path = open_sweep(LabelNoiseConfig, config, overrides)
+    if cfg.reuse_results:
+        reuse_stored_runs(cfg, out)
     rows: list[dict[str, Any]] = []
     with torch_threads(cfg.training.num_threads):
         for seed in cfg.seeds:
@@ -319,7 +357,10 @@ def run_label_noise(config: LabelNoiseConfig | dict | str | Path, overrides: Opt
         rows, methods(cfg), list(cfg.noise_rates))
     drops = drops_from_clean(rows, labels, list(cfg.noise_rates))
     table += f"\nChange of held-out entropy from p = 0, paired by seed (nats):\n\n{drops}" if drops else ""
-    results = {"rows": rows, "config": to_dict(cfg), "model": model_path, "total_s": time.perf_counter() - started}
+    trend_md, trend = k_trend(rows, [p for p in cfg.noise_rates if p > 0])
+    table += trend_md
+    results = {"rows": rows, "config": to_dict(cfg), "model": model_path, "k_trend": trend,
+               "total_s": time.perf_counter() - started}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out / "results.md", f"# RNG label noise (thesis §3.6.4), noise: {cfg.noise}\n\n"
                       f"Seeds {cfg.seeds}; {cfg.data.num_test_intervals} held-out intervals x "

@@ -2,10 +2,11 @@
 run folder with its resolved config, and saving a figure."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from mmalign.config import load_config, save_config
+from mmalign.config import load_config, save_config, to_dict
 
 T = TypeVar("T")
 
@@ -28,3 +29,23 @@ def finish_figure(fig, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
+
+
+def stored_rows(path: str | Path, config: Any, ignore: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The rows of an earlier sweep's ``results.json`` (as kept in docs/), after checking that it ran with the
+    settings of ``config``: every setting both configs have must be equal, except the keys in ``ignore`` (the
+    sweep's grid and bookkeeping: seeds, rates, methods, folders). A setting only one side has is ignored (a key
+    added to the driver later). Raises ValueError naming the first setting that differs."""
+    stored = json.loads(Path(path).read_text())
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}.{key}" if prefix else key).items()}
+
+    old, new = flat(stored["config"]), flat(to_dict(config))
+    for key in sorted(set(old) & set(new)):
+        if not any(key == i or key.startswith(i + ".") for i in ignore) and old[key] != new[key]:
+            raise ValueError(f"reuse_results {path}: setting {key} was {old[key]!r} there, "
+                             f"{new[key]!r} here: its rows cannot be paired with this sweep's")
+    return list(stored["rows"])

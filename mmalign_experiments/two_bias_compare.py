@@ -32,7 +32,7 @@ from typing import Any, Optional
 from mmalign.cli import run_command
 from mmalign.config import to_dict
 from mmalign.io import atomic_write_text, write_jsonl
-from mmalign_experiments.sweep import open_sweep
+from mmalign_experiments.sweep import open_sweep, stored_rows
 from mmalign_experiments.two_bias_data import TRIGGERS, length_aux_pairs, prefix_aux_pairs, probe_pairs, two_bias_pairs
 
 logger = logging.getLogger("mmalign_experiments.two_bias_compare")
@@ -69,6 +69,9 @@ class TwoBiasCompareConfig:
     num_threads: int = field(default=1, metadata={"help": "torch threads"})
     output_dir: str = field(default="outputs/two-bias-compare", metadata={"help": "run folder (finished runs reused)"})
     only_finished: bool = field(default=False, metadata={"help": "only tabulate the seeds already finished"})
+    reuse_results: Optional[str] = field(default=None, metadata={
+        "help": "an earlier results.json with the same settings (e.g. docs/bias-robust-two-triggers-results.json): "
+                "its seeds count as finished (written as seed*/results.json where none exists)"})
 
     def __post_init__(self) -> None:
         if not 0 < self.gamma < self.beta:
@@ -229,12 +232,34 @@ def rule_table(rows: list[dict[str, Any]]) -> tuple[str, str]:
     return "\n".join(lines) + "\n", verdict
 
 
+# what may differ between a stored sweep and this one: the grid of seeds and the bookkeeping
+REUSE_IGNORE = ("seeds", "output_dir", "only_finished", "reuse_results")
+
+
+def reuse_stored_seeds(cfg: TwoBiasCompareConfig, out: Path) -> list[int]:
+    """Writes each configured seed's rows of ``cfg.reuse_results`` (all four methods) as that seed's finished
+    ``results.json``, unless the seed has one; returns the seeds written."""
+    rows = stored_rows(cfg.reuse_results, cfg, REUSE_IGNORE)
+    written = []
+    for seed in cfg.seeds:
+        mine = [r for r in rows if r["seed"] == seed]
+        done = out / f"seed{seed}" / "results.json"
+        if sorted(r["method"] for r in mine) == sorted(METHODS) and not done.is_file():
+            atomic_write_text(done, json.dumps(mine, indent=1))
+            atomic_write_text(done.with_name("reused_from.txt"), f"{cfg.reuse_results}\n")
+            written.append(seed)
+    logger.info("reused seeds %s from %s", written, cfg.reuse_results)
+    return written
+
+
 def run_compare(config: TwoBiasCompareConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Every seed x method; writes ``results.json`` and ``results.md`` to ``output_dir``."""
     from mmalign.engine.threads import torch_threads
 
     started = time.perf_counter()
     cfg, out, model_path = open_sweep(TwoBiasCompareConfig, config, overrides)
+    if cfg.reuse_results:
+        reuse_stored_seeds(cfg, out)
     rows: list[dict[str, Any]] = []
     with torch_threads(cfg.num_threads):
         for seed in cfg.seeds:

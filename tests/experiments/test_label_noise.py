@@ -107,3 +107,82 @@ def test_drops_from_clean_are_paired_by_seed():
     assert "| DPO k=1 | -0.133 ± 0.208 (n=3) |" in table
     assert "| mDPO k=5 | – |" in table
     assert drops_from_clean(rows, ["DPO k=1"], [0.4]) == ""
+
+
+def test_an_even_group_breaks_ties_by_a_coin_so_its_label_error_equals_the_odd_size_below():
+    from mmalign_experiments.label_noise_trend import expected_label_error
+
+    assert [round(expected_label_error(k, 0.3), 3) for k in (1, 2, 3, 4, 5)] == [0.3, 0.3, 0.216, 0.216, 0.163]
+    n = 6000
+    groups, votes = _groups(n, 5), vote_draws(n, 5, seed=2)
+    for k in (2, 4):
+        rows, wrong = noisy_rows(groups, Method("m", k, True), 0.3, votes, "member_votes")
+        assert all(len(r["chosen"]) == k for r in rows) and abs(wrong - expected_label_error(k, 0.3)) < 0.02, (k, wrong)
+
+
+def _curve_rows(curves, rate=0.3):
+    return [{"method": "DPO k=1" if k == 1 else f"mDPO k={k}", "k": k, "rate": rate, "seed": s, "entropy": e,
+             "wrong_label_rate": 0.1} for s, curve in enumerate(curves) for k, e in zip((1, 2, 3, 4, 5), curve)]
+
+
+def test_k_trend_slopes_shapes_and_verdict():
+    from mmalign_experiments.label_noise_trend import k_trend, shape
+
+    assert shape([1, 2, 3, 4, 5], [0.7, 1.2, 1.25, 1.3, 1.3]) == "step at k = 1→2"
+    assert shape([1, 2, 3, 4, 5], [1.0, 1.1, 1.2, 1.3, 1.4]) == "steady rise"
+    assert shape([1, 2, 3, 4, 5], [1.0, 1.2, 1.1, 1.3, 1.4]) == "uneven rise"
+    assert shape([1, 2, 3], [1.0, 1.5, 0.9]) == "no rise"
+    rising = [[1.0, 1.1, 1.2, 1.3, 1.4], [0.7, 1.2, 1.25, 1.3, 1.3]]
+    md, out = k_trend(_curve_rows(rising) + [{"method": "DPO 5 pairs", "k": 5, "rate": 0.3, "seed": 0,
+                                                "entropy": 9.0, "wrong_label_rate": 0.3}], [0.3])
+    assert out["0.3"]["verdict"] == "supported" and out["0.3"]["slopes"][0] == pytest.approx(0.1)
+    assert "| 0 | 1.000 | 1.100 | 1.200 | 1.300 | 1.400 | +0.1000 | steady rise |" in md
+    assert "| 2 | 0.300 | 0.100, 0.100 |" in md and "**supported**" in md
+    _, out = k_trend(_curve_rows(rising + [[1.4, 1.3, 1.2, 1.1, 1.0]]), [0.3])
+    assert out["0.3"]["verdict"] == "not supported"
+    # a seed without its whole curve: stated for the complete seeds only; fewer than three k: no section
+    partial = _curve_rows(rising) + [r for r in _curve_rows([[], [], [1.0, 1.1, 1.2, 1.3, 1.4]]) if r["k"] != 4]
+    _, out = k_trend(partial, [0.3])
+    assert out["0.3"]["seeds"] == [0, 1] and "incomplete" in out["0.3"]["verdict"]
+    assert k_trend([r for r in _curve_rows(rising) if r["k"] < 3], [0.3]) == ("", {})
+
+
+def test_reuse_results_writes_stored_runs_as_finished_and_refuses_other_settings(tmp_path):
+    from mmalign.config import to_dict
+    from mmalign_experiments.label_noise import reuse_stored_runs
+
+    cfg = load_config(LabelNoiseConfig, {"model": "/nowhere", "data": {"group_size": 5}, "noise_rates": [0.3],
+                                         "group_sizes": [5, 3, 1], "pairwise_group_sizes": [5], "seeds": [0, 1, 2]})
+    rows = [{"method": "base", "seed": 0, "rate": None, "k": 0, "entropy": 0.7, "wrong_label_rate": None,
+             "out_of_range_rate": 0.7, "normalized_entropy": 0.3}]
+    rows += [{**r, "out_of_range_rate": 0.2, "normalized_entropy": 0.5} for r in _curve_rows([[0.7, 1, 1.2, 1, 1.3]])
+             if r["k"] in (1, 3, 5)]
+    rows += [{**rows[1], "rate": 0.1}, {**rows[1], "seed": 4}]  # another rate, another seed: not written
+    stored = tmp_path / "stored.json"
+    stored.write_text(json.dumps({"rows": rows, "config": {**to_dict(cfg), "seeds": [0, 4], "output_dir": "x"}}))
+    new = load_config(LabelNoiseConfig, {**to_dict(cfg), "group_sizes": [4, 2, 5, 3, 1], "seeds": [0],
+                                         "output_dir": str(tmp_path / "ln"), "reuse_results": str(stored),
+                                         "only_finished": True})
+    out = tmp_path / "ln"
+    assert reuse_stored_runs(new, out) == 4
+    assert json.loads((out / "seed0" / "p0.3" / "mDPO_k3" / "eval.json").read_text())["entropy"] == 1.2
+    assert (out / "seed0" / "base.json").is_file() and not (out / "seed0" / "p0.1").exists()
+    assert reuse_stored_runs(new, out) == 0  # never overwrites a finished run
+    # the stored runs tabulate as this sweep's, nothing trained (the k = 2, 4 runs are simply missing)
+    results = run_label_noise(new)
+    assert len(results["rows"]) == 4 and results["k_trend"]["0.3"]["ks"] == [1, 3, 5]
+    with pytest.raises(ValueError, match="setting beta was 0.1 there, 0.2 here"):
+        reuse_stored_runs(load_config(LabelNoiseConfig, {**to_dict(new), "beta": 0.2}), tmp_path / "other")
+
+
+def test_the_stored_sweep_b_is_accepted_with_its_settings():
+    from pathlib import Path
+
+    from mmalign_experiments.label_noise import REUSE_IGNORE
+    from mmalign_experiments.sweep import stored_rows
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "label-noise-b-results.json"
+    cfg = load_config(LabelNoiseConfig, {"data": {"group_size": 5}, "group_sizes": [4, 2], "pairwise_group_sizes": [],
+                                         "noise_rates": [0.3]})
+    rows = stored_rows(docs, cfg, REUSE_IGNORE)
+    assert {(r["method"], r["seed"]) for r in rows if r["rate"] == 0.3} >= {("mDPO k=5", s) for s in (0, 1, 2)}

@@ -87,3 +87,21 @@ def test_rule_supported_only_when_every_part_holds_in_every_seed():
     rows = [r for r in _rows() if not (r["method"] == "DPO" and r["seed"] == 1)]
     table, verdict = rule_table(rows)
     assert verdict == "not supported" and "| R1 | CNRPO both vs DPO | length (first lower) | 2/2 |" in table
+
+
+def test_reuse_results_writes_stored_seeds_as_finished(tmp_path):
+    from pathlib import Path
+
+    from mmalign.config import to_dict
+    from mmalign_experiments.two_bias_compare import reuse_stored_seeds
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "bias-robust-two-triggers-results.json"
+    cfg = load_config(TwoBiasCompareConfig, {"output_dir": str(tmp_path / "cmp"), "seeds": [0, 1, 2, 3],
+                                             "reuse_results": str(docs), "only_finished": True})
+    out = tmp_path / "cmp"
+    assert reuse_stored_seeds(cfg, out) == [0, 1, 2]  # the stored seeds; seed 3 is left to run
+    stored = [r for r in json.loads(docs.read_text())["rows"] if r["seed"] == 1]
+    assert json.loads((out / "seed1" / "results.json").read_text()) == stored
+    assert not (out / "seed3").exists() and reuse_stored_seeds(cfg, out) == []
+    with pytest.raises(ValueError, match="setting anchor_size was 16 there, 32 here"):
+        reuse_stored_seeds(load_config(TwoBiasCompareConfig, {**to_dict(cfg), "anchor_size": 32}), tmp_path / "o")
