@@ -37,6 +37,11 @@ as such. Every number is reported whatever its direction.
 Every finished cell (``<work>/<kind>-seed<s>/cell.json``, with the settings it ran under) is reused by a re-run with
 the same settings, and an interrupted online cell resumes from its last finished round (the library's exact resume),
 so the work can be spread over several calls.
+
+``--reference previous`` trains each online round against the policy the previous round left instead of the
+starting model (cells ``online-reference-previous-seed<s>``); ``--compare-with <results JSON>`` takes that file's
+online (``reference: initial``) and offline cells of the same settings as finished and compares paired per seed
+(:mod:`mmalign_experiments.online_debias_reference` holds that comparison and its rule).
 """
 from __future__ import annotations
 
@@ -55,10 +60,26 @@ REPORTED = ATTRIBUTES + ("gender_gap", "race_gap", "no_face_rate", "denoising_lo
 
 
 def settings(args) -> dict[str, Any]:
-    """What a cell's result depends on (a cached cell is reused only under the same settings)."""
-    return {"rounds": args.rounds, "k": args.k, "steps_per_round": args.steps_per_round,
-            "occupations": args.occupations, "images_per_occupation": args.images_per_occupation,
-            "quality_images": args.quality_images, "set": list(args.set)}
+    """What a cell's result depends on (a cached cell is reused only under the same settings). The reference is
+    named only when it is not the default, so cells and result files stored before the option keep their settings."""
+    out = {"rounds": args.rounds, "k": args.k, "steps_per_round": args.steps_per_round,
+           "occupations": args.occupations, "images_per_occupation": args.images_per_occupation,
+           "quality_images": args.quality_images, "set": list(args.set)}
+    if reference(args) != "initial":
+        out["reference"] = reference(args)
+    return out
+
+
+def reference(args) -> str:
+    """The online rounds' reference: ``initial`` (the default) or ``previous``."""
+    return getattr(args, "reference", "initial")
+
+
+def cell_name(kind: str, seed: int, args) -> str:
+    """The cell's folder: ``<kind>-seed<s>``; online cells under ``reference: previous`` get their own."""
+    if kind == "online" and reference(args) != "initial":
+        return f"online-reference-{reference(args)}-seed{seed}"
+    return f"{kind}-seed{seed}"
 
 
 def debias_config(args, seed: int, output_dir: Path):
@@ -141,6 +162,7 @@ def online_cell(args, seed: int, cell_dir: Path) -> dict[str, Any]:
         "num_inference_steps": config.sampling.num_inference_steps, "guidance_scale": config.sampling.guidance_scale,
         "scheduler": config.sampling.scheduler, "seed": 1_000_000 * (seed + 1),
         "objective": {"name": "mdpo", "beta_d": 5000.0}, "training": training, "output_dir": str(cell_dir / "rounds"),
+        "reference": reference(args),
     }
     result = mmalign.image.online(online_config, reward=reward, evaluate=evaluate)
     rows = result["rounds"]
@@ -157,7 +179,7 @@ def cell(job: tuple) -> Optional[dict[str, Any]]:
     """One (kind, seed) cell: reused when ``cell.json`` holds the same settings, else run and written (with
     ``--finished-only``: None instead of running)."""
     kind, seed, work, args = job
-    cell_dir = Path(work) / f"{kind}-seed{seed}"
+    cell_dir = Path(work) / cell_name(kind, seed, args)
     done = cell_dir / "cell.json"
     if done.is_file():
         cached = json.loads(done.read_text())
@@ -285,12 +307,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--quality-images", type=int, default=64, help="real faces for the denoising loss (0 = off)")
     parser.add_argument("--kinds", nargs="+", default=["online", "offline"], choices=["online", "offline"])
     parser.add_argument("--set", action="append", default=[], help="debias config override key=value (both sides)")
+    parser.add_argument("--reference", default="initial", choices=["initial", "previous"],
+                        help="online rounds' reference: the starting model, or the previous round's policy")
+    parser.add_argument("--compare-with", default=None,
+                        help="a stored results JSON of the same settings (reference initial): its online and offline "
+                             "cells are taken as finished and compared paired per seed with this run's")
     parser.add_argument("--jobs", type=int, default=1, help="cells in parallel processes (one thread each)")
     parser.add_argument("--finished-only", action="store_true", help="summarise the finished cells; run nothing")
     parser.add_argument("--work", default="outputs/online-debias", help="cell folders")
     parser.add_argument("--out", default="bench/results/online_debias_results.json")
     parser.add_argument("--plot", default="bench/results/online_debias.png")
     args = parser.parse_args(argv)
+    if args.compare_with and args.reference == "initial":
+        parser.error("--compare-with pairs a reference: previous run with a stored reference: initial run; "
+                     "give --reference previous")
+    stored_initial: list[dict] = []
+    stored_offline: list[dict] = []
+    if args.compare_with:  # checked before any cell runs
+        from mmalign_experiments import online_debias_reference
+
+        expected = {k: v for k, v in settings(args).items() if k != "reference"}
+        stored_initial, stored_offline = online_debias_reference.stored_cells(Path(args.compare_with), expected)
+        stored_initial = [c for c in stored_initial if c["seed"] in args.seeds]
     jobs = [(kind, seed, args.work, args) for seed in args.seeds for kind in args.kinds]  # whole seeds first
     if args.jobs > 1:  # separate processes, one thread each (spawned: no forked torch state)
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -300,9 +338,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     cells = [c for c in cells if c is not None]
     online = [c for c in cells if c["kind"] == "online"]
     offline = [c for c in cells if c["kind"] == "offline"]
+    ran = {c["seed"] for c in offline}
+    offline += [c for c in stored_offline if c["seed"] in args.seeds and c["seed"] not in ran]
     summary = {"settings": settings(args), "seeds": args.seeds, **summarise(online, offline),
                "cells": [{k: v for k, v in c.items() if k not in ("settings",)} for c in cells]}
-    if online:
+    if args.compare_with:
+        summary["compared_with"] = args.compare_with
+        summary["reference_comparison"] = online_debias_reference.report(
+            online, stored_initial, offline, Path(args.plot) if online else None)
+        print(summary["reference_comparison"]["table"])
+        print(json.dumps(summary["reference_comparison"]["previous_vs_initial"], indent=1))
+    elif online:
         summary["plot"] = str(plot(summary, Path(args.plot)))
     from mmalign.io import atomic_write_text
 

@@ -311,6 +311,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--finished-only", action="store_true", help="summarise the finished cells, run nothing")
     parser.add_argument("--reuse", default=None,
                         help="an earlier results JSON (same settings): its cells count as finished here")
+    parser.add_argument("--spread-against", default=None,
+                        help="a stored results JSON, same settings but β: the in-loss cells' spread per seed compared "
+                             "(mmalign_experiments.online_divergence_spread)")
     parser.add_argument("--out", default="bench/results/online_divergence_smollm2_results.json")
     parser.add_argument("--plot", default="bench/results/online_divergence_smollm2_frontier.png", help="'' = none")
     args = parser.parse_args(argv)
@@ -320,6 +323,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     torch.set_num_threads(1)
     start = time.time()
+    if args.spread_against:  # refused before anything runs unless its settings are this run's but β
+        from mmalign_experiments import online_divergence_spread as spread
+
+        stored, stored_beta = spread.stored_runs(Path(args.spread_against), demo1.run_settings(args))
     work, pieces, model = Path(args.work), Path(args.pieces), os.path.expanduser(args.model)
     if args.reuse:
         print(f"--reuse: {restore_cells(Path(args.reuse), work, args)} cells taken from {args.reuse}", flush=True)
@@ -342,6 +349,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         warm = runs[0]
     result = summary(runs, warm, args)
     result["wall_seconds"] = round(time.time() - start, 1)
+    if args.spread_against:
+        result["spread_against"] = {"file": args.spread_against, "beta": stored_beta,
+                                    "spread": spread.compare_spread(result["runs"], stored)}
+        print(spread.markdown(result["spread_against"]["spread"], args.beta, stored_beta))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(markdown_table(result))
