@@ -17,6 +17,9 @@ experiment gives the preference something to act on:
    from the model's DDPM scheduler config, no guidance) and the mean pixel level (0–255) of those images is its
    brightness. **contrast = bright-run brightness − dark-run brightness.**
 4. **Control.** The same two runs from the random (not pretrained) tiny UNet (``--start random``).
+5. **Online rounds** (``--method online``, optional): instead of the generated pairs, ``mmalign.image.online``
+   rounds from the same start (k images per prompt from the policy, mDPO on the top vs bottom half by the reward
+   +brightness or −brightness); contrast and rule as above, on the held-out brightness after the last round.
 
 A seed sets the preference pairs, the LoRA initialisation, the data order and the training noise; the start model
 and the held-out sampling seeds are the same for every seed (so the seeds do not cover the pretraining's own
@@ -67,6 +70,9 @@ class ContrastSettings:
     lora_rank: int = 8
     samples: int = 32
     sampling_steps: int = 20
+    online_rounds: int = 2  # --method online only
+    online_k: int = 8
+    online_steps: int = 30
 
 
 def brightness_images(rng: np.random.Generator, count: int, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -177,23 +183,28 @@ def start_brightness(folder: Path, settings: ContrastSettings) -> dict:
     return sample_brightness(parts.unet, parts.conditioner, parts.noise_scheduler.config, settings)
 
 
-def dpo_run(start_folder: Path, rows: list[dict], output_dir: Path, seed: int, settings: ContrastSettings) -> dict:
-    """One offline DPO run through ``mmalign.image.train``; returns the held-out brightness and the last metrics."""
-    import mmalign.image
-
+def _run_config(start_folder: Path, output_dir: Path, seed: int, settings: ContrastSettings, objective: str,
+                steps: int) -> dict:
     if output_dir.exists():
         shutil.rmtree(output_dir)
-    config = {
+    return {
         "output_dir": str(output_dir),
         "model": {"name_or_path": str(start_folder)},
         "lora": {"r": settings.lora_rank, "alpha": settings.lora_rank},
         "data": {"resolution": IMAGE_SIZE},
-        "objective": {"name": "dpo", "beta_d": settings.beta_d},
-        "training": {"batch_size": settings.batch_size, "max_steps": settings.dpo_steps,
+        "objective": {"name": objective, "beta_d": settings.beta_d},
+        "training": {"batch_size": settings.batch_size, "max_steps": steps,
                      "learning_rate": settings.learning_rate, "lr_scheduler": "constant",
-                     "logging_steps": max(1, settings.dpo_steps // 4), "progress_bar": False, "seed": seed,
+                     "logging_steps": max(1, steps // 4), "progress_bar": False, "seed": seed,
                      "num_threads": 1, "plot": False},
     }
+
+
+def dpo_run(start_folder: Path, rows: list[dict], output_dir: Path, seed: int, settings: ContrastSettings) -> dict:
+    """One offline DPO run through ``mmalign.image.train``; returns the held-out brightness and the last metrics."""
+    import mmalign.image
+
+    config = _run_config(start_folder, output_dir, seed, settings, "dpo", settings.dpo_steps)
     result = mmalign.image.train(config, train_dataset=rows)
     model = result.details["preference_model"]
     brightness = sample_brightness(model.unet, model.conditioner, model.noise_scheduler.config, settings)
@@ -201,11 +212,46 @@ def dpo_run(start_folder: Path, rows: list[dict], output_dir: Path, seed: int, s
     return {"brightness": brightness, "last_metrics": {k: result.metrics[k] for k in keep if k in result.metrics}}
 
 
-def contrast_for_seed(start_folder: Path, seed: int, settings: ContrastSettings, work_dir: Path) -> dict:
-    """The bright and the dark run of one seed from ``start_folder``; ``contrast`` = bright − dark brightness."""
+def online_run(start_folder: Path, prefer: str, output_dir: Path, seed: int, settings: ContrastSettings) -> dict:
+    """Online rounds (``mmalign.image.online``: generate k images per prompt, mDPO on the top vs bottom half by the
+    reward ±brightness) from ``start_folder``; the held-out brightness is measured after every round."""
+    import mmalign.image
+
+    sign = 1.0 if prefer == "bright" else -1.0
+
+    def reward(prompts, images):
+        return [sign * float(np.asarray(image, dtype=np.float64).mean()) for image in images]
+
+    def evaluate(model) -> dict:
+        return {"brightness": sample_brightness(model.unet, model.conditioner, model.noise_scheduler.config,
+                                                settings)["mean"]}
+
+    config = {**_run_config(start_folder, output_dir, seed, settings, "mdpo", settings.online_steps),
+              "prompts": list(PROMPTS), "rounds": settings.online_rounds, "k": settings.online_k,
+              "num_inference_steps": settings.sampling_steps, "guidance_scale": 1.0, "resolution": IMAGE_SIZE,
+              "seed": seed}
+    del config["data"]
+    config["training"]["batch_size"] = min(settings.batch_size, len(PROMPTS))  # one group per prompt per round
+    result = mmalign.image.online(config, reward=reward, evaluate=evaluate)
+    per_round = [row["brightness"] for row in result["rounds"]]
+    keep = ("loss", "implicit_acc", "rewards/margins")
+    return {"brightness": {"mean": per_round[-1], "per_round": per_round},
+            "last_metrics": {k: result.log[-1][k] for k in keep if result.log and k in result.log[-1]}}
+
+
+def contrast_for_seed(start_folder: Path, seed: int, settings: ContrastSettings, work_dir: Path,
+                      method: str = "offline") -> dict:
+    """The bright and the dark run of one seed from ``start_folder``; ``contrast`` = bright − dark brightness.
+    ``method``: ``offline`` (DPO on the generated pairs) or ``online`` (rounds on the model's own samples)."""
     began = time.time()
-    runs = {prefer: dpo_run(start_folder, preference_rows(seed, settings.pairs, prefer),
-                            work_dir / f"seed-{seed}-{prefer}", seed, settings) for prefer in ("bright", "dark")}
+    if method == "offline":
+        runs = {prefer: dpo_run(start_folder, preference_rows(seed, settings.pairs, prefer),
+                                work_dir / f"seed-{seed}-{prefer}", seed, settings) for prefer in ("bright", "dark")}
+    elif method == "online":
+        runs = {prefer: online_run(start_folder, prefer, work_dir / f"online-seed-{seed}-{prefer}", seed, settings)
+                for prefer in ("bright", "dark")}
+    else:
+        raise ValueError(f"method: expected 'offline' or 'online', got {method!r}")
     bright, dark = runs["bright"]["brightness"]["mean"], runs["dark"]["brightness"]["mean"]
     return {"seed": seed, "contrast": bright - dark, "bright": bright, "dark": dark, "runs": runs,
             "seconds": round(time.time() - began, 1)}
@@ -222,7 +268,7 @@ def apply_rule(contrasts: list[float]) -> dict:
 
 
 def run_experiment(start: str, seeds: list[int], settings: ContrastSettings, work_dir: Path,
-                   log=print) -> dict:
+                   method: str = "offline", log=print) -> dict:
     """Makes (or reuses) the start, samples it once, runs every seed, applies the rule."""
     import torch
 
@@ -233,15 +279,15 @@ def run_experiment(start: str, seeds: list[int], settings: ContrastSettings, wor
     log(f"start {start}: held-out brightness {before['mean']:.2f} (sd over images {before['sd']:.2f})")
     per_seed = []
     for seed in seeds:
-        row = contrast_for_seed(folder, seed, settings, work_dir / f"runs-{start}")
+        row = contrast_for_seed(folder, seed, settings, work_dir / f"runs-{start}", method)
         log(f"seed {seed}: bright {row['bright']:.2f}  dark {row['dark']:.2f}  contrast {row['contrast']:+.2f} "
             f"({row['seconds']} s)")
         per_seed.append(row)
     rule = apply_rule([row["contrast"] for row in per_seed])
-    log(f"{start}: contrast mean {rule['mean']:+.2f}, sd {rule['sd']:.2f}, threshold {rule['threshold']:.2f}, "
+    log(f"{start} {method}: contrast mean {rule['mean']:+.2f}, sd {rule['sd']:.2f}, threshold {rule['threshold']:.2f}, "
         f"all > 0: {rule['all_positive']} -> {'PASSED' if rule['passed'] else 'FAILED'}")
     pretrain = json.loads((folder / "pretrain.json").read_text())
-    return {"start": start, "seeds": seeds, "settings": asdict(settings), "pretrain": pretrain,
+    return {"start": start, "method": method, "seeds": seeds, "settings": asdict(settings), "pretrain": pretrain,
             "start_brightness": before, "per_seed": per_seed, "rule": rule,
             "seconds": round(time.time() - began, 1)}
 
@@ -249,6 +295,7 @@ def run_experiment(start: str, seeds: list[int], settings: ContrastSettings, wor
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--start", choices=("pretrained", "random"), default="pretrained")
+    parser.add_argument("--method", choices=("offline", "online"), default="offline")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default="bench/results/image_brightness_contrast.json")
     parser.add_argument("--work-dir", default="outputs/image-brightness-contrast",
@@ -260,7 +307,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = ContrastSettings(**{name: getattr(args, name) for name in asdict(defaults)})
     out = Path(args.out)
     work_dir = Path(args.work_dir)
-    result = run_experiment(args.start, args.seeds, settings, work_dir)
+    result = run_experiment(args.start, args.seeds, settings, work_dir, args.method)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
