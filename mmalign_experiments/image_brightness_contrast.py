@@ -29,7 +29,8 @@ variance).
 PASSES iff (a) contrast > 0 in every seed and (b) the mean contrast exceeds both 2 × its sd over the seeds
 (sample sd) and 1.0 pixel level. The pretrained start is the test of the claim "image DPO steers what the model
 samples"; the random start is reported by the same rule as a control. Every number is reported whatever its
-direction. The settings (defaults below) were chosen on pilot seeds outside 0–4 before the measured runs.
+direction. The settings (defaults below) were set before any run, without pilot runs (none could run before the
+measured ones; session 13), so they are a first guess, not tuned.
 
     python -m mmalign_experiments.image_brightness_contrast --start pretrained --seeds 0 1 2 3 4 --out bench/results/image_brightness_contrast_pretrained.json
     python -m mmalign_experiments.image_brightness_contrast --start random --seeds 0 1 2 3 4 --out bench/results/image_brightness_contrast_random.json
