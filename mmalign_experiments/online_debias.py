@@ -55,7 +55,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-ATTRIBUTES = ("simpson_gender", "simpson_race")
+from mmalign_experiments import online_debias_reference
+from mmalign_experiments.online_debias_reference import ATTRIBUTES
+
 REPORTED = ATTRIBUTES + ("gender_gap", "race_gap", "no_face_rate", "denoising_loss")
 
 
@@ -324,7 +326,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     stored_initial: list[dict] = []
     stored_offline: list[dict] = []
     if args.compare_with:  # checked before any cell runs
-        from mmalign_experiments import online_debias_reference
 
         expected = {k: v for k, v in settings(args).items() if k != "reference"}
         stored_initial, stored_offline = online_debias_reference.stored_cells(Path(args.compare_with), expected)

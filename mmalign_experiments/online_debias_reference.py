@@ -29,7 +29,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from mmalign_experiments.online_debias import ATTRIBUTES
+# defined here, not in online_debias, which imports this module (no import cycle)
+ATTRIBUTES = ("simpson_gender", "simpson_race")
 
 REFERENCE_INDEPENDENT = ("simpson_gender", "simpson_race", "no_face_rate", "denoising_loss", "train_reward", "loss")
 
