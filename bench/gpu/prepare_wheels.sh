@@ -6,7 +6,7 @@
 # pandas, pyarrow, xxhash, fsspec, huggingface-hub, tokenizers, safetensors, pyyaml, tqdm, requests, httpx,
 # regex, pillow, matplotlib, onnxruntime, psutil (its package list: the device library's KINDS.md).
 # Missing there: diffusers, trl, datasets, gguf, and of their dependencies dill, multiprocess, importlib_metadata
-# (+ lazy-importer). Versions: the ones of this project's environment, so the GPU run exercises the code CI tests.
+# (+ lazy-importer).
 # xformers 0.0.35 (torch>=2.10, one stable-ABI wheel of about 3 MiB) fits too: it is carried so that the image
 # section can time xformers attention beside SDPA; if it does not load there, those cases record the error.
 #
@@ -16,17 +16,16 @@ cd "$(dirname "$0")"
 DEST=wheels
 LIMIT_MIB=${LIMIT_MIB:-64}
 # What else travels in the same call: the tracked working tree (measured below) must fit beside the wheels.
-PACKAGES=(
-  "diffusers==0.42.1"
-  "trl==1.16.0"
-  "datasets==5.2.0"
-  "gguf==0.19.0"
-  "dill==0.4.1"
-  "multiprocess==0.70.19"
-  "importlib_metadata==10.2.0"
-  "lazy-importer==0.1.0"
-  "xformers==0.0.35"
-)
+# Versions come from constraints.txt, the pinned set CI tests. transformers, accelerate and peft are carried too:
+# the image holds older ones (transformers 5.17.0, accelerate 1.15.0 as last read), and the figures must come from
+# the versions every other benchmark uses. Their own needs (huggingface-hub, tokenizers, safetensors, typer) are met there.
+PINNED=(diffusers trl datasets gguf dill multiprocess importlib_metadata lazy-importer transformers accelerate peft)
+PACKAGES=()
+for name in "${PINNED[@]}"; do
+  line=$(grep -i -E "^${name}==" ../../constraints.txt) || { echo "ERROR: ${name} is not pinned in constraints.txt" >&2; exit 1; }
+  PACKAGES+=("$line")
+done
+PACKAGES+=("xformers==0.0.35")   # not a project dependency: CUDA-only, timed beside SDPA in the image section
 PLATFORM=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
           --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
           --platform any)
