@@ -12,6 +12,7 @@ TRL 1.16 has no group objective: its mDPO cells are recorded as not applicable.
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,12 @@ from gpu_common import CaseLog, CaseRunner, make_step_timer, median, peak_mib, p
 
 BETA, LR, K = 0.1, 1e-5, 4
 IMPLS = ("mmalign", "trl", "bare")
+# mmalign with one setting changed (config overrides), for the focused plan: what costs mmalign its step on a GPU.
+MMALIGN_VARIANTS = {
+    "mmalign": {},
+    "mmalign-noshare": {"training": {"share_prompt": "off"}},
+    "mmalign-noshare-nofused": {"training": {"share_prompt": "off"}, "model": {"fused_activations": False}},
+}
 # Llama-3.2-1B's shape (1.24B parameters with its 128256-token vocabulary); random weights.
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
@@ -187,6 +194,8 @@ def run_case(impl: str, objective: str, lora: bool, seq_len: int, settings: Text
 
     from mmalign_adapter import tiny_tokenizer, train_text, write_rows
 
+    summary: dict = {}
+
     k = K if objective == "mdpo" else 1
     responses = 2 * k
     batch_size = max(1, settings.tokens_per_step // (seq_len * responses))
@@ -195,14 +204,15 @@ def run_case(impl: str, objective: str, lora: bool, seq_len: int, settings: Text
     allocated_before = reset_peak(device)
     timer = make_step_timer(device)
     try:
-        if impl == "mmalign":
+        if impl in MMALIGN_VARIANTS:
             data = write_rows(work / "rows.jsonl", rows)
-            train_text(model_dir=model_dir, data_file=str(data), data_format="groups" if k > 1 else "pairs",
+            summary = train_text(model_dir=model_dir, data_file=str(data), data_format="groups" if k > 1 else "pairs",
                        objective=objective, beta=BETA, lora=lora, lora_targets=LORA_TARGETS,
                        gradient_checkpointing=settings.gradient_checkpointing, batch_size=batch_size,
                        max_steps=settings.warmup + settings.steps, max_length=seq_len, dtype=settings.dtype,
                        mixed_precision="bf16" if settings.dtype == "bfloat16" else "no", learning_rate=LR,
-                       output_dir=str(work / "mmalign"), num_threads=settings.threads)
+                       output_dir=str(work / "mmalign"), num_threads=settings.threads,
+                       overrides=MMALIGN_VARIANTS[impl])
         elif impl == "trl":
             from bench_text_dpo import run_trl
 
@@ -222,7 +232,8 @@ def run_case(impl: str, objective: str, lora: bool, seq_len: int, settings: Text
     if len(times) != settings.steps:
         raise RuntimeError(f"expected {settings.steps} timed optimizer steps, the hook saw {len(times)}")
     step_s = median(times)
-    return {"step_times_s": times, "median_step_s": step_s, "examples_per_step": batch_size,
+    extra = {"share_prompt": summary.get("share_prompt")} if impl in MMALIGN_VARIANTS else {}
+    return {**extra, "step_times_s": times, "median_step_s": step_s, "examples_per_step": batch_size,
             "tokens_per_step": tokens, "tokens_per_s": tokens / step_s, "params": params,
             "model_flops_per_step": 8 * params * tokens,
             "peak_memory_mib": peak_mib(device, getattr(timer, "rss_mib", float("nan"))),
@@ -239,7 +250,31 @@ def _reset_accelerate() -> None:
         pass
 
 
+def focused_cases(settings: TextSettings):
+    """The second GPU run's plan (``--text-plan focused``): which of mmalign's settings costs it its step against
+    TRL on the GPU — the shared-prompt layout (a dense [T, T] mask: no flash kernel, no causal skipping) and the
+    fused SiLU-gated MLP — at the longest and the shortest sequence length, the peers beside each setting."""
+    long, short = settings.seq_lens[0], settings.seq_lens[-1]
+    plan = [(long, False, "dpo", ("mmalign", "mmalign-noshare", "trl")),
+            (long, True, "dpo", ("mmalign", "mmalign-noshare", "trl")),
+            (long, False, "mdpo", ("mmalign", "mmalign-noshare")),
+            (long, False, "dpo", ("mmalign-noshare-nofused", "bare")),
+            (short, False, "dpo", ("mmalign", "mmalign-noshare", "trl")),
+            (short, True, "dpo", ("mmalign-noshare", "trl", "mmalign"))]
+    seen = set()
+    for round_index in range(settings.rounds):
+        for seq_len, lora, objective, impls in plan:
+            for impl in impls:
+                key = (round_index, seq_len, lora, objective, impl)
+                if key not in seen:  # the dry run has one length: long == short
+                    seen.add(key)
+                    yield key
+
+
 def cases(settings: TextSettings):
+    if os.environ.get("GPU_BENCH_TEXT_PLAN") == "focused":
+        yield from focused_cases(settings)
+        return
     for round_index in range(settings.rounds):
         for seq_len in settings.seq_lens:
             for lora in (True, False):

@@ -16,9 +16,10 @@ from gpu_common import BENCH_DIR  # noqa: F401  (puts mmalign and bench/ on sys.
 def train_text(*, model_dir: str, data_file: str, data_format: str, objective: str, beta: float, lora: bool,
                lora_targets: list[str], gradient_checkpointing: bool, batch_size: int, max_steps: int,
                max_length: int, dtype: str, mixed_precision: str, learning_rate: float, output_dir: str,
-               num_threads: Optional[int] = None) -> dict[str, Any]:
+               num_threads: Optional[int] = None, overrides: Optional[dict] = None) -> dict[str, Any]:
     """One mmalign text run (policy + live reference: the adapter-disabled base under LoRA, a frozen copy under full
-    fine-tuning), no logging, checkpoints, plots or evaluation in the way of the step time."""
+    fine-tuning), no logging, checkpoints, plots or evaluation in the way of the step time. ``overrides``: config
+    sections merged key by key over these settings (e.g. ``{"training": {"share_prompt": "off"}}``)."""
     from mmalign.text.train import train
 
     config = {
@@ -34,6 +35,8 @@ def train_text(*, model_dir: str, data_file: str, data_format: str, objective: s
                      "max_prompt_length": max_length, "max_response_length": max_length, "max_length": None},
         "output_dir": output_dir,
     }
+    for section, values in (overrides or {}).items():
+        config[section] = {**config.get(section, {}), **values}
     return train(config).summary()
 
 

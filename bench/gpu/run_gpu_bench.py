@@ -197,6 +197,9 @@ def main() -> None:
                         help="multiply every section budget and the global deadline (e.g. 3 for a slow rehearsal)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="override the weights' dtype (e.g. a bf16 rehearsal of the dry run on the CPU)")
+    parser.add_argument("--text-plan", choices=["full", "focused"], default="full",
+                        help="text cases: full (every objective/mode/length x mmalign/TRL/bare) or focused (mmalign's "
+                             "settings on and off beside TRL: gpu_text.focused_cases)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case-log", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--deadline-at", type=float, default=None, help=argparse.SUPPRESS)
@@ -205,6 +208,7 @@ def main() -> None:
         worker_main(args.worker, args.dry_run, args.case_log, args.deadline_at, args.dtype)
         return
 
+    os.environ["GPU_BENCH_TEXT_PLAN"] = args.text_plan  # the text worker inherits it
     started = time.time()
     deadline_at = started + args.budget_scale * (args.deadline_s or (DRY_DEADLINE_S if args.dry_run else DEADLINE_S))
     budgets = {k: v * args.budget_scale for k, v in (DRY_BUDGETS if args.dry_run else BUDGETS).items()}
@@ -216,7 +220,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "gpu_bench.json"
     data: dict = {"meta": {"command": " ".join([Path(sys.executable).name, *sys.argv]), "dry_run": args.dry_run,
-                           "dtype_override": args.dtype,
+                           "dtype_override": args.dtype, "text_plan": args.text_plan,
                            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
                            "deadline_s": deadline_at - started, "budgets_s": budgets, "host": platform.node(),
                            "cpus": os.cpu_count()},

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from mmalign.engine.fast_path_log import warn_not_taken
 from mmalign.image.conditioning import CLIPTextConditioner, TextConditioner
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "use_direct_lora",
     "frozen_copy",
     "configure_attention",
+    "xformers_failure",
     "resolve_text_conditioner",
     "DEFAULT_LORA_TARGETS",
 ]
@@ -256,30 +258,50 @@ def frozen_copy(unet: nn.Module) -> nn.Module:
     return reference
 
 
+def xformers_failure(dtype: torch.dtype = torch.float16, device: str = "cuda") -> Optional[str]:
+    """Why xformers' memory-efficient attention cannot run here, or None when a tiny call of it works.
+
+    Importing xformers is not enough: a wheel built for another torch/CUDA imports fine, warns that its C++/CUDA
+    extensions did not load, and then every attention call raises (seen on an H200 with torch 2.11+cu130 and the
+    xformers 0.0.35 wheel built for torch 2.10+cu128)."""
+    try:
+        import xformers.ops  # noqa: F401  (CUDA-only; imported lazily)
+    except Exception as error:  # noqa: BLE001 - ImportError, or a broken install raising anything at import
+        return f"import xformers failed: {type(error).__name__}: {error}"
+    try:
+        query = torch.zeros(1, 8, 1, 64, dtype=dtype, device=device)  # [batch, tokens, heads, head dim]
+        xformers.ops.memory_efficient_attention(query, query, query)
+    except Exception as error:  # noqa: BLE001 - NotImplementedError (no operator), RuntimeError, ...
+        return f"a test call of xformers.ops.memory_efficient_attention failed: {type(error).__name__}: " \
+               f"{str(error).splitlines()[0] if str(error) else ''}"
+    return None
+
+
 def configure_attention(unet: nn.Module, mode: str = "auto") -> str:
     """Selects the attention kernel; returns the one in use.
 
-    ``auto``: xformers' memory-efficient attention when on CUDA and importable, else torch SDPA (diffusers'
-    default processor). ``xformers``: required (error if unavailable). ``sdpa``: torch
-    ``scaled_dot_product_attention``.
+    ``auto``: xformers' memory-efficient attention when on CUDA and a test call of it works, else torch SDPA
+    (diffusers' default processor; the reason is logged once). ``xformers``: required (error with the reason if it
+    cannot run). ``sdpa``: torch ``scaled_dot_product_attention``.
     """
     if mode not in ("auto", "xformers", "sdpa"):
         raise ValueError(f"attention {mode!r}: expected auto, xformers or sdpa")
     on_cuda = any(p.is_cuda for p in unet.parameters()) or torch.cuda.is_available()
     if mode in ("auto", "xformers"):
-        available = False
-        if on_cuda:
-            try:
-                import xformers  # noqa: F401  (CUDA-only; imported lazily)
-
-                available = True
-            except ImportError:
-                available = False
-        if available:
+        if not on_cuda:
+            why = "no CUDA device"
+        else:
+            parameter = next(unet.parameters(), None)
+            dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float16
+            why = xformers_failure(dtype)
+        if why is None:
             unet.enable_xformers_memory_efficient_attention()
             return "xformers"
         if mode == "xformers":
-            raise ValueError("attention='xformers' needs CUDA and the xformers package; use 'auto' or 'sdpa'")
+            raise ValueError(f"attention='xformers' cannot be used ({why}): it needs CUDA and a working xformers "
+                             f"package; use 'auto' or 'sdpa'")
+        if on_cuda:
+            warn_not_taken("xformers attention", f"{why}; torch SDPA is used")
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())

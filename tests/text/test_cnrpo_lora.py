@@ -82,6 +82,7 @@ def stage_one(tiny, data, tmp_path_factory):
 def _sequence_logps(model, batch):
     from mmalign.text.modeling.logprobs import batch_logprobs
 
+    model = model.to(batch["input_ids"].device)  # the trainer's batches sit on its device (CUDA where there is one)
     with torch.no_grad():
         logps, _ = batch_logprobs(model.eval(), batch)
     return logps
