@@ -132,8 +132,9 @@ class TextTrainingConfig(TrainingConfig):
     share_prompt: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={"help": "encode each prompt once for all its responses (one row per example, block attention "
-                  "mask; needs eager/sdpa attention): on, off, or auto = on when the model supports it and a check "
-                  "on the first examples gives the same log-probs as the padded layout"},
+                  "mask; needs eager/sdpa attention): on, off, or auto = on when the model supports it, a check "
+                  "on the first examples gives the same log-probs as the padded layout, and the run is not on CUDA "
+                  "(there the dense mask measured slower than the padded layout: bench/RESULTS.md, GPU)"},
     )
 
     def __post_init__(self) -> None:

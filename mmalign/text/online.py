@@ -38,7 +38,7 @@ from mmalign.engine.threads import torch_threads
 from mmalign.entrypoints import make_module_callable
 from mmalign.rewards import build_reward, score
 from mmalign.text.data import load_rows, render_prompt, split_hh_dialogue
-from mmalign.text.modeling.logprobs import SHARED_PROMPT_ATTENTION, attention_implementation
+from mmalign.text.modeling.logprobs import SHARED_PROMPT_ATTENTION, attention_implementation, shared_prompt_slower_on
 from mmalign.text.modeling.loading import apply_lora_config, load_causal_lm, load_tokenizer, unwrap
 from mmalign.text.modeling.references import AdapterReference, FrozenModelReference
 from mmalign.text.online_config import OnlineConfig
@@ -94,10 +94,16 @@ def _context_length(model) -> Optional[int]:
     return None
 
 
-def _share_prompt(setting: str, model) -> bool:
+def _share_prompt(setting: str, model, device: Optional[torch.device] = None) -> bool:
+    """``device``: where the trainer will run (accelerate takes CUDA when there is one)."""
     supported = attention_implementation(model) in SHARED_PROMPT_ATTENTION
     if setting == "on" and not supported:
         raise ValueError(f"training.share_prompt: on needs attn_implementation in {SHARED_PROMPT_ATTENTION}")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    slower = shared_prompt_slower_on(device) if setting == "auto" else None
+    if slower is not None:
+        logger.info("share_prompt: off (auto): %s", slower)
+        return False
     return setting != "off" and supported
 
 

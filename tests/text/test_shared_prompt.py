@@ -119,12 +119,32 @@ def group_file(tmp_path_factory):
 def test_training_losses_match_the_padded_layout(tiny_model_dir, group_file, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mmalign.text.recipes.preference")
     runs = {}
-    for setting in ("auto", "off"):
+    for setting in ("on", "off"):  # "on", not "auto": auto keeps the padded layout on CUDA (shared_prompt_slower_on)
         summary = mmalign.text.train(_config(tiny_model_dir, group_file, tmp_path / setting, setting))
         runs[setting] = [r["loss"] for r in read_metrics(summary["metrics_path"]) if "loss" in r]
     assert "share_prompt: on" in caplog.text
-    assert len(runs["auto"]) == 4
-    assert runs["auto"] == pytest.approx(runs["off"], rel=1e-4, abs=1e-5)
+    assert len(runs["on"]) == 4
+    assert runs["on"] == pytest.approx(runs["off"], rel=1e-4, abs=1e-5)
+
+
+def test_auto_keeps_the_padded_layout_on_cuda_and_shares_on_the_cpu(tiny_tokenizer, caplog):
+    from mmalign.text.modeling.logprobs import shared_prompt_slower_on
+    from mmalign.text.online import _share_prompt
+    from mmalign.text.recipes.preference import _resolve_share_prompt
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert shared_prompt_slower_on(cpu) is None and "H200" in shared_prompt_slower_on(cuda)
+    model = build_tiny_causal_lm(arch="llama", tokenizer=tiny_tokenizer, seed=3)
+    model.config._attn_implementation = "sdpa"
+    items = _items(tiny_tokenizer)
+    collator = PreferenceCollator(tiny_tokenizer.pad_token_id)
+    caplog.set_level(logging.INFO)
+    # decided before the model is moved or run: this CPU-only machine can ask for CUDA here
+    assert _resolve_share_prompt("auto", model, items, collator, cuda) is False
+    assert "share_prompt: off (auto): on CUDA" in caplog.text
+    assert _resolve_share_prompt("auto", model, items, collator, cpu) is True
+    assert _share_prompt("auto", model, cuda) is False and _share_prompt("auto", model, cpu) is True
+    assert _share_prompt("on", model, cuda) is True  # asked for explicitly: kept
 
 
 def test_models_that_ignore_the_layout_fall_back_or_stop(tiny_tokenizer, tmp_path, group_file, caplog):

@@ -40,10 +40,24 @@ from mmalign.text.modeling.loading import unwrap
 __all__ = [
     "SelectedTokenLogProb", "token_logprobs", "sequence_logprobs", "shared_prompt_logprobs", "batch_logprobs",
     "shared_prompt_attention_mask", "attention_implementation", "SHARED_PROMPT_ATTENTION", "gather_groups",
+    "shared_prompt_slower_on",
 ]
 
 # attention implementations that take an arbitrary 4D mask as given (transformers hands a 4D mask through as-is)
 SHARED_PROMPT_ATTENTION = ("eager", "sdpa")
+
+
+def shared_prompt_slower_on(device: torch.device) -> Optional[str]:
+    """Why ``training.share_prompt: auto`` keeps the padded layout on ``device`` (None: the shared layout is used).
+
+    The shared layout saves the prompt's repeated compute but attends through a dense [T, T] block mask: on CPU
+    that wins (bench/RESULTS.md), on CUDA the mask rules out the flash kernel and causal block skipping, and a row
+    holds the prompt and all 2k responses, so attention grows with the square of the whole group."""
+    if device.type == "cuda":
+        return ("on CUDA its dense block mask has no flash kernel: measured on an H200 (Llama-3.2-1B shape, bf16), "
+                "the DPO step took 1.14x and the mDPO (k = 4) step 1.69x the padded layout's at 2048 tokens, "
+                "and within 3% at 512 (bench/RESULTS.md, GPU); set training.share_prompt: on to use it anyway")
+    return None
 
 # float32 elements per chunk in the log-softmax (4 Mi elements = 16 MiB of float32 at a time: SmolLM2's 49k vocabulary
 # gives 85-row chunks; a larger chunk only adds a transient [chunk, V] tensor on top of the step's activations).

@@ -32,7 +32,7 @@ from mmalign.text.data.redraw import maybe_redraw
 from mmalign.text.evaluation.calibration import CalibrationAccumulator
 from mmalign.text.data import PreferenceCollator, TokenizedPreferenceDataset, batch_to_device, load_preference_dataset
 from mmalign.text.modeling.fast_paths import fast_path_report
-from mmalign.text.modeling.logprobs import batch_logprobs, gather_groups
+from mmalign.text.modeling.logprobs import batch_logprobs, gather_groups, shared_prompt_slower_on
 from mmalign.engine.evaluation import ShardedEvaluation
 from mmalign.engine.preference import preference_step
 from mmalign.engine.result import TrainResult
@@ -189,6 +189,10 @@ def _resolve_share_prompt(setting: str, model: torch.nn.Module, dataset: Tokeniz
     falls back to the padded layout, ``on`` stops."""
     if setting == "off":
         return False
+    slower = shared_prompt_slower_on(device) if setting == "auto" else None
+    if slower is not None:
+        logger.info("share_prompt: off (auto): %s", slower)
+        return False
     items = [dataset[i] for i in range(min(check_examples, len(dataset)))]
     model.to(device)
     was_training = model.training
@@ -341,7 +345,10 @@ def _train(cfg: TextTrainConfig, inputs: JobInputs, extra_inputs_hook: Optional[
     collator.share_prompt = _resolve_share_prompt(cfg.training.share_prompt, model, train_ds, collator, trainer.device)
     fast_paths = fast_path_report(
         model, direct_forward=cfg.lora.direct_forward if cfg.lora.enabled else None,
-        fused_activations=cfg.model.fused_activations, share_prompt_setting=cfg.training.share_prompt,
+        fused_activations=cfg.model.fused_activations,
+        # auto turned off by the device (shared_prompt_slower_on) is a choice, not a fast path that failed its check
+        share_prompt_setting="off" if cfg.training.share_prompt == "auto" and shared_prompt_slower_on(trainer.device)
+        else cfg.training.share_prompt,
         share_prompt=collator.share_prompt, adamw_blocker=fused_adamw_blocker([p for p in model.parameters() if p.requires_grad]))
     logger.info("fast paths: %s", fast_paths.summary())
     if mode == "adapter":
