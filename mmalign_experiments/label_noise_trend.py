@@ -179,15 +179,16 @@ def plot_k_curves(path: str | Path, rows: list[dict[str, Any]], rates: list[floa
 
     fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4), sharey=True, squeeze=False)
     for ax, (p, c) in zip(axes[0], curves.items()):
-        for other, oc in curves.items():
-            if other != p:
-                ax.plot(*mean_curve(oc), color="0.6", linestyle="--", label=f"mean, p = {other:g}")
+        others = [other for other in curves if other != p]
+        for other in others:
+            ax.plot(*mean_curve(curves[other]), color="0.6", linestyle="--")
         for i, s in enumerate(sorted({s for s, _ in c})):
             ks = sorted(k for s2, k in c if s2 == s)
             ax.plot(ks, [c[s, k] for k in ks], color=f"C{i}", marker="o", markersize=3, linewidth=0.9, alpha=0.7,
                     label=f"seed {s}")
         ax.plot(*mean_curve(c), color="k", marker="o", linewidth=2.2, label="mean")
-        ax.set_title(f"p = {p:g}", fontsize=9)
+        dashed = f" (dashed: mean at p = {', '.join(f'{o:g}' for o in others)})" if others else ""
+        ax.set_title(f"p = {p:g}{dashed}", fontsize=9)
         ax.set_xlabel("group size k (k = 1: DPO)")
         ax.set_xticks(sorted({k for _, k in c}))
     axes[0][0].set_ylabel({"entropy": "held-out entropy (nats)"}.get(metric, metric))
