@@ -37,7 +37,7 @@ from mmalign.text.config import LoraConfig, TextTrainingConfig
 from mmalign.text.evaluation.uniformity import summarize, uniformity_metrics
 from mmalign_experiments.rng.config import SMOLLM2, RngDataConfig, RngSamplingConfig
 from mmalign_experiments.rng.data import build_preference_rows, format_prompt, make_intervals
-from mmalign_experiments.label_noise_trend import k_trend
+from mmalign_experiments.label_noise_trend import trend_report
 from mmalign_experiments.sweep import finish_figure, open_sweep, stored_rows
 
 logger = logging.getLogger("mmalign_experiments.label_noise")
@@ -340,7 +340,8 @@ def plot(path: Path, rows: list[dict[str, Any]], labels: list[str], rates: list[
 
 
 def run_label_noise(config: LabelNoiseConfig | dict | str | Path, overrides: Optional[list[str]] = None) -> dict[str, Any]:
-    """Runs every seed x noise rate x method; writes ``results.json``, ``results.md``, ``label_noise.png``."""
+    """Runs every seed x noise rate x method; writes ``results.json``, ``results.md``, ``label_noise.png`` and
+    ``label_noise_k.png`` (the metric against k)."""
     from mmalign.engine.threads import torch_threads
 
     started = time.perf_counter()
@@ -357,10 +358,10 @@ def run_label_noise(config: LabelNoiseConfig | dict | str | Path, overrides: Opt
         rows, methods(cfg), list(cfg.noise_rates))
     drops = drops_from_clean(rows, labels, list(cfg.noise_rates))
     table += f"\nChange of held-out entropy from p = 0, paired by seed (nats):\n\n{drops}" if drops else ""
-    trend_md, trend = k_trend(rows, [p for p in cfg.noise_rates if p > 0])
+    trend_md, trend, contrast = trend_report(rows, list(cfg.noise_rates), out / "label_noise_k.png")
     table += trend_md
     results = {"rows": rows, "config": to_dict(cfg), "model": model_path, "k_trend": trend,
-               "total_s": time.perf_counter() - started}
+               "noise_contrast": contrast, "total_s": time.perf_counter() - started}
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     atomic_write_text(out / "results.md", f"# RNG label noise (thesis §3.6.4), noise: {cfg.noise}\n\n"
                       f"Seeds {cfg.seeds}; {cfg.data.num_test_intervals} held-out intervals x "

@@ -186,3 +186,39 @@ def test_the_stored_sweep_b_is_accepted_with_its_settings():
                                          "noise_rates": [0.3]})
     rows = stored_rows(docs, cfg, REUSE_IGNORE)
     assert {(r["method"], r["seed"]) for r in rows if r["rate"] == 0.3} >= {("mDPO k=5", s) for s in (0, 1, 2)}
+
+
+def test_noise_contrast_steps_slopes_and_verdicts():
+    from mmalign_experiments.label_noise_trend import noise_contrast
+
+    clean = [[1.0, 1.1, 1.2, 1.3, 1.4], [0.9, 1.0, 1.1, 1.2, 1.3]]
+    noisy = [[0.7, 1.2, 1.25, 1.3, 1.3], [0.6, 1.0, 1.1, 1.2, 1.3]]
+    rows = _curve_rows(clean, rate=0.0) + _curve_rows(noisy)
+    md, out = noise_contrast(rows, 0.3)
+    s0 = out["per_seed"][0]
+    assert s0["S0"] == pytest.approx(0.1) and s0["Sp"] == pytest.approx(0.5) and s0["delta"] == pytest.approx(0.4)
+    assert s0["D"] == pytest.approx(s0["slopep"] - 0.1) and s0["noise_effect"][1] == pytest.approx(-0.3)
+    assert out["step_verdict"] == "both" and out["curve_verdict"] == "steeper with noise"
+    assert "**both**" in md and "| 1 | -0.300, -0.300 | -0.300 |" in md
+    # the same step at both rates: group size; a flat clean step and a noisy one: noise; neither: not resolved
+    assert noise_contrast(_curve_rows(clean, 0.0) + _curve_rows(clean), 0.3)[1]["step_verdict"] == "group-size effect"
+    flat = [[1.0, 1.0, 1.2, 1.3, 1.4], [1.0, 0.9, 1.1, 1.2, 1.3]]
+    assert noise_contrast(_curve_rows(flat, 0.0) + _curve_rows(noisy), 0.3)[1]["step_verdict"] == "noise effect"
+    _, out = noise_contrast(_curve_rows(flat, 0.0) + _curve_rows(flat), 0.3)
+    assert out["step_verdict"] == "not resolved" and out["curve_verdict"] == "not steeper"
+    # a seed missing k = 4 at p = 0: stated; without k = 2 at both rates: no section
+    _, out = noise_contrast([r for r in rows if not (r["seed"] == 1 and r["k"] == 4 and r["rate"] == 0.0)], 0.3)
+    assert out["seeds"] == [0] and out["missing_seeds"] == [1]
+    assert noise_contrast([r for r in rows if r["k"] != 2], 0.3) == ("", {})
+
+
+def test_plot_k_curves_writes_a_png_and_trend_report_contrasts_the_rates(tmp_path):
+    from mmalign_experiments.label_noise_trend import plot_k_curves, trend_report
+
+    rows = _curve_rows([[1.0, 1.1, 1.2, 1.3, 1.4], [0.9, 1.0, 1.1, 1.2, 1.3]], 0.0) + _curve_rows(
+        [[0.7, 1.2, 1.25, 1.3, 1.3], [0.6, 1.0, 1.1, 1.2, 1.3]])
+    path = plot_k_curves(tmp_path / "k.png", rows, [0.0, 0.3])
+    assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
+    assert plot_k_curves(tmp_path / "none.png", rows, [0.1]) is None
+    md, trend, contrast = trend_report(rows, [0.0, 0.3], tmp_path / "r.png")
+    assert set(trend) == {"0.0", "0.3"} and contrast["0.3"]["step_verdict"] == "both" and (tmp_path / "r.png").is_file()
