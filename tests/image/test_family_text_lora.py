@@ -57,8 +57,8 @@ def test_sdxl_text_encoder_lora_trains_saves_and_reloads(tiny_sdxl, toy_data, tm
     reloaded = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl))
     reloaded.load_lora_weights(str(final))
     states, pooled = _states(reloaded, prompts)
-    torch.testing.assert_close(states, encoded["states"].detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(pooled, encoded["pooled"].detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(states, encoded["states"].detach().cpu(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pooled, encoded["pooled"].detach().cpu(), rtol=1e-4, atol=1e-5)
     # the reloaded adapter is named default_0 (diffusers' naming), the trained one default
     unet_lora = {n.replace(".default_0.", ".default."): p for n, p in reloaded.unet.named_parameters()
                  if "lora_B" in n}

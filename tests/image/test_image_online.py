@@ -214,7 +214,7 @@ def test_reference_previous_trains_each_round_against_the_last_rounds_policy(tin
     for r in (2, 3):
         policy = load_file(str(out / f"round-{r - 1:02d}" / "policy.safetensors"))
         assert set(policy) < set(seen[r])
-        assert all(seen[r][name].equal(tensor) for name, tensor in policy.items()), r
+        assert all(seen[r][name].cpu().equal(tensor) for name, tensor in policy.items()), r
         first = json.loads((out / f"round-{r:02d}" / "metrics.jsonl").read_text().splitlines()[0])
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-4), (r, first)
     later = load_file(str(out / "round-02" / "policy.safetensors"))

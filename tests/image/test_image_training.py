@@ -59,7 +59,7 @@ def test_training_raises_implicit_accuracy(tiny_pixel_path, tmp_path):
     untrained = build_preference_model(resolved)  # LoRA B = 0: the policy is the reference, every pair a tie
     dataset = build_dataset(resolved, untrained)
     assert _fixed_noise_preference(untrained, dataset, 200) == (0.5, 0.0)
-    accuracy, inside = _fixed_noise_preference(summary["model"], dataset, 200)
+    accuracy, inside = _fixed_noise_preference(summary["model"].to("cpu"), dataset, 200)  # trained on CUDA if any
     assert accuracy > 0.55 and inside > 0, (accuracy, inside)
     output_dir = tmp_path / "run"
     rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
@@ -89,7 +89,8 @@ def test_saved_lora_reloads_into_pipeline(resume_runs, tiny_sd_path):
     assert (final / "pytorch_lora_weights.safetensors").exists()
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path), safety_checker=None)
     sample, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
-    states = summary["model"].conditioner(["a photo of object 1", "x"])
+    summary["model"].to("cpu")  # trained on CUDA where there is one; the pipeline below runs on the CPU
+    states = summary["model"].conditioner(["a photo of object 1", "x"]).cpu()
 
     def image():
         return pipe("a photo of object 1", num_inference_steps=2, height=32, width=32, output_type="np",
