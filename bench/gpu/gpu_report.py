@@ -110,10 +110,10 @@ def table(data: dict) -> str:
     info = next((e for e in data["entries"] if e.get("case") == "info" and e.get("status") == "ok"), {})
     lines.append(f"device: {info.get('name', '?')}, torch {info.get('torch', '?')}; measured matmul "
                  f"{_f(data.get('matmul_tflops'), '.3g')} TFLOP/s; dry run: {data['meta']['dry_run']}")
-    lines.append(f"TEXT  setting            {'impl':23s} s/step   tok/s    peak GiB  MFU    vs TRL  vs bare")
+    lines.append(f"TEXT  setting            {'impl':27s} s/step   tok/s    peak GiB  MFU    vs TRL  vs bare")
     for r in data.get("text_summary", []):
         setting = f"{r['objective']}/{r['finetuning']}/L{r['seq_len']}"
-        lines.append(f"      {setting:18s} {r['impl']:23s} {_f(r['median_step_s'], '7.3f')} {_f(r['tokens_per_s'], '8.0f')} "
+        lines.append(f"      {setting:18s} {r['impl']:27s} {_f(r['median_step_s'], '7.3f')} {_f(r['tokens_per_s'], '8.0f')} "
                      f"{_f(r['peak_memory_mib'] / 1024, '8.2f')}  {_f(100 * r['mfu'], '5.1f')}% "
                      f"{_f(r['speed_vs_trl'], '6.2f')}x {_f(r['speed_vs_bare'], '6.2f')}x")
     lines.append("IMAGE pass           variant            s/step  img/s   peak GiB")

@@ -11,6 +11,7 @@ TRL 1.16 has no group objective: its mDPO cells are recorded as not applicable.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -27,7 +28,11 @@ MMALIGN_VARIANTS = {
     "mmalign": {},
     "mmalign-noshare": {"training": {"share_prompt": "off"}},
     "mmalign-noshare-nofused": {"training": {"share_prompt": "off"}, "model": {"fused_activations": False}},
+    # the log-softmax chunk of the H200 run (4 Mi elements: 32 rows of a 128k vocabulary), against today's default
+    "mmalign-noshare-smallchunks": {"training": {"share_prompt": "off"}},
 }
+# module attributes a variant sets for its run (restored after): (module, attribute, value)
+MMALIGN_PATCHES = {"mmalign-noshare-smallchunks": [("mmalign.text.modeling.logprobs", "_CHUNK_ELEMENTS_ACCELERATOR", 1 << 22)]}
 # Llama-3.2-1B's shape (1.24B parameters with its 128256-token vocabulary); random weights.
 LLAMA_3_2_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
@@ -195,6 +200,7 @@ def run_case(impl: str, objective: str, lora: bool, seq_len: int, settings: Text
     from mmalign_adapter import tiny_tokenizer, train_text, write_rows
 
     summary: dict = {}
+    stack = contextlib.ExitStack()
 
     k = K if objective == "mdpo" else 1
     responses = 2 * k
@@ -206,6 +212,7 @@ def run_case(impl: str, objective: str, lora: bool, seq_len: int, settings: Text
     try:
         if impl in MMALIGN_VARIANTS:
             data = write_rows(work / "rows.jsonl", rows)
+            stack.enter_context(patched(MMALIGN_PATCHES.get(impl, [])))
             summary = train_text(model_dir=model_dir, data_file=str(data), data_format="groups" if k > 1 else "pairs",
                        objective=objective, beta=BETA, lora=lora, lora_targets=LORA_TARGETS,
                        gradient_checkpointing=settings.gradient_checkpointing, batch_size=batch_size,
@@ -227,6 +234,7 @@ def run_case(impl: str, objective: str, lora: bool, seq_len: int, settings: Text
             run_bare(model_dir, rows, k, lora, settings, batch_size, device)
         times = timer.step_times(settings.warmup)
     finally:
+        stack.close()
         timer.handle.remove()
         _reset_accelerate()
     if len(times) != settings.steps:
@@ -240,6 +248,23 @@ def run_case(impl: str, objective: str, lora: bool, seq_len: int, settings: Text
             "allocated_before_mib": allocated_before}
 
 
+@contextlib.contextmanager
+def patched(patches):
+    """Sets each (module, attribute, value) for the block, then restores the old values."""
+    import importlib
+
+    saved = []
+    try:
+        for module_name, attribute, value in patches:
+            module = importlib.import_module(module_name)
+            saved.append((module, attribute, getattr(module, attribute)))
+            setattr(module, attribute, value)
+        yield
+    finally:
+        for module, attribute, value in reversed(saved):
+            setattr(module, attribute, value)
+
+
 def _reset_accelerate() -> None:
     """Each trainer builds its own Accelerator; the process-wide accelerate state must not carry over."""
     try:
@@ -251,14 +276,15 @@ def _reset_accelerate() -> None:
 
 
 def focused_cases(settings: TextSettings):
-    """The second GPU run's plan (``--text-plan focused``): which of mmalign's settings costs it its step against
-    TRL on the GPU — the shared-prompt layout (a dense [T, T] mask: no flash kernel, no causal skipping) and the
-    fused SiLU-gated MLP — at the longest and the shortest sequence length, the peers beside each setting."""
+    """``--text-plan focused``: which of mmalign's settings costs it its step against TRL on the GPU — the
+    shared-prompt layout (a dense [T, T] mask: no flash kernel, no causal skipping), the fused SiLU-gated MLP and
+    (added after the first H200 runs, not yet run there) the log-softmax chunk size — at the longest and the
+    shortest sequence length, the peers beside each setting. "mmalign" is the library's default for the device."""
     long, short = settings.seq_lens[0], settings.seq_lens[-1]
     plan = [(long, False, "dpo", ("mmalign", "mmalign-noshare", "trl")),
             (long, True, "dpo", ("mmalign", "mmalign-noshare", "trl")),
             (long, False, "mdpo", ("mmalign", "mmalign-noshare")),
-            (long, False, "dpo", ("mmalign-noshare-nofused", "bare")),
+            (long, False, "dpo", ("mmalign-noshare-smallchunks", "mmalign-noshare-nofused", "bare")),
             (short, False, "dpo", ("mmalign", "mmalign-noshare", "trl")),
             (short, True, "dpo", ("mmalign-noshare", "trl", "mmalign"))]
     seen = set()

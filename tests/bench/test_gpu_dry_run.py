@@ -56,3 +56,21 @@ def test_gpu_bench_dry_run_writes_every_section_with_finite_numbers(tmp_path):
     assert all(_finite(g["value"]) for g in data["goals"]), data["goals"]
     # the short table comes last on stdout
     assert "GOAL" in proc.stdout.splitlines()[-2] and proc.stdout.splitlines()[-1].startswith("errors: 0")
+
+
+@pytest.mark.slow
+def test_gpu_bench_focused_text_plan_runs_every_variant(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="")
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "run_gpu_bench.py"), "--dry-run",
+                           "--sections", "text", "--text-plan", "focused", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert data["meta"]["text_plan"] == "focused" and data["errors"] == [], data["errors"]
+    ran = {(e["objective"], e["finetuning"], e["impl"]): e for e in data["entries"] if e.get("status") == "ok"}
+    assert {i for (_, _, i) in ran} == {"mmalign", "mmalign-noshare", "mmalign-noshare-nofused",
+                                        "mmalign-noshare-smallchunks", "trl", "bare"}
+    # the variants change what they name: the CPU default shares the prompt, "noshare" does not
+    assert ran[("dpo", "full", "mmalign")]["share_prompt"] is True
+    assert all(e["share_prompt"] is False for (_, _, i), e in ran.items() if i.startswith("mmalign-noshare"))

@@ -165,3 +165,13 @@ def test_in_place_backward_of_bf16_logits_equals_the_allocating_one():
         token_logprobs(logits, labels, 2, reuse_logits=reuse).sum().backward()
         grads[reuse] = hidden_bf16.grad
     assert torch.equal(grads[False], grads[True])
+
+
+def test_log_softmax_chunks_are_large_on_accelerators():
+    from mmalign.text.modeling.logprobs import default_chunk_rows
+
+    # 128k vocabulary (Llama 3): 32 rows per chunk on the CPU (16 MiB of float32); on an accelerator ~2k rows, so a
+    # 12k-row step is a few chunks instead of ~400 launch-bound ones (the H200 run, bench/RESULTS.md "GPU")
+    assert default_chunk_rows(torch.empty(12288, 128256)) == 32
+    assert default_chunk_rows(torch.empty(12288, 128256, device="meta")) == (1 << 28) // 128256
+    assert default_chunk_rows(torch.empty(4, 1 << 30, device="meta")) == 1  # never zero rows

@@ -59,9 +59,19 @@ def shared_prompt_slower_on(device: torch.device) -> Optional[str]:
                 "and within 3% at 512 (bench/RESULTS.md, GPU); set training.share_prompt: on to use it anyway")
     return None
 
-# float32 elements per chunk in the log-softmax (4 Mi elements = 16 MiB of float32 at a time: SmolLM2's 49k vocabulary
-# gives 85-row chunks; a larger chunk only adds a transient [chunk, V] tensor on top of the step's activations).
+# float32 elements per chunk in the log-softmax. CPU: 4 Mi elements = 16 MiB of float32 at a time (SmolLM2's 49k
+# vocabulary gives 85-row chunks; a larger chunk only adds a transient [chunk, V] tensor on top of the step's
+# activations). Accelerators: 256 Mi = 1 GiB, because with a 128k vocabulary 4 Mi is 32 rows, and the H200 run's
+# 12k scored rows per step became ~400 chunks of tiny kernels in each direction (launch-bound). The GPU figure for
+# the larger chunk is not measured yet (bench/gpu: the focused plan's "smallchunks" variant times the old size).
 _CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS_ACCELERATOR = 1 << 28
+
+
+def default_chunk_rows(logits: torch.Tensor) -> int:
+    """Rows per log-softmax chunk for ``logits`` [M, V] on their device."""
+    elements = _CHUNK_ELEMENTS if logits.device.type == "cpu" else _CHUNK_ELEMENTS_ACCELERATOR
+    return max(1, elements // max(1, logits.shape[-1]))
 
 # autograd nodes whose output tensor no backward saves: logits made by one of them can take their own gradient
 # in place (the LM head's matmul on 2-D rows, its 3-D reshape, the row gather of the fallback path)
@@ -118,7 +128,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, chunk_rows: Optio
     their gradient into them instead of a new [M, V] tensor when they are contiguous and the output of a layer that
     saves no output (``_FRESH_OUTPUT_NODES``); otherwise a warning says once why not."""
     if chunk_rows is None:
-        chunk_rows = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+        chunk_rows = default_chunk_rows(logits)
     in_place = reuse_logits and logits.is_contiguous() and type(logits.grad_fn).__name__ in _FRESH_OUTPUT_NODES
     if reuse_logits and logits.requires_grad and not in_place:
         warn_not_taken("LM-head gradient in place", f"the logits ({type(logits.grad_fn).__name__}, "
