@@ -268,9 +268,9 @@ def xformers_failure(dtype: torch.dtype = torch.float16, device: str = "cuda") -
         import xformers.ops  # noqa: F401  (CUDA-only; imported lazily)
     except Exception as error:  # noqa: BLE001 - ImportError, or a broken install raising anything at import
         return f"import xformers failed: {type(error).__name__}: {error}"
-    try:
-        query = torch.zeros(1, 8, 1, 64, dtype=dtype, device=device)  # [batch, tokens, heads, head dim]
-        xformers.ops.memory_efficient_attention(query, query, query)
+    try:  # forward and backward: a wheel can carry one kernel and not the other
+        query = torch.zeros(1, 8, 1, 64, dtype=dtype, device=device, requires_grad=True)  # [batch, tokens, heads, dim]
+        xformers.ops.memory_efficient_attention(query, query, query).sum().backward()
     except Exception as error:  # noqa: BLE001 - NotImplementedError (no operator), RuntimeError, ...
         return f"a test call of xformers.ops.memory_efficient_attention failed: {type(error).__name__}: " \
                f"{str(error).splitlines()[0] if str(error) else ''}"
@@ -295,8 +295,12 @@ def configure_attention(unet: nn.Module, mode: str = "auto") -> str:
             dtype = parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float16
             why = xformers_failure(dtype)
         if why is None:
-            unet.enable_xformers_memory_efficient_attention()
-            return "xformers"
+            try:  # diffusers runs its own check (a float32 call) and raises when that fails
+                unet.enable_xformers_memory_efficient_attention()
+                return "xformers"
+            except Exception as error:  # noqa: BLE001
+                why = f"diffusers' enable_xformers_memory_efficient_attention failed: {type(error).__name__}: " \
+                      f"{str(error).splitlines()[0] if str(error) else ''}"
         if mode == "xformers":
             raise ValueError(f"attention='xformers' cannot be used ({why}): it needs CUDA and a working xformers "
                              f"package; use 'auto' or 'sdpa'")

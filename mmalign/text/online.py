@@ -94,12 +94,11 @@ def _context_length(model) -> Optional[int]:
     return None
 
 
-def _share_prompt(setting: str, model, device: Optional[torch.device] = None) -> bool:
-    """``device``: where the trainer will run (accelerate takes CUDA when there is one)."""
+def _share_prompt(setting: str, model, device: torch.device) -> bool:
+    """``device``: the trainer's (accelerate's choice)."""
     supported = attention_implementation(model) in SHARED_PROMPT_ATTENTION
     if setting == "on" and not supported:
         raise ValueError(f"training.share_prompt: on needs attn_implementation in {SHARED_PROMPT_ATTENTION}")
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     slower = shared_prompt_slower_on(device) if setting == "auto" else None
     if slower is not None:
         logger.info("share_prompt: off (auto): %s", slower)
@@ -209,8 +208,9 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any) -> TrainResult:
                                           dtype=cfg.model.dtype) if cfg.reference.name_or_path else copy.deepcopy(model))
     if cfg.lora.enabled:
         model = apply_lora_config(model, cfg.lora)
-    share = _share_prompt(cfg.training.share_prompt, model)
-    loss = OnlineLoss(cfg, tokenizer, reward, heldout, objective=objective, share_prompt=share)
+    if cfg.training.share_prompt == "on":  # refused before any model work when the attention cannot take it
+        _share_prompt("on", model, torch.device("cpu"))
+    loss = OnlineLoss(cfg, tokenizer, reward, heldout, objective=objective)  # the layout: once the device is known
     repeats = algo.updates_per_rollout
     dataset = (RepeatedBatches(train_items, cfg.training.batch_size, repeats, cfg.training.seed) if repeats > 1
                else train_items)  # a list is a map-style dataset
@@ -224,6 +224,8 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any) -> TrainResult:
                       collate_fn=list, compute_loss=loss, save_model=save_model, resolved_config=cfg,
                       shuffle=repeats == 1, plot_keys=PLOT_KEYS)
     trainer.accelerator.register_for_checkpointing(loss)  # the rollout counter (sampler seed) and open rollout
+    share = _share_prompt(cfg.training.share_prompt, model, trainer.device)
+    loss.use_shared_prompt(share)
     if cfg.needs_reference:
         loss.reference = (AdapterReference(model) if reference_model is None
                           else FrozenModelReference(trainer.prepare_frozen(reference_model)))

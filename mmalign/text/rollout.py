@@ -124,6 +124,11 @@ class OnlineLoss:
         self.calls = 0
         self.rollout: Optional[Rollout] = None
 
+    def use_shared_prompt(self, share_prompt: bool) -> None:
+        """The batch layout of the training forwards (decided once the trainer's device is known)."""
+        self.collator.share_prompt = share_prompt
+        self.group_inputs.share_prompt = share_prompt
+
     # -------------------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
         return {"calls": self.calls, "rollout": None if self.rollout is None else self.rollout.state()}

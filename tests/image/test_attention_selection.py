@@ -56,7 +56,7 @@ def test_an_importable_xformers_whose_kernels_fail_is_reported_not_used(monkeypa
         @staticmethod
         def memory_efficient_attention(query, key, value):
             WorkingOps.calls.append(query.shape)
-            return query
+            return query * 1.0
 
     _fake_xformers(monkeypatch, WorkingOps)
     assert xformers_failure(torch.float32, device="cpu") is None and WorkingOps.calls
@@ -82,3 +82,13 @@ def test_auto_falls_back_to_sdpa_with_a_warning_when_xformers_cannot_run(tiny_sd
         configure_attention(unet, "xformers")
     monkeypatch.setattr(models, "xformers_failure", lambda dtype: None)  # a working xformers is still chosen
     assert configure_attention(unet, "auto") == "xformers" and enabled == [True]
+
+    def diffusers_check_fails():
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` (float32)")
+
+    monkeypatch.setattr(unet, "enable_xformers_memory_efficient_attention", diffusers_check_fails)
+    with caplog.at_level("WARNING", logger="mmalign.engine.fast_paths"):
+        assert configure_attention(unet, "auto") == "sdpa"  # diffusers' own float32 check failing: SDPA, no crash
+    assert "enable_xformers_memory_efficient_attention failed" in caplog.text
+    with pytest.raises(ValueError, match="enable_xformers_memory_efficient_attention failed"):
+        configure_attention(unet, "xformers")

@@ -1,5 +1,6 @@
 """End-to-end image preference training on the shared engine: learning, saving, reloading, resuming, CLI."""
 
+import copy
 import json
 import math
 import subprocess
@@ -89,8 +90,8 @@ def test_saved_lora_reloads_into_pipeline(resume_runs, tiny_sd_path):
     assert (final / "pytorch_lora_weights.safetensors").exists()
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd_path), safety_checker=None)
     sample, t = torch.randn(2, 4, 8, 8), torch.tensor([100, 700])
-    summary["model"].to("cpu")  # trained on CUDA where there is one; the pipeline below runs on the CPU
-    states = summary["model"].conditioner(["a photo of object 1", "x"]).cpu()
+    trained_model = copy.deepcopy(summary["model"]).to("cpu")  # trained on CUDA if any; the pipeline runs on the CPU
+    states = trained_model.conditioner(["a photo of object 1", "x"])
 
     def image():
         return pipe("a photo of object 1", num_inference_steps=2, height=32, width=32, output_type="np",
@@ -102,7 +103,7 @@ def test_saved_lora_reloads_into_pipeline(resume_runs, tiny_sd_path):
         pipe.load_lora_weights(str(final))
         after_unet = pipe.unet(sample, t, encoder_hidden_states=states).sample
         after = image()
-        trained = summary["model"].unet(sample, t, encoder_hidden_states=states).sample
+        trained = trained_model.unet(sample, t, encoder_hidden_states=states).sample
     torch.testing.assert_close(after_unet, trained, rtol=1e-4, atol=1e-5)  # same weights, same LoRA scale (alpha 8)
     assert not torch.allclose(before_unet, after_unet)
     assert abs(after - before).max() > 1e-4

@@ -55,8 +55,9 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
             "objective": {"name": "dpo", "beta": 0.1},
             "lora": {"enabled": lora, "r": 4, "alpha": 8, "dropout": 0.0,
                      "target_modules": GPT2_TARGETS if layout == "gpt2" else LLAMA_TARGETS},
+            # share_prompt "on": "auto" keeps the padded layout on CUDA (shared_prompt_slower_on)
             "training": {"batch_size": 4, "max_steps": 2, "logging_steps": 1, "progress_bar": False, "plot": False,
-                         "num_threads": 1, "save_total_limit": None},
+                         "num_threads": 1, "save_total_limit": None, "share_prompt": "on"},
             "output_dir": str(tmp_path / "out"),
         })
     report = summary["fast_paths"]

@@ -260,3 +260,17 @@ def test_shipped_online_config_validates():
 
     cfg = load_config(OnlineConfig, shipped_config("text/online-rloo-tiny.yaml"))
     assert cfg.algorithm.name == "rloo" and cfg.prompts.hh and cfg.heldout_reward[0].kind == "length"
+
+
+def test_the_layout_is_decided_on_the_trainers_device(tiny_model_dir, prompt_file, tmp_path, monkeypatch):
+    import mmalign.text.online as online
+    from mmalign.text.rollout import OnlineLoss
+
+    asked, used = [], []
+    real_layout = OnlineLoss.use_shared_prompt
+    monkeypatch.setattr(online, "shared_prompt_slower_on", lambda device: asked.append(device) or "slower here")
+    monkeypatch.setattr(OnlineLoss, "use_shared_prompt", lambda self, share: used.append(share) or real_layout(self, share))
+    mmalign.text.online(_config(tiny_model_dir, prompt_file, tmp_path / "auto", training={"max_steps": 1}))
+    assert [d.type for d in asked] == ["cpu"] and used == [False]  # the trainer's device; auto then pads
+    mmalign.text.online(_config(tiny_model_dir, prompt_file, tmp_path / "on", training={"max_steps": 1, "share_prompt": "on"}))
+    assert used == [False, True]  # "on" is kept whatever the device

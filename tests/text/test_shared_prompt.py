@@ -160,7 +160,7 @@ def test_models_that_ignore_the_layout_fall_back_or_stop(tiny_tokenizer, tmp_pat
     caplog.set_level(logging.INFO, logger="mmalign.text.recipes.preference")
     summary = mmalign.text.train({**_config(model_dir, group_file, tmp_path / "auto", "auto"),
                                   "training": {**_config(model_dir, group_file, "", "auto")["training"], "max_steps": 1}})
-    assert summary["global_step"] == 1 and "share_prompt: off" in caplog.text
+    assert summary["global_step"] == 1 and "does not work for this model" in caplog.text  # not the CUDA rule
     with pytest.raises(ValueError, match="training.share_prompt: on"):
         mmalign.text.train(_config(model_dir, group_file, tmp_path / "on", "on"))
 
@@ -207,3 +207,16 @@ def test_other_model_families_score_the_same_in_both_layouts(tiny_tokenizer, fam
         with torch.no_grad():
             torch.testing.assert_close(batch_logprobs(model, shared)[0], batch_logprobs(model, padded)[0],
                                        rtol=1e-5, atol=1e-4)
+
+
+def test_auto_turned_off_by_the_device_is_not_reported_as_a_failed_fast_path(tiny_model_dir, group_file, tmp_path,
+                                                                              monkeypatch, caplog):
+    import mmalign.text.recipes.preference as preference
+
+    monkeypatch.setattr(preference, "shared_prompt_slower_on", lambda device: "slower on this device")
+    caplog.set_level(logging.WARNING, logger="mmalign.engine.fast_paths")
+    config = _config(tiny_model_dir, group_file, tmp_path / "auto", "auto")
+    summary = mmalign.text.train({**config, "training": {**config["training"], "max_steps": 1}})
+    report = summary["fast_paths"]
+    assert report["share_prompt"] is False and "training.share_prompt" not in report["not_taken"]
+    assert "share_prompt not taken" not in caplog.text

@@ -61,11 +61,12 @@ def shared_prompt_slower_on(device: torch.device) -> Optional[str]:
 
 # float32 elements per chunk in the log-softmax. CPU: 4 Mi elements = 16 MiB of float32 at a time (SmolLM2's 49k
 # vocabulary gives 85-row chunks; a larger chunk only adds a transient [chunk, V] tensor on top of the step's
-# activations). Accelerators: 256 Mi = 1 GiB, because with a 128k vocabulary 4 Mi is 32 rows, and the H200 run's
-# 12k scored rows per step became ~400 chunks of tiny kernels in each direction (launch-bound). The GPU figure for
-# the larger chunk is not measured yet (bench/gpu: the focused plan's "smallchunks" variant times the old size).
+# activations). Accelerators: 64 Mi (a float32 chunk and its softmax: ~0.5 GiB transient), because with a 128k
+# vocabulary 4 Mi is 32 rows and the H200 run's 12k scored rows per step became ~400 chunks of small kernels in each
+# direction (~5k launches; estimated at a few % of that 0.45 s step, not measured: bench/gpu's focused plan times
+# the old size as "mmalign-noshare-smallchunks").
 _CHUNK_ELEMENTS = 1 << 22
-_CHUNK_ELEMENTS_ACCELERATOR = 1 << 28
+_CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
 
 
 def default_chunk_rows(logits: torch.Tensor) -> int:
