@@ -134,7 +134,7 @@ class TextTrainingConfig(TrainingConfig):
         metadata={"help": "encode each prompt once for all its responses (one row per example, block attention "
                   "mask; needs eager/sdpa attention): on, off, or auto = on when the model supports it, a check "
                   "on the first examples gives the same log-probs as the padded layout, and the run is not on CUDA "
-                  "(there the dense mask measured slower than the padded layout: bench/RESULTS.md, GPU)"},
+                  "(there its dense mask measured 1.1-1.7x slower at 2048 tokens: bench/RESULTS.md, GPU)"},
     )
 
     def __post_init__(self) -> None:

@@ -69,8 +69,8 @@ def test_gpu_bench_focused_text_plan_runs_every_variant(tmp_path):
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
     assert data["meta"]["text_plan"] == "focused" and data["errors"] == [], data["errors"]
     ran = {(e["objective"], e["finetuning"], e["impl"]): e for e in data["entries"] if e.get("status") == "ok"}
-    assert {i for (_, _, i) in ran} == {"mmalign", "mmalign-noshare", "mmalign-noshare-nofused",
+    assert {i for (_, _, i) in ran} == {"mmalign", "mmalign-share", "mmalign-noshare-nofused",
                                         "mmalign-noshare-smallchunks", "trl", "bare"}
     # the variants change what they name: the CPU default shares the prompt, "noshare" does not
-    assert ran[("dpo", "full", "mmalign")]["share_prompt"] is True
+    assert ran[("dpo", "full", "mmalign")]["share_prompt"] is True and ran[("dpo", "full", "mmalign-share")]["share_prompt"]
     assert all(e["share_prompt"] is False for (_, _, i), e in ran.items() if i.startswith("mmalign-noshare"))
