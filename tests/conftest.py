@@ -12,6 +12,23 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a machine without the offline assets (``MMALIGN_ALLOW_MISSING_ASSETS=1``: the GPU machine has neither the
+    data folder nor the weight packages), a test stopped by :class:`mmalign.resources.MissingAssetError` is reported
+    as skipped with the error's message; everywhere else (CI, the README's test command) it fails."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is None or os.environ.get("MMALIGN_ALLOW_MISSING_ASSETS") != "1":
+        return
+    from mmalign.resources import MissingAssetError
+
+    if call.excinfo.errisinstance(MissingAssetError):
+        path, line, _ = item.reportinfo()
+        report.outcome = "skipped"
+        report.longrepr = (str(path), (line or 0) + 1, f"Skipped: missing offline asset: {call.excinfo.value}")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The tiny offline text tokenizer (with a pad token) of the objects-in, seam and evaluate tests."""

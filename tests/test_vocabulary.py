@@ -1,5 +1,6 @@
 """One vocabulary: the sections every job shares are spelled the same (model, lora, reference, objective, data,
 training, output_dir); every old spelling stops with an error naming the new key; one command-line implementation."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,8 @@ def test_every_command_shares_the_options_and_names_itself():
         "    print(out.getvalue())\n"
     )
     result = subprocess.run([sys.executable, "-c", script, *COMMANDS], capture_output=True, text=True, cwd=ROOT,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=300)
+                            env={"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+                                 "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     helps = {block.split("\n", 1)[0].strip(): block for block in result.stdout.split("===== ")[1:]}
     for name in COMMANDS:

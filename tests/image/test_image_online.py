@@ -114,7 +114,8 @@ def test_cli_print_config_and_one_round(tiny_pixel_path, tmp_path):
     root = Path(__file__).resolve().parents[2]
     config = tmp_path / "rounds.yaml"
     config.write_text(yaml.safe_dump(_bright_config(tiny_pixel_path, tmp_path / "cli", max_steps=1)))
-    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p),
+           "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "mmalign.image.online", "--config", str(config), "--set", "rounds=1"]
     printed = subprocess.run(command + ["--print-config"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert printed.returncode == 0 and yaml.safe_load(printed.stdout)["rounds"] == 1, printed.stderr[-2000:]

