@@ -65,6 +65,12 @@ class TrainingConfig:
         default=False, metadata={"help": "start a new run in an output_dir that holds another run's checkpoints, "
                                          "deleting them (otherwise refused: resume it or choose another folder)"}
     )
+    deterministic: bool = field(
+        default=False, metadata={"help": "CUDA: deterministic kernels (torch.use_deterministic_algorithms, cuDNN "
+                                         "without autotuning, a fixed cuBLAS workspace) so that seeded and resumed "
+                                         "runs repeat bit for bit there as on CPU; slower, and an operation without a "
+                                         "deterministic kernel stops the run naming it (mmalign.engine.determinism)"}
+    )
     allow_inexact_resume: bool = field(
         default=False, metadata={"help": "resume even when a checkpoint's random-generator state cannot be read "
                                          "(the run then does not repeat an uninterrupted one); otherwise refused"}

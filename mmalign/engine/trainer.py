@@ -34,6 +34,7 @@ from mmalign.engine.plots import DEFAULT_PLOT_KEYS, plot_metrics
 from mmalign.engine.reporting import MetricsWriter, format_metrics, truncate_jsonl
 from mmalign.engine.sampling import EpochSampler
 from mmalign.engine.step import StepOutput
+from mmalign.engine.determinism import deterministic_kernels
 from mmalign.engine.threads import torch_threads
 
 # StepOutput, EpochSampler, torch_threads and fused_adamw_blocker live in their own modules; kept importable here.
@@ -221,7 +222,7 @@ class Trainer(CheckpointingMixin):
         uninterrupted one (same data order, RNG states, optimizer/scheduler state and partial metric window).
         """
         release_freed_memory(self.config.release_freed_memory)
-        with torch_threads(self.config.num_threads):
+        with torch_threads(self.config.num_threads), deterministic_kernels(self.config.deterministic):
             return self._train(resume_from_checkpoint)
 
     def _train(self, resume_from_checkpoint: Any = None) -> dict[str, Any]:
