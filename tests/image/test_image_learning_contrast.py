@@ -33,3 +33,30 @@ def test_bright_and_dark_rows_are_the_same_pairs_swapped():
 ])
 def test_rule(contrasts, passed):
     assert apply_rule(contrasts)["passed"] is passed
+
+
+def test_presets_v2_is_full_finetuning_and_first_guess_is_session_13s_lora():
+    from pathlib import Path
+
+    from mmalign_experiments.image_brightness_contrast import PRESETS, ContrastSettings, _run_config
+
+    assert PRESETS["v2"] == ContrastSettings()
+    v2 = _run_config(Path("start"), Path("/nonexistent/out"), 0, PRESETS["v2"], "dpo", 60)
+    assert v2["lora"] == {"enabled": False} and v2["training"]["learning_rate"] == 3e-5
+    first = _run_config(Path("start"), Path("/nonexistent/out"), 0, PRESETS["first-guess"], "dpo", 60)
+    assert first["lora"] == {"r": 8, "alpha": 8} and first["training"]["learning_rate"] == 5e-3
+    assert "nll" not in first["objective"] and first["objective"]["beta_d"] == 2000.0
+    with pytest.raises(ValueError, match="finetuning"):
+        _run_config(Path("start"), Path("/nonexistent/out"), 0, ContrastSettings(finetuning="half"), "dpo", 60)
+
+
+def test_cli_flags_override_the_chosen_preset():
+    import argparse
+    from dataclasses import asdict
+
+    from mmalign_experiments.image_brightness_contrast import ContrastSettings, settings_from_args
+
+    args = argparse.Namespace(preset="first-guess", **{name: None for name in asdict(ContrastSettings())})
+    args.dpo_steps, args.nll = 240, 1000.0
+    settings = settings_from_args(args)
+    assert (settings.finetuning, settings.learning_rate, settings.dpo_steps, settings.nll) == ("lora", 5e-3, 240, 1000.0)
