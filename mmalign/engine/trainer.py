@@ -26,6 +26,7 @@ from mmalign.engine.allocator import release_freed_memory
 from mmalign.engine.checkpoints import TRAINER_STATE_NAME
 from mmalign.engine.checkpointing import CheckpointingMixin
 from mmalign.engine.config import TrainingConfig
+from mmalign.engine.determinism import deterministic_kernels
 from mmalign.engine.guards import NonFiniteGuard
 from mmalign.engine.metric_window import MetricWindow
 from mmalign.engine.optim import build_adamw, fused_adamw_blocker, lr_lambda
@@ -34,7 +35,6 @@ from mmalign.engine.plots import DEFAULT_PLOT_KEYS, plot_metrics
 from mmalign.engine.reporting import MetricsWriter, format_metrics, truncate_jsonl
 from mmalign.engine.sampling import EpochSampler
 from mmalign.engine.step import StepOutput
-from mmalign.engine.determinism import deterministic_kernels
 from mmalign.engine.threads import torch_threads
 
 # StepOutput, EpochSampler, torch_threads and fused_adamw_blocker live in their own modules; kept importable here.

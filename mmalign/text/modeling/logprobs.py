@@ -55,9 +55,10 @@ def shared_prompt_slower_on(device: torch.device) -> Optional[str]:
     holds the prompt and all 2k responses, so attention grows with the square of the whole group."""
     if device.type == "cuda":
         return ("on CUDA its dense block mask has no flash kernel: measured on an H200 (Llama-3.2-1B shape, bf16), "
-                "the DPO step took 1.14x and the mDPO (k = 4) step 1.69x the padded layout's at 2048 tokens, "
-                "and within 3% at 512 (bench/RESULTS.md, GPU); set training.share_prompt: on to use it anyway")
+                "the DPO step took 1.14x and the mDPO (k = 4) step 1.69x the padded layout's at 2048 tokens "
+                "(at 512, 0.5-2.8% less: bench/RESULTS.md, GPU); set training.share_prompt: on to use it anyway")
     return None
+
 
 # float32 elements per chunk in the log-softmax. CPU: 4 Mi elements = 16 MiB of float32 at a time (SmolLM2's 49k
 # vocabulary gives 85-row chunks; a larger chunk only adds a transient [chunk, V] tensor on top of the step's
