@@ -38,7 +38,7 @@ from mmalign.text.evaluation.uniformity import summarize, uniformity_metrics
 from mmalign_experiments.rng.config import SMOLLM2, RngDataConfig, RngSamplingConfig
 from mmalign_experiments.rng.data import build_preference_rows, format_prompt, make_intervals
 from mmalign_experiments.label_noise_trend import trend_report
-from mmalign_experiments.sweep import finish_figure, open_sweep, stored_rows
+from mmalign_experiments.sweep import finish_figure, mark_reused, open_sweep, stored_rows
 
 logger = logging.getLogger("mmalign_experiments.label_noise")
 
@@ -187,8 +187,7 @@ def reuse_stored_runs(cfg: LabelNoiseConfig, out: Path) -> int:
         else:
             continue
         if not target.is_file():
-            atomic_write_text(target, json.dumps(row, indent=2))
-            atomic_write_text(target.with_name("reused_from.txt"), f"{cfg.reuse_results}\n")
+            mark_reused(target, row, cfg.reuse_results)
             written += 1
     logger.info("reused %d runs from %s", written, cfg.reuse_results)
     return written

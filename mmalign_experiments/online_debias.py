@@ -57,6 +57,7 @@ from typing import Any, Optional, Sequence
 
 from mmalign_experiments import online_debias_reference
 from mmalign_experiments.online_debias_reference import ATTRIBUTES
+from mmalign_experiments.sweep import same_sign_verdict
 
 REPORTED = ATTRIBUTES + ("gender_gap", "race_gap", "no_face_rate", "denoising_loss")
 
@@ -216,14 +217,12 @@ def compare(online: Sequence[dict], offline: Sequence[dict]) -> dict[str, Any]:
             mean = statistics.mean(d)
             entry["mean"] = mean
             entry["sd"] = statistics.stdev(d) if len(d) > 1 else None
-            entry["verdict"] = ("online beats offline" if mean > 0 and all(x > 0 for x in d) else
-                                "offline beats online" if mean < 0 and all(x < 0 for x in d) else "not resolved")
+            entry["verdict"] = same_sign_verdict(d, "online beats offline", "offline beats online")
         for name, cells in (("online", online), ("offline", offline)):
             gains = [c["final"][attribute] - c["base"][attribute] for c in cells]
             entry[f"{name}_minus_base"] = gains
             if gains:
-                entry[f"{name}_vs_base"] = ("above base" if all(g > 0 for g in gains) else
-                                            "below base" if all(g < 0 for g in gains) else "not resolved")
+                entry[f"{name}_vs_base"] = same_sign_verdict(gains, "above base", "below base")
         out[attribute] = entry
     return out
 

@@ -29,6 +29,8 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from mmalign_experiments.sweep import same_sign_verdict
+
 # defined here, not in online_debias, which imports this module (no import cycle)
 ATTRIBUTES = ("simpson_gender", "simpson_race")
 
@@ -48,15 +50,6 @@ def stored_cells(path: Path, expected_settings: dict[str, Any]) -> tuple[list[di
     return initial, offline
 
 
-def verdict(d: Sequence[float], above: str, below: str) -> str:
-    mean = statistics.mean(d)
-    if mean > 0 and all(x > 0 for x in d):
-        return above
-    if mean < 0 and all(x < 0 for x in d):
-        return below
-    return "not resolved"
-
-
 def paired_by_round(previous: Sequence[dict], initial: Sequence[dict]) -> dict[str, Any]:
     """Per attribute and round, previous − initial per seed (paired; seeds missing on either side left out); the
     verdict of the rule on the last round; and whether round 1 equals the stored run's (the pairing check)."""
@@ -71,7 +64,7 @@ def paired_by_round(previous: Sequence[dict], initial: Sequence[dict]) -> dict[s
         d = per_round[-1]
         out[attribute] = {"previous_minus_initial_per_round": per_round, "last_round": rounds - 1,
                           "mean": statistics.mean(d), "sd": statistics.stdev(d) if len(d) > 1 else None,
-                          "verdict": verdict(d, "previous above initial", "previous below initial")}
+                          "verdict": same_sign_verdict(d, "previous above initial", "previous below initial")}
     out["round1_equal"] = {p["seed"]: first_round_difference(p, i) for p, i in pairs}
     return out
 

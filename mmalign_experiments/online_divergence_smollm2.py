@@ -52,6 +52,7 @@ from typing import Any, Optional
 
 from mmalign_experiments import online_divergence as tiny_demo
 from mmalign_experiments import online_sycophancy as demo1
+from mmalign_experiments.sweep import same_sign_verdict
 
 # Demonstration 1's data sizes (its defaults: 10 steps × 2 questions; 32 held-out questions), so that its files and
 # pieces are the ones demonstration 1 used.
@@ -212,11 +213,7 @@ def paired_verdict(runs: list[dict], a: tuple, b: tuple, key: str) -> Optional[s
         return None
     diffs = [values[a][s] - values[b][s] for s in seeds]
     name = lambda cell: f"{cell[0]} in {cell[1]}"  # noqa: E731
-    if all(d > 0 for d in diffs):
-        return f"{name(a)} > {name(b)}"
-    if all(d < 0 for d in diffs):
-        return f"{name(a)} < {name(b)}"
-    return "not resolved"
+    return same_sign_verdict(diffs, f"{name(a)} > {name(b)}", f"{name(a)} < {name(b)}")
 
 
 def comparisons(runs: list[dict]) -> dict[str, Any]:

@@ -26,6 +26,8 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from mmalign_experiments.sweep import same_sign_verdict
+
 SPREAD_METRICS = ("reward", "entropy", "distinct_2", "self_bleu", "reverse_kl")
 IN_LOSS = ("reverse_kl", "js", "forward_kl", "alpha=0.5")
 
@@ -56,8 +58,7 @@ def compare_spread(runs: Sequence[dict], stored_runs: Sequence[dict]) -> dict[st
         entry: dict[str, Any] = {"seeds": seeds, "spread": [new[m][s] for s in seeds],
                                  "stored_spread": [old[m][s] for s in seeds]}
         diffs = [new[m][s] - old[m][s] for s in seeds]
-        entry["verdict"] = ("no common seed" if not seeds else "grew" if all(d > 0 for d in diffs) else
-                            "shrank" if all(d < 0 for d in diffs) else "not resolved")
+        entry["verdict"] = same_sign_verdict(diffs, "grew", "shrank") if seeds else "no common seed"
         out[m] = entry
     return out
 

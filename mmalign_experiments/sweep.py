@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, Sequence, TypeVar
 
 from mmalign.config import load_config, save_config, to_dict
 
@@ -29,6 +29,24 @@ def finish_figure(fig, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     save_figure(fig, path, dpi=110)
+
+
+def same_sign_verdict(differences: Sequence[float], positive: str, negative: str) -> str:
+    """The experiments' paired rule on per-seed differences (never empty): ``positive`` when every one is > 0,
+    ``negative`` when every one is < 0, else ``not resolved``."""
+    if all(d > 0 for d in differences):
+        return positive
+    if all(d < 0 for d in differences):
+        return negative
+    return "not resolved"
+
+
+def mark_reused(target: Path, payload: Any, source: str) -> None:
+    """Writes a stored run's ``payload`` as the finished result ``target``, with ``reused_from.txt`` beside it."""
+    from mmalign.io import atomic_write_text
+
+    atomic_write_text(target, json.dumps(payload, indent=2))
+    atomic_write_text(target.with_name("reused_from.txt"), f"{source}\n")
 
 
 def stored_rows(path: str | Path, config: Any, ignore: tuple[str, ...]) -> list[dict[str, Any]]:

@@ -32,7 +32,7 @@ from typing import Any, Optional
 from mmalign.cli import run_command
 from mmalign.config import to_dict
 from mmalign.io import atomic_write_text, write_jsonl
-from mmalign_experiments.sweep import open_sweep, stored_rows
+from mmalign_experiments.sweep import mark_reused, open_sweep, stored_rows
 from mmalign_experiments.two_bias_data import TRIGGERS, length_aux_pairs, prefix_aux_pairs, probe_pairs, two_bias_pairs
 
 logger = logging.getLogger("mmalign_experiments.two_bias_compare")
@@ -245,8 +245,7 @@ def reuse_stored_seeds(cfg: TwoBiasCompareConfig, out: Path) -> list[int]:
         mine = [r for r in rows if r["seed"] == seed]
         done = out / f"seed{seed}" / "results.json"
         if sorted(r["method"] for r in mine) == sorted(METHODS) and not done.is_file():
-            atomic_write_text(done, json.dumps(mine, indent=1))
-            atomic_write_text(done.with_name("reused_from.txt"), f"{cfg.reuse_results}\n")
+            mark_reused(done, mine, cfg.reuse_results)
             written.append(seed)
     logger.info("reused seeds %s from %s", written, cfg.reuse_results)
     return written

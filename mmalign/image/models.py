@@ -258,6 +258,10 @@ def frozen_copy(unet: nn.Module) -> nn.Module:
     return reference
 
 
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 def xformers_failure(dtype: torch.dtype = torch.float16, device: str = "cuda") -> Optional[str]:
     """Why xformers' memory-efficient attention cannot run here, or None when a tiny call of it works.
 
@@ -272,8 +276,7 @@ def xformers_failure(dtype: torch.dtype = torch.float16, device: str = "cuda") -
         query = torch.zeros(1, 8, 1, 64, dtype=dtype, device=device, requires_grad=True)  # [batch, tokens, heads, dim]
         xformers.ops.memory_efficient_attention(query, query, query).sum().backward()
     except Exception as error:  # noqa: BLE001 - NotImplementedError (no operator), RuntimeError, ...
-        return f"a test call of xformers.ops.memory_efficient_attention failed: {type(error).__name__}: " \
-               f"{str(error).splitlines()[0] if str(error) else ''}"
+        return f"a test call of xformers.ops.memory_efficient_attention failed: {_first_line(error)}"
     return None
 
 
@@ -299,8 +302,7 @@ def configure_attention(unet: nn.Module, mode: str = "auto") -> str:
                 unet.enable_xformers_memory_efficient_attention()
                 return "xformers"
             except Exception as error:  # noqa: BLE001
-                why = f"diffusers' enable_xformers_memory_efficient_attention failed: {type(error).__name__}: " \
-                      f"{str(error).splitlines()[0] if str(error) else ''}"
+                why = f"diffusers' enable_xformers_memory_efficient_attention failed: {_first_line(error)}"
         if mode == "xformers":
             raise ValueError(f"attention='xformers' cannot be used ({why}): it needs CUDA and a working xformers "
                              f"package; use 'auto' or 'sdpa'")

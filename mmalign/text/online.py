@@ -94,11 +94,17 @@ def _context_length(model) -> Optional[int]:
     return None
 
 
-def _share_prompt(setting: str, model, device: torch.device) -> bool:
-    """``device``: the trainer's (accelerate's choice)."""
+def _check_share_prompt(setting: str, model) -> bool:
+    """Whether the model's attention takes the shared-prompt mask; ``on`` without it is refused."""
     supported = attention_implementation(model) in SHARED_PROMPT_ATTENTION
     if setting == "on" and not supported:
         raise ValueError(f"training.share_prompt: on needs attn_implementation in {SHARED_PROMPT_ATTENTION}")
+    return supported
+
+
+def _share_prompt(setting: str, model, device: torch.device) -> bool:
+    """``device``: the trainer's (accelerate's choice)."""
+    supported = _check_share_prompt(setting, model)
     slower = shared_prompt_slower_on(device) if setting == "auto" else None
     if slower is not None:
         logger.info("share_prompt: off (auto): %s", slower)
@@ -208,8 +214,7 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any) -> TrainResult:
                                           dtype=cfg.model.dtype) if cfg.reference.name_or_path else copy.deepcopy(model))
     if cfg.lora.enabled:
         model = apply_lora_config(model, cfg.lora)
-    if cfg.training.share_prompt == "on":  # refused before any model work when the attention cannot take it
-        _share_prompt("on", model, torch.device("cpu"))
+    _check_share_prompt(cfg.training.share_prompt, model)  # refused before the trainer is built
     loss = OnlineLoss(cfg, tokenizer, reward, heldout, objective=objective)  # the layout: once the device is known
     repeats = algo.updates_per_rollout
     dataset = (RepeatedBatches(train_items, cfg.training.batch_size, repeats, cfg.training.seed) if repeats > 1
