@@ -110,6 +110,9 @@ def test_quickstart_and_full_configs_load():
     for name in ("rng-quickstart.yaml", "rng-full.yaml"):
         cfg = load_config(RngConfig, QUICKSTART_CONFIG.parent / name)
         assert [m.objective for m in cfg.methods] == ["dpo", "mdpo", "ipo", "mipo"]
+        # the shipped intervals can be placed (rng-full's once could not: 400 training intervals filled [0, 1000])
+        train, test = make_intervals(cfg.data)
+        assert (len(train), len(test)) == (cfg.data.num_train_intervals, cfg.data.num_test_intervals)
 
 
 def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
