@@ -1,6 +1,6 @@
 """Issue #18: why the FLUX recipe's tiny-layout test stops at step 1 with a non-finite gradient norm on CUDA.
 
-One short device check (notes-fluxnan.md has what was ruled out on CPU and why SDPA's backward is the suspect):
+One short device check (flux-nan-notes.md has what was ruled out on CPU and why SDPA's backward is the suspect):
 
 1. the attention of the tiny FLUX transformer as the test runs it (q/k/v ``[4, 2, 576, 16]`` bf16, [B, S, H, D]
    memory permuted to [B, H, S, D], no mask, logsumexp about +4), forward and backward on every SDPA backend,
