@@ -15,11 +15,11 @@ as ``ADAMW_FLOPS_PER_PARAM`` FLOPs per trainable parameter (an elementwise estim
 The CPU SDPA kernel (``_scaled_dot_product_flash_attention_for_cpu`` and its backward), which FlopCounterMode does
 not know, is counted with its own SDPA formulas.
 
-``--real``: the same two builders at the real models' sizes (SDXL, SD3-medium, SD3.5-large, FLUX.1-dev at 1024 px,
-one pair, configs' values from the published model configs) with every tensor a FakeTensor
-(``torch._subclasses.fake_tensor.FakeTensorMode``: shapes only, no memory, no weights). The real backbone and VAE
-run the whole step (VAE encode, noise, policy + reference forwards, backward, optimiser); the text encoders are off
-the step as with the bench's ``--cache-text`` (both loops look up the same zero embeddings of the real shapes).
+``--real``: SDXL, SD3-medium, SD3.5-large, FLUX.1-dev at 1024 px (one pair; the published configs' values) with
+every tensor a FakeTensor (``FakeTensorMode``: shapes only, no memory, no weights): twomodel_full and, standing in
+for mmalign_lora (whose batch-mask selection needs values), the bench's concatenated LoRA loop (flow_lora /
+diffusers_lora; within 0.4 % of mmalign_lora's count on every tiny layout). The real backbone and VAE run the whole
+step; the text encoders are off it as with ``--cache-text`` (zero embeddings of the real shapes).
 
     cd <repo> && PYTHONPATH=$PWD:$PWD/bench OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/image_flop_bound.py
     (add --real for the real sizes, --layouts sd3 --shapes proportioned for one case, --md FILE to append a table)
