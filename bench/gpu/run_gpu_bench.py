@@ -1,5 +1,7 @@
 """mmalign's first GPU figures in one device call (< 8 minutes): text and image training steps at real sizes vs
-their peers, the card's measured bf16 matmul rate (the MFU denominator) and one run of the test suite.
+their peers, the card's measured bf16 matmul rate (the MFU denominator) and one run of the test suite. The section
+``rng`` (not in the default plan: it needs the whole call) runs issue #17's rng-full experiment (gpu_rng.py,
+bench/gpu/run_rng.sh).
 
     bash bench/gpu/run.sh                                   # on the GPU machine (installs the carried wheels)
     .venv/bin/python bench/gpu/run_gpu_bench.py --dry-run   # here: tiny sizes, CPU, float32, no suite
@@ -28,10 +30,10 @@ from gpu_common import ROOT, CaseLog  # noqa: E402
 from gpu_report import summarise, table  # noqa: E402
 
 # Seconds. The suite gets what the earlier sections leave before the global deadline.
-BUDGETS = {"device": 25, "text": 180, "image": 100}
+BUDGETS = {"device": 25, "text": 180, "image": 100, "rng": 400}
 DEADLINE_S = 445
 # Generous for the dry run (a loaded 2-CPU box): it takes about a minute and a half; the limits only stop a hang.
-DRY_BUDGETS = {"device": 60, "text": 180, "image": 180}
+DRY_BUDGETS = {"device": 60, "text": 180, "image": 180, "rng": 300}
 DRY_DEADLINE_S = 420
 LOG_LIMIT = 8 * 2**20
 GRACE_S = 20  # a worker past its section deadline (a case already running) is killed this much later
@@ -88,6 +90,10 @@ def worker_main(section: str, dry_run: bool, log_path: str, deadline_at: float, 
         from gpu_image import run_section
 
         run_section(dry_run, log, deadline_at, dtype)
+    elif section == "rng":
+        from gpu_rng import run_section
+
+        run_section(dry_run, log, deadline_at, dtype)
     else:
         raise ValueError(f"unknown section {section!r}")
 
@@ -101,13 +107,13 @@ def tail(path: Path, chars: int = 3000) -> str:
 
 
 def run_worker(section: str, dry_run: bool, log: CaseLog, deadline_at: float, output: Path, cmd=None,
-               dtype: str | None = None) -> dict:
+               dtype: str | None = None, env_extra: dict | None = None) -> dict:
     """Runs (and after a crash restarts, past the case it died in) one section's worker until it finishes, its
     deadline passes, or it dies without progress. ``cmd``: another worker command line (tests)."""
     if cmd is None:
         cmd = [sys.executable, __file__, "--worker", section, "--case-log", str(log.path), "--deadline-at",
                str(deadline_at)] + (["--dry-run"] if dry_run else []) + (["--dtype", dtype] if dtype else [])
-    env = dict(os.environ, **WORKER_ENV)
+    env = dict(os.environ, **WORKER_ENV, **(env_extra or {}))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     starts, outcome = 0, "not started: no time left"
     while time.time() < deadline_at - 2:
@@ -214,9 +220,9 @@ def main() -> None:
     deadline_at = started + args.budget_scale * (args.deadline_s or (DRY_DEADLINE_S if args.dry_run else DEADLINE_S))
     budgets = {k: v * args.budget_scale for k, v in (DRY_BUDGETS if args.dry_run else BUDGETS).items()}
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"device", "text", "image", "suite"}
+    unknown = set(sections) - {"device", "text", "image", "suite", "rng"}
     if unknown:
-        parser.error(f"--sections: unknown {sorted(unknown)}; allowed: device, text, image, suite")
+        parser.error(f"--sections: unknown {sorted(unknown)}; allowed: device, text, image, suite, rng")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "gpu_bench.json"
@@ -237,8 +243,18 @@ def main() -> None:
             else:
                 section_deadline = min(start + budgets[section], deadline_at)
                 log = CaseLog(Path(tmp) / f"{section}.jsonl")
-                result = run_worker(section, args.dry_run, log, section_deadline, out_dir / "workers.log", dtype=args.dtype)
+                # rng: the run folder stays outside out_dir (only 8 files come back); its files are copied flat
+                work = Path(tmp) / "rng-work" / "rng-full"
+                extra = {"GPU_BENCH_RNG_WORK": str(work)} if section == "rng" else None
+                result = run_worker(section, args.dry_run, log, section_deadline, out_dir / "workers.log",
+                                    dtype=args.dtype, env_extra=extra)
                 data["entries"].extend(log.results())
+                if section == "rng":
+                    from gpu_rng import collect
+
+                    result["files"] = collect(work, out_dir)
+                    if (out_dir / "rng_results.md").is_file():
+                        print((out_dir / "rng_results.md").read_text(), flush=True)
             result.update(budget_s=round(min(budgets.get(section, 1e9), deadline_at - start), 1),
                           wall_s=round(time.time() - start, 1))
             data["sections"][section] = result

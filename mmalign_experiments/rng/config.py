@@ -14,6 +14,21 @@ logger = logging.getLogger("mmalign_experiments.rng")
 
 
 # ------------------------------------------------------------------------------------------------ config
+def resolve_device(setting: str):
+    """``sampling.device``: ``auto`` is CUDA when torch sees a GPU, else the CPU -- the choice the trainer's
+    accelerate makes for a single process and the one the image pipelines make (``torch.cuda.is_available()``);
+    anything else must be a torch device string (``cpu``, ``cuda``, ``cuda:1``)."""
+    import torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(setting)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"sampling.device: invalid value {setting!r}; expected auto or a torch device such as "
+                         f"cpu or cuda:0 ({error})") from None
+
+
 @dataclass
 class RngDataConfig:
     num_train_intervals: int = field(default=16, metadata={"help": "training prompts (intervals [a, a+m])"})
@@ -79,6 +94,12 @@ class RngSamplingConfig:
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
     batch_size: int = field(default=128, metadata={"help": "sequences decoded together"})
     seed: int = field(default=1234, metadata={"help": "sampling seed (the same for every model)"})
+    device: str = field(
+        default="auto", metadata={"help": "where the base and tuned models sample: auto = cuda when torch sees a GPU "
+                                  "(as the trainer's accelerate chooses), else cpu; or a torch device such as cuda:1"})
+
+    def __post_init__(self) -> None:
+        resolve_device(self.device)  # a bad value fails when the config loads, not after the training
 
 
 @dataclass

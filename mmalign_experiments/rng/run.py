@@ -12,7 +12,7 @@ from mmalign.config import load_config, save_config, to_dict
 from mmalign.io import atomic_write_text, write_jsonl
 from mmalign.text.evaluation.uniformity import summarize, uniformity_metrics
 from mmalign.resources import shipped_config
-from mmalign_experiments.rng.config import SMOLLM2, RngConfig, RngMethodConfig, RngSamplingConfig
+from mmalign_experiments.rng.config import SMOLLM2, RngConfig, RngMethodConfig, RngSamplingConfig, resolve_device
 from mmalign_experiments.rng.data import build_pool_preference_rows, build_preference_rows, format_prompt, make_intervals
 from mmalign_experiments.rng.report import plot_histograms, results_table, win_rates
 
@@ -88,7 +88,8 @@ def _run_rng(cfg: RngConfig) -> dict[str, Any]:
     model_path = resolve_model_path(cfg.model)
     timings["model_conversion_s"] = time.perf_counter() - tick
     tokenizer = load_tokenizer(model_path)
-    base = load_causal_lm(model_path)
+    device = resolve_device(cfg.sampling.device)  # the trainer picks its own (accelerate): the same on one GPU
+    base = load_causal_lm(model_path).to(device)
 
     train_intervals, test_intervals = make_intervals(cfg.data)
     train_prompts = [format_prompt(tokenizer, iv, cfg.data) for iv in train_intervals]
@@ -123,7 +124,7 @@ def _run_rng(cfg: RngConfig) -> dict[str, Any]:
         train_summaries[method.label] = {k: v for k, v in summary.summary().items()
                                          if isinstance(v, (int, float, str)) and k != "share_prompt"}
         tick = time.perf_counter()
-        tuned = PeftModel.from_pretrained(load_causal_lm(model_path), summary["final_dir"])
+        tuned = PeftModel.from_pretrained(load_causal_lm(model_path), summary["final_dir"]).to(device)
         answers[method.label] = _sample_answers(tuned, tokenizer, test_prompts, cfg.sampling, cfg.sampling.num_samples)
         timings[f"eval_{method.label}_s"] = time.perf_counter() - tick
         del tuned
@@ -139,6 +140,7 @@ def _run_rng(cfg: RngConfig) -> dict[str, Any]:
 
     results = {
         "model": model_path,
+        "sampling_device": str(device),
         "train_intervals": [[iv.low, iv.high] for iv in train_intervals],
         "test_intervals": [[iv.low, iv.high] for iv in test_intervals],
         "data": data_stats,

@@ -100,3 +100,30 @@ def test_missing_measurements_give_unmet_goals_not_errors():
     summary = summarise([])
     assert summary["text_summary"] == [] and summary["image_summary"] == []
     assert all(g["met"] is None and math.isnan(g["value"]) for g in summary["goals"])
+
+
+def test_rng_collect_copies_a_partial_run_flat(tmp_path):
+    """What the rng section brings back when its run was killed after two methods: the metrics written so far."""
+    import tarfile
+
+    from gpu_rng import collect
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    for method in ("DPO", "mDPO"):
+        (work / "runs" / method).mkdir(parents=True)
+        (work / "runs" / method / "metrics.jsonl").write_text('{"step": 1}\n')
+    (work / "config.yaml").write_text("model: smollm2\n")
+    out.mkdir()
+    assert collect(work, out) == ["rng_runs.tar.gz"]  # no results.json: the run did not finish
+    with tarfile.open(out / "rng_runs.tar.gz") as bundle:
+        assert sorted(bundle.getnames()) == ["config.yaml", "runs/DPO/metrics.jsonl", "runs/mDPO/metrics.jsonl"]
+    (work / "results.json").write_text("{}")
+    assert collect(work, out)[0] == "rng_results.json" and (out / "rng_results.json").read_text() == "{}"
+    assert collect(tmp_path / "never-started", out) == []
+
+
+def test_rng_section_is_not_in_the_default_plan_and_has_a_budget():
+    import run_gpu_bench
+
+    assert run_gpu_bench.BUDGETS["rng"] + run_gpu_bench.BUDGETS["device"] <= 430  # run_rng.sh's --deadline-s
+    assert "rng" in run_gpu_bench.DRY_BUDGETS

@@ -74,3 +74,30 @@ def test_gpu_bench_focused_text_plan_runs_every_variant(tmp_path):
     # the variants change what they name: the CPU default shares the prompt, "noshare" does not
     assert ran[("dpo", "full", "mmalign")]["share_prompt"] is True and ran[("dpo", "full", "mmalign-share")]["share_prompt"]
     assert all(e["share_prompt"] is False for (_, _, i), e in ran.items() if i.startswith("mmalign-noshare"))
+
+
+@pytest.mark.slow
+def test_gpu_bench_rng_section_dry_run_brings_back_flat_files(tmp_path):
+    """The rng section (issue #17's rng-full, bench/gpu/run_rng.sh) on the tiny Llama: the same run_rng call with
+    rng-full.yaml's sizes shrunk; the files the device tool returns (flat, at most 8) are all there."""
+    import tarfile
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_WAIT_POLICY="PASSIVE", CUDA_VISIBLE_DEVICES="")
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "run_gpu_bench.py"), "--dry-run",
+                           "--sections", "rng", "--out", str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert data["sections"]["rng"]["outcome"] == "finished" and data["errors"] == [], data
+    (entry,) = [e for e in data["entries"] if e["section"] == "rng"]
+    assert entry["status"] == "ok" and entry["config"] == "configs/text/rng-full.yaml"
+    assert entry["sampling_device"] == "cpu" and set(entry["summary"]) == {"base", "DPO", "mDPO", "IPO", "mIPO"}
+    assert 0 <= entry["win_rates"]["mIPO vs IPO"] <= 1 and _finite(entry["timings_s"]["total_s"])
+    files = {"rng_results.json", "rng_results.md", "rng_histograms.png", "rng_runs.tar.gz"}
+    assert set(data["sections"]["rng"]["files"]) == files
+    assert {p.name for p in tmp_path.iterdir()} == files | {"gpu_bench.json", "workers.log"}  # nothing deeper
+    with tarfile.open(tmp_path / "rng_runs.tar.gz") as bundle:
+        names = set(bundle.getnames())
+    assert {f"runs/{m}/metrics.jsonl" for m in ("DPO", "mDPO", "IPO", "mIPO")} <= names
+    assert json.loads((tmp_path / "rng_results.json").read_text())["config"]["lora"]["r"] == 4  # the shrunk sizes

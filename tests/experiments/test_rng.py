@@ -115,7 +115,7 @@ def test_quickstart_and_full_configs_load():
         assert (len(train), len(test)) == (cfg.data.num_train_intervals, cfg.data.num_test_intervals)
 
 
-def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
+def _tiny_config(tiny_model_dir, tmp_path, methods: int = 4) -> dict:
     config = {
         "model": str(tiny_model_dir),
         "output_dir": str(tmp_path / "rng"),
@@ -124,7 +124,13 @@ def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
         "sampling": {"num_samples": 6, "max_new_tokens": 3},
         "training": {"batch_size": 2, "learning_rate": 1e-3, "num_epochs": 1, "progress_bar": False},
     }
-    results = run_rng(config)
+    if methods < 4:
+        config.update(methods=[{"label": "DPO", "objective": "dpo", "beta": 0.1}][:methods], comparisons=[])
+    return config
+
+
+def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
+    results = run_rng(_tiny_config(tiny_model_dir, tmp_path))
     out = tmp_path / "rng"
     for name in ("results.json", "results.md", "histograms.png", "samples.jsonl", "data/train_groups.jsonl",
                  "data/train_pairs.jsonl", "runs/mIPO/final/adapter_config.json"):
@@ -141,6 +147,45 @@ def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     # Each held-out interval: num_samples answers per model.
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 * 3 and all(len(r["answers"]) == 6 for r in rows)
+
+
+def test_sampling_device_auto_follows_cuda_and_bad_values_fail_at_load(monkeypatch):
+    import torch
+
+    from mmalign_experiments.rng.config import resolve_device
+
+    # the config default: the models sample where the trainer (accelerate) trains
+    assert load_config(RngConfig, {}).sampling.device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolved only: nothing runs on it
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="sampling.device: invalid value 'gpu0'"):
+        load_config(RngConfig, {"sampling": {"device": "gpu0"}})
+
+
+def test_models_sample_on_the_resolved_device(tiny_model_dir, tmp_path, monkeypatch):
+    """The base and every tuned model are moved to sampling.device before sampling (a CUDA run sampled on the CPU
+    before): checked on a tiny run by recording each sampled model's device."""
+    import torch
+
+    from mmalign_experiments.rng import run as rng_run
+
+    seen = []
+    real = rng_run._sample_answers
+
+    def spy(model, *args, **kwargs):
+        seen.append(next(model.parameters()).device)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(rng_run, "_sample_answers", spy)
+    # "meta" is a device no model starts on: passing proves the move; run_rng then fails at the first forward
+    with pytest.raises(Exception):
+        run_rng(_tiny_config(tiny_model_dir, tmp_path, methods=1), overrides=["sampling.device=meta"])
+    assert seen == [torch.device("meta")]
+    results = run_rng(_tiny_config(tiny_model_dir, tmp_path, methods=1))
+    assert results["sampling_device"] == "cpu" and seen[1:] == [torch.device("cpu")] * 3  # pool, base, DPO
 
 
 def test_smollm2_weights_are_located_without_importing_the_package():
