@@ -79,7 +79,8 @@ def test_text_and_image_refuse_the_same_mismatch_with_the_same_message(tokenizer
     image = _refusal(lambda: mmalign.image.train(_image_config(tmp_path), train_dataset=_image_rows(4, chosen=2),
                                                  pipeline=object()))
     assert text == image == ("train_dataset: the data has groups (up to 2 chosen, 1 rejected) but objective 'dpo' is "
-                             "pairwise; use objective.name mdpo or mipo")
+                             "pairwise; use objective.name mdpo or mipo, or objective.pairs: members to train 'dpo' "
+                             "on the member pairs (chosen_i, rejected_i) of equal-size groups")
     # a missing input: the same words, then how each backend's config supplies it
     causal = {"objective": {"name": "causal_dpo", "beta": 0.1}}
     text = _refusal(lambda: mmalign.text.train(_text_config(tmp_path, **causal), model=model, tokenizer=tokenizer,

@@ -1,6 +1,7 @@
 """Does the objective fit the data? One check for both backends, run before any model loads (SPEC §1–§5).
 
-- Pairwise objectives take one chosen and one rejected output per prompt; groups need a group objective (SPEC §3).
+- Pairwise objectives take one chosen and one rejected output per prompt; groups need a group objective (SPEC §3),
+  or ``objective.pairs: members`` (SPEC §1 on the member pairs of equal-size groups), whose groups must match in size.
 - CNRPO (SPEC §4) needs one bias-aversion weight per trigger, and triggers mean nothing to another objective.
 - An objective's required extra inputs (``bins`` of causal_dpo, SPEC §5; the triggered log-likelihoods of cnrpo)
   must be supplied by the data or by the backend.
@@ -42,7 +43,12 @@ def check_objective_fits_data(objective: Any, facts: DataFacts) -> None:
     k_w, k_l = facts.group_sizes
     if (k_w > 1 or k_l > 1) and not objective.accepts_groups:
         raise ValueError(f"{facts.source}: the data has groups (up to {k_w} chosen, {k_l} rejected) but objective "
-                         f"{name!r} is pairwise; use objective.name mdpo or mipo")
+                         f"{name!r} is pairwise; use objective.name mdpo or mipo, or objective.pairs: members to "
+                         f"train {name!r} on the member pairs (chosen_i, rejected_i) of equal-size groups")
+    if getattr(objective, "pairs", None) == "members" and k_w != k_l:
+        raise ValueError(f"{facts.source}: objective.pairs: members pairs member i of the chosen group with member i "
+                         f"of the rejected group, but the data's groups have up to {k_w} chosen and {k_l} rejected; "
+                         "it needs groups of equal size")
     takes_triggers = set(TRIGGERED_INPUTS) <= set(objective.extra_inputs)
     if facts.triggers and not takes_triggers:
         raise ValueError(f"{facts.source}: {len(facts.triggers)} CNRPO trigger(s) {list(facts.triggers)} but "

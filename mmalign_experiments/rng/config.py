@@ -142,7 +142,14 @@ class RngConfig:
     training: TextTrainingConfig = field(
         default_factory=lambda: TextTrainingConfig(batch_size=4, learning_rate=1e-3, num_epochs=2, lr_scheduler="constant",
                                                    logging_steps=2),
-        metadata={"help": "optimisation of every method; batch_size counts groups (pairs runs use k times as many pairs)"},
+        metadata={"help": "optimisation of every method; batch_size counts groups (pairwise methods: k pairs per group)"},
+    )
+    member_pairs: bool = field(
+        default=True,
+        metadata={"help": "pairwise methods (DPO, IPO) train on the groups file with objective.pairs: members: the k "
+                  "pairs (chosen_i, rejected_i) of each group, the prompt encoded once per group, batch_size groups "
+                  "x k pairs per step (issue #17); false: the pairs file, k rows per group and k times the batch size "
+                  "(the earlier path, the same pairs per step)"},
     )
     output_dir: str = field(default="outputs/rng-quickstart", metadata={"help": "run folder"})
     num_plot_intervals: int = field(default=3, metadata={"help": "held-out intervals shown in histograms.png"})

@@ -44,7 +44,15 @@ def _sample_answers(model, tokenizer, prompts: list[str], sampling: RngSamplingC
 
 
 def _training_config(cfg: RngConfig, method: RngMethodConfig, model_path: str, data_dir: Path, accepts_groups: bool) -> dict:
+    """One method's ``mmalign.text.train`` config. Group objectives train on the groups file; pairwise ones on the
+    same groups with ``objective.pairs: members`` (``cfg.member_pairs``: the k pairs ``(chosen_i, rejected_i)`` of
+    each group, SPEC §1 on §3's groups, the prompt encoded once per group), or else on the pairs file with k times
+    the batch size. Either way a step sees the same sequences: ``batch_size`` groups, or their k pairs each."""
     training = to_dict(cfg.training)
+    hyperparameters = dict(method.hyperparameters)
+    if not accepts_groups and cfg.member_pairs:
+        hyperparameters["pairs"] = "members"
+        accepts_groups = True
     if not accepts_groups:  # the same sequences per step: k pairs per group
         training["batch_size"] = cfg.training.batch_size * cfg.data.group_size
     pools = cfg.data.redraw_pool_size is not None  # pools re-drawn every epoch (mmalign_experiments.rng.groups)
@@ -55,7 +63,7 @@ def _training_config(cfg: RngConfig, method: RngMethodConfig, model_path: str, d
             "format": "groups" if accepts_groups or pools else "pairs",
             "redraw_members": (cfg.data.group_size if accepts_groups else 1) if pools else None,
         },
-        "objective": {"name": method.objective, **method.hyperparameters},
+        "objective": {"name": method.objective, **hyperparameters},
         "lora": to_dict(cfg.lora),
         # Reference log-probs computed once per dataset and shared by the methods through the cache.
         "reference": {"mode": "precomputed", "cache_dir": str(Path(cfg.output_dir) / "reference_cache")},

@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 
 from mmalign.config import ConfigError, load_config
+from mmalign.text.config import TextTrainConfig
 from mmalign.text.evaluation.uniformity import Interval, parse_first_integer, uniformity_metrics
 from mmalign_experiments.rng import RngConfig, RngDataConfig, build_preference_rows, make_intervals, run_rng, win_rates
 
@@ -115,6 +116,26 @@ def test_quickstart_and_full_configs_load():
         assert (len(train), len(test)) == (cfg.data.num_train_intervals, cfg.data.num_test_intervals)
 
 
+@pytest.mark.parametrize("member_pairs", [True, False])
+def test_pairwise_methods_train_on_member_pairs_of_the_groups_or_on_the_pairs_file(member_pairs, tmp_path):
+    from mmalign_experiments.rng.run import _training_config
+
+    cfg = load_config(RngConfig, {"member_pairs": member_pairs, "data": {"group_size": 6},
+                                  "training": {"batch_size": 8}})
+    dpo, mdpo = cfg.methods[0], cfg.methods[1]
+    run = _training_config(cfg, dpo, "m", tmp_path, False)
+    group_run = _training_config(cfg, mdpo, "m", tmp_path, True)
+    assert group_run["data"]["train"].endswith("train_groups.jsonl") and "pairs" not in group_run["objective"]
+    if member_pairs:  # the prompt once per group: batch_size groups x k pairs, the groups file, objective.pairs
+        assert run["data"] == group_run["data"] and run["training"]["batch_size"] == 8
+        assert run["objective"] == {"name": "dpo", "beta": 0.1, "nll": 1.0, "pairs": "members"}
+    else:  # the earlier path: k pair rows per group, k times the batch size
+        assert run["data"]["train"].endswith("train_pairs.jsonl") and run["data"]["format"] == "pairs"
+        assert run["training"]["batch_size"] == 48 and run["objective"] == {"name": "dpo", "beta": 0.1, "nll": 1.0}
+    assert dpo.hyperparameters == {"beta": 0.1, "nll": 1.0}  # the method config is left as it was
+    load_config(TextTrainConfig, {**run, "output_dir": str(tmp_path / "o")})
+
+
 def _tiny_config(tiny_model_dir, tmp_path, methods: int = 4) -> dict:
     config = {
         "model": str(tiny_model_dir),
@@ -144,6 +165,11 @@ def test_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     groups = [json.loads(line) for line in (out / "data/train_groups.jsonl").read_text().splitlines()]
     pairs = (out / "data/train_pairs.jsonl").read_text().splitlines()
     assert len(pairs) == 3 * len(groups) and all(len(g["chosen"]) == 3 for g in groups)
+    # member pairs (the default): DPO and IPO train on the groups file, as many steps as mDPO
+    for label in ("DPO", "IPO"):
+        run_cfg = load_config(TextTrainConfig, out / "runs" / label / "final" / "config.yaml")
+        assert run_cfg.data.train.endswith("train_groups.jsonl") and run_cfg.objective.hyperparameters["pairs"] == "members"
+        assert results["training"][label]["global_step"] == results["training"]["mDPO"]["global_step"]
     # Each held-out interval: num_samples answers per model.
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 * 3 and all(len(r["answers"]) == 6 for r in rows)

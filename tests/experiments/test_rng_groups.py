@@ -45,8 +45,10 @@ def test_pools_are_ragged_and_pairs_repeat_each_pool_k_times():
     assert pair_rows == [pools[0]] * 3 + [pools[1]] * 3
 
 
-def test_end_to_end_with_pools_on_the_tiny_model(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("member_pairs", [True, False])
+def test_end_to_end_with_pools_on_the_tiny_model(member_pairs, tiny_model_dir, tmp_path):
     config = {
+        "member_pairs": member_pairs,
         "model": str(tiny_model_dir),
         "output_dir": str(tmp_path / "rng"),
         "data": {"num_train_intervals": 4, "num_test_intervals": 2, "group_size": 2, "rejected_pool_size": 5,
@@ -61,10 +63,13 @@ def test_end_to_end_with_pools_on_the_tiny_model(tiny_model_dir, tmp_path):
     out = tmp_path / "rng"
     pools = [json.loads(line) for line in (out / "data/train_groups.jsonl").read_text().splitlines()]
     assert all(len(p["chosen"]) == 6 for p in pools)
-    for label, members in (("IPO", 1), ("mIPO", 2)):
+    # IPO: the k member pairs of k re-drawn members (objective.pairs: members), or k pool rows of one member each
+    for label, members in (("IPO", 2 if member_pairs else 1), ("mIPO", 2)):
         run_cfg = load_config(TextTrainConfig, out / "runs" / label / "final" / "config.yaml")
         assert run_cfg.data.redraw_members == members and run_cfg.data.format == "groups"
+        assert run_cfg.objective.hyperparameters.get("pairs") == ("members" if label == "IPO" and member_pairs else None)
+        assert run_cfg.training.batch_size == (2 if member_pairs or label == "mIPO" else 4)
     assert set(results["win_rates"]) == {"IPO vs base", "mIPO vs base", "mIPO vs IPO"}
-    # both methods ran 2 epochs over the pools: mIPO 2 groups per step, IPO 2·k pair rows per step
+    # both methods ran 2 epochs over the pools: mIPO 2 groups per step, IPO the 2·k pairs of 2 groups or 2·k pair rows
     for label in ("IPO", "mIPO"):
         assert results["training"][label]["global_step"] == 4, results["training"][label]

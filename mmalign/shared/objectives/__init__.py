@@ -13,6 +13,8 @@ Conventions shared by all objectives:
   pairs this is ρ itself, so every pairwise formula below is the k = 1 case of the group formula.
 - Inputs are upcast to float32 (float64 stays): bf16 log-likelihoods of long responses lose the digits that a
   DPO margin lives in. The reference inputs are detached: the reference is frozen by definition.
+- `pairs="members"` (config `objective.pairs: members`) trains a pairwise objective on the member pairs
+  `(y_w,i, y_l,i)` of equal-size groups: the loss and metrics of the pairwise objective on those pairs.
 - `nll=λ` adds `λ · (−logp_θ(x, y_w) / |y_w|)` to any objective (SPEC §1) and needs `chosen_lengths`.
 - Metrics use the names of the common ecosystem: `rewards/chosen = β·R_w`, `rewards/rejected`,
   `rewards/margins`, `rewards/accuracies` (share of examples with `R_w > R_l`), `logps/chosen`, `logps/rejected`.
@@ -26,6 +28,7 @@ from mmalign.shared.objectives.batch import ObjectiveOutput, PreferenceBatch, ma
 from mmalign.shared.objectives.causal import CausalDPO
 from mmalign.shared.objectives.cnrpo import CNRPO
 from mmalign.shared.objectives.fdpo import FDPO
+from mmalign.shared.objectives.member_pairs import MemberPairs
 from mmalign.shared.objectives.multisample import MultiSampleDPO, MultiSampleIPO
 from mmalign.shared.objectives.pairwise import DPO, IPO, SFT, ConservativeDPO, Hinge, RobustDPO
 from mmalign.shared.objectives.registry import available_objectives, objective, register
@@ -50,4 +53,5 @@ __all__ = [
     "MultiSampleIPO",
     "CNRPO",
     "CausalDPO",
+    "MemberPairs",
 ]
