@@ -184,9 +184,11 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any) -> TrainResult:
     objective = None
     if algo.name == "group":
         objective = mmalign.objective(algo.objective.name, **algo.objective.hyperparameters)
-        if algo.selection == "threshold" and not objective.accepts_groups:
-            raise ValueError(f"algorithm.objective: {objective.name!r} is pairwise; threshold groups are ragged (use "
-                             "mdpo/mipo) or use selection top_bottom with group_size 1")
+        member_pairs = getattr(objective, "pairs", None) == "members"
+        if algo.selection == "threshold" and (member_pairs or not objective.accepts_groups):
+            raise ValueError(f"algorithm.objective: {objective.name!r} is pairwise"
+                             f"{' on member pairs' if member_pairs else ''}; threshold groups are ragged (use "
+                             "mdpo/mipo) or use selection top_bottom")
         if not objective.accepts_groups and (algo.group_size or cfg.sampling.k // 2) != 1:
             raise ValueError(f"algorithm.group_size: objective {objective.name!r} is pairwise: set group_size: 1 "
                              "(best vs worst sample) or use mdpo/mipo")

@@ -232,6 +232,18 @@ def test_pairwise_objective_needs_single_member_groups(tiny_model_dir, prompt_fi
     assert mmalign.text.online(cfg)["global_step"] == 1
 
 
+def test_member_pairs_take_top_bottom_groups_but_not_ragged_threshold_ones(tiny_model_dir, prompt_file, tmp_path):
+    cfg = _config(tiny_model_dir, prompt_file, tmp_path / "out",
+                  algorithm={"name": "group", "selection": "threshold", "threshold": 0.5,
+                             "objective": {"name": "dpo", "beta": 0.1, "pairs": "members"}})
+    with pytest.raises(ValueError, match="pairwise on member pairs; threshold groups are ragged"):
+        mmalign.text.online(cfg)
+    assert not (tmp_path / "out").exists()
+    cfg["algorithm"]["selection"] = "top_bottom"
+    cfg["training"]["max_steps"] = 1
+    assert mmalign.text.online(cfg)["global_step"] == 1
+
+
 def test_missing_reward_is_refused(tiny_model_dir, prompt_file, tmp_path):
     cfg = _config(tiny_model_dir, prompt_file, tmp_path / "out", reward=[])
     with pytest.raises(ValueError, match="reward: missing"):
