@@ -38,6 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, flop_registry  # noqa: E402
 
+import image_memory_estimate  # noqa: E402
+
 # AdamW per parameter element: m = b1 m + (1-b1) g (3), v = b2 v + (1-b2) g² (4), sqrt(v)/sqrt(bc2) + eps (3),
 # p -= lr/bc1 · m / denom (3), decoupled weight decay p *= 1 - lr·wd (1): 14 FLOPs (the bias corrections are scalars).
 ADAMW_FLOPS_PER_PARAM = 14
@@ -116,12 +118,7 @@ def count_layout(layout: str, shape: str = "tiny", pairs: int = 4, cache_text: b
 
 
 # ------------------------------------------------------------------------------------------------ real sizes
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+SDXL_UNET = image_memory_estimate.SDXL_UNET  # the real SDXL UNet's config, written once
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
