@@ -45,7 +45,7 @@ def check_objective_fits_data(objective: Any, facts: DataFacts) -> None:
         raise ValueError(f"{facts.source}: the data has groups (up to {k_w} chosen, {k_l} rejected) but objective "
                          f"{name!r} is pairwise; use objective.name mdpo or mipo, or objective.pairs: members to "
                          f"train {name!r} on the member pairs (chosen_i, rejected_i) of equal-size groups")
-    if getattr(objective, "pairs", None) == "members" and k_w != k_l:
+    if getattr(objective, "pairs", None) == "members" and k_w != k_l:  # duck-typed objectives may lack it
         raise ValueError(f"{facts.source}: objective.pairs: members pairs member i of the chosen group with member i "
                          f"of the rejected group, but the data's groups have up to {k_w} chosen and {k_l} rejected; "
                          "it needs groups of equal size")

@@ -184,7 +184,7 @@ def _online(cfg: OnlineConfig, reward: Any, heldout: Any) -> TrainResult:
     objective = None
     if algo.name == "group":
         objective = mmalign.objective(algo.objective.name, **algo.objective.hyperparameters)
-        member_pairs = getattr(objective, "pairs", None) == "members"
+        member_pairs = objective.pairs == "members"
         if algo.selection == "threshold" and (member_pairs or not objective.accepts_groups):
             raise ValueError(f"algorithm.objective: {objective.name!r} is pairwise"
                              f"{' on member pairs' if member_pairs else ''}; threshold groups are ragged (use "

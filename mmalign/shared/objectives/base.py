@@ -23,6 +23,8 @@ class Objective:
     optional_inputs: ClassVar[tuple[str, ...]] = ()
     #: whether `losses` receives `chosen_lengths` (None when not given) among its keyword inputs.
     takes_lengths: ClassVar[bool] = False
+    #: "members" when a pairwise objective trains on the member pairs of groups (`MemberPairs`); else None.
+    pairs: ClassVar[str | None] = None
 
     def __init__(self, beta: float, nll: float = 0.0) -> None:
         self.beta = positive_number("beta", beta, self.name)
