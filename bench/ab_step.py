@@ -11,7 +11,8 @@ batch vs a boolean one (sdpa converts a boolean mask in every call); gqa — sdp
 transformers' eager attention vs sdpa; silu_mul — the SiLU-gated MLP keeping one activation fewer
 (mmalign.text.modeling.gated_mlp) vs transformers' forward; mmap — glibc mmaps blocks over 128 KiB (returned
 to the system on free) vs its heap; trim — malloc_trim(0) after the step vs not; keep_norms — RMSNorm outputs
-kept for backward vs recomputed (mmalign.text.modeling.norm_recompute, the default).
+kept for backward vs recomputed (mmalign.text.modeling.norm_recompute, the default); lora_function — LoRA layers
+as one autograd function (mmalign.engine.lora_function, the default) vs autograd over the direct forward's calls.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim", "keep_norms")
+CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim", "keep_norms", "lora_function")
 
 
 def main() -> None:

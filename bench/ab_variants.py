@@ -19,6 +19,16 @@ def _float_mask(segment_ids, implementation, dtype):
 
 @contextlib.contextmanager
 def variant(name: str, new: bool, models=()):
+    if name == "lora_function":  # both sides set: the LoRA autograd function (new) vs autograd over the direct forward
+        import mmalign.engine.lora_forward as lora_forward
+
+        saved = lora_forward.USE_LORA_FUNCTION
+        lora_forward.USE_LORA_FUNCTION = new
+        try:
+            yield
+        finally:
+            lora_forward.USE_LORA_FUNCTION = saved
+        return
     if not new or name == "none":
         yield
         return

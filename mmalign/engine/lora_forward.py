@@ -18,12 +18,16 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 
 from mmalign.engine.fast_path_log import lora_fallback
+from mmalign.engine.lora_function import lora_linear
 
 __all__ = ["LoraParts", "lora_parts", "base_has_hooks", "DIRECT_FORWARD_MARK", "runs_direct_forward",
            "direct_lora_linear_forward", "use_direct_lora_forward", "lora_layer_count"]
 
 # set on the direct LoRA forward function, so modules can recognise it without comparing functions
 DIRECT_FORWARD_MARK = "mmalign_direct_lora_forward"
+
+# False runs the direct forward under plain autograd (the A/B benches' old side); the library keeps it True
+USE_LORA_FUNCTION = True
 
 
 class LoraParts(NamedTuple):
@@ -94,11 +98,17 @@ def direct_lora_linear_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any
     if parts.lora_a is None:  # adapter disabled
         return layer.base_layer(x)
     flat = x.reshape(-1, x.shape[-1])
-    if type(layer.base_layer) is torch.nn.Linear:
-        result = torch.nn.functional.linear(flat, parts.weight, parts.bias)
-    else:  # transformers' Conv1D: weight [in, out], bias always present
-        result = torch.addmm(parts.bias, flat, parts.weight)
+    weight_in_out = type(layer.base_layer) is not torch.nn.Linear  # transformers' Conv1D: weight [in, out]
     lora_input = flat if isinstance(parts.dropout, torch.nn.Identity) else parts.dropout(flat)
+    if USE_LORA_FUNCTION:
+        result = lora_linear(flat, None if lora_input is flat else lora_input, parts.weight, parts.bias,
+                             parts.lora_a, parts.lora_b, parts.scaling, weight_in_out)
+        if result is not None:
+            return result.view(*x.shape[:-1], result.shape[-1])
+    if not weight_in_out:
+        result = torch.nn.functional.linear(flat, parts.weight, parts.bias)
+    else:  # Conv1D's bias is always present
+        result = torch.addmm(parts.bias, flat, parts.weight)
     result.addmm_(lora_input @ parts.lora_a.t(), parts.lora_b.t(), alpha=parts.scaling)
     return result.view(*x.shape[:-1], result.shape[-1])
 

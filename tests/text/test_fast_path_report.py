@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 import mmalign.text
+from mmalign.engine.lora_function import LORA_FUNCTION
 from mmalign.engine.trainer import fused_adamw_blocker
 from mmalign.testing import build_tiny_tokenizer, tiny_preference_rows, write_jsonl
 from mmalign.text.modeling import fallbacks
@@ -74,6 +75,9 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
     assert report["lora_layers"] == report["lora_direct_layers"] == expected_lora
     # during training (policy, adapter-disabled reference, share_prompt check) no call fell back to peft's forward
     assert not fallbacks.LORA_FALLBACK_CALLS
+    # every LoRA layer of every policy forward ran as one autograd function (down_proj: inside the lean gated MLP)
+    per_forward = expected_lora - (2 if lora and layout != "gpt2" else 0)
+    assert fallbacks.FAST_PATH_CALLS[LORA_FUNCTION] == 2 * per_forward
     # every training step's backward wrote the LM head's gradient into its logits (no second [M, V] tensor)
     assert fallbacks.FAST_PATH_CALLS["LM-head gradient in place"] == 2
     # every gated MLP of every policy forward recomputed its down projection's input in backward instead of keeping it

@@ -5,7 +5,8 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 import mmalign.text
-from mmalign.engine import read_metrics
+from mmalign.engine import fast_path_log, read_metrics
+from mmalign.engine.lora_function import LORA_FUNCTION
 from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows, write_jsonl
 from mmalign.text.modeling.loading import apply_lora, use_direct_lora_forward
 from mmalign.text.modeling.references import adapters_disabled
@@ -53,9 +54,12 @@ def test_direct_forward_gives_peft_outputs_and_gradients(tiny_tokenizer, arch, m
     expected = peft_model(ids).logits
     expected.square().mean().backward()
     calls = _PeftForwardCalls(monkeypatch)
+    fast_path_log.reset_warnings()
     got = direct_model(ids).logits
     got.square().mean().backward()
     assert calls.count == 0  # the shortcut ran in every layer
+    # ... as the LoRA autograd function (mmalign.engine.lora_function), whose gradients are compared below
+    assert fast_path_log.FAST_PATH_CALLS[LORA_FUNCTION] == sum(isinstance(m, LoraLinear) for m in direct_model.modules())
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     want = _lora_grads(peft_model)
     assert want and all(g.abs().sum() > 0 for g in want.values())
@@ -71,7 +75,11 @@ def test_dropout_draws_the_same_masks(tiny_tokenizer):
         model.train()
         torch.manual_seed(5)
         outputs.append(model(ids).logits)
+        outputs[-1].square().mean().backward()
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    want = _lora_grads(peft_model)  # the gradients through the dropout masks (the function's separate LoRA input)
+    for name, grad in _lora_grads(direct_model).items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6)
     torch.manual_seed(6)
     assert (direct_model(ids).logits - outputs[0]).abs().max() > 1e-4  # dropout is live
 
