@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from mmalign.engine.fast_path_log import fast_path_taken, warn_not_taken
 
-__all__ = ["LoraLinearFunction", "lora_linear", "LORA_FUNCTION"]
+__all__ = ["LoraLinearFunction", "lora_linear", "lora_gradients", "LORA_FUNCTION"]
 
 LORA_FUNCTION = "lora.autograd_function"  # the fast path's name (counts, warnings)
 
@@ -51,16 +51,7 @@ class LoraLinearFunction(torch.autograd.Function):
         lora_input, weight, lora_a, lora_b, lora_h = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad = grad.contiguous()
-        # dh = s · dy B, with B as a transposed view of its row-major-in-r copy (the faster layout)
-        grad_h = torch.mm(grad, lora_b.t().contiguous().t())
-        if ctx.scaling != 1.0:
-            grad_h.mul_(ctx.scaling)
-        grad_b = None
-        if need[5]:
-            grad_b = torch.mm(lora_h.t(), grad).t().contiguous()
-            if ctx.scaling != 1.0:
-                grad_b.mul_(ctx.scaling)
-        grad_a = torch.mm(grad_h.t(), lora_input) if need[4] else None
+        grad_h, grad_a, grad_b = lora_gradients(grad, lora_input, lora_a, lora_b, lora_h, ctx.scaling, need[4], need[5])
         grad_x = grad_lora_x = None
         if need[0]:
             grad_x = torch.mm(grad, weight.t() if ctx.weight_in_out else weight)
@@ -69,6 +60,25 @@ class LoraLinearFunction(torch.autograd.Function):
         if ctx.separate_lora_input and need[1]:
             grad_lora_x = torch.mm(grad_h, lora_a)
         return grad_x, grad_lora_x, None, None, grad_a, grad_b, None, None
+
+
+def lora_gradients(grad: torch.Tensor, lora_input: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                   lora_h: torch.Tensor, scaling: float, need_a: bool, need_b: bool):
+    """The LoRA part of a linear layer's backward, given its output gradient ``grad`` [N, out] (contiguous):
+    ``dh = s · grad B`` [N, r] (the caller adds ``dh A`` to the input gradient), ``dA = dhᵀ · lora_input`` and
+    ``dB = s · (hᵀ grad)ᵀ``, each skinny product in its fast layout. Also the lean gated MLP's down projection
+    (:mod:`mmalign.text.modeling.gated_mlp`), so both give the same bits."""
+    # dh with B as a transposed view of its row-major-in-r copy (the faster layout)
+    grad_h = torch.mm(grad, lora_b.t().contiguous().t())
+    if scaling != 1.0:
+        grad_h.mul_(scaling)
+    grad_b = None
+    if need_b:
+        grad_b = torch.mm(lora_h.t(), grad).t().contiguous()
+        if scaling != 1.0:
+            grad_b.mul_(scaling)
+    grad_a = torch.mm(grad_h.t(), lora_input) if need_a else None
+    return grad_h, grad_a, grad_b
 
 
 def lora_linear(x: torch.Tensor, lora_x: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -12,8 +12,9 @@ The product ``h = silu(gate)·up`` is kept too when the down projection needs it
 adapter's ``A`` (``h Aᵀ``) or a trained weight. :class:`SiluGatedDown` runs ``down(silu(gate)·up)`` in one function
 that keeps only ``gate``, ``up`` and the [tokens, r] LoRA product, and recomputes ``h`` in backward from the
 ``silu(gate)`` it needs anyway (one extra elementwise multiply): another 96 MiB less on the SmolLM2 batch above. Its
-backward runs the matrix products autograd runs for the plain layers, in the same layouts, so outputs and
-gradients are bit-identical (tested). Taken when the down projection is a hook-free ``nn.Linear``, or a peft LoRA
+backward runs the matrix products of the plain layers in the same layouts (autograd's for the base, those of
+:class:`~mmalign.engine.lora_function.LoraLinearFunction` for the LoRA adapter), so outputs and gradients are
+bit-identical (tested). Taken when the down projection is a hook-free ``nn.Linear``, or a peft LoRA
 layer running the direct forward with no LoRA dropout; otherwise it is counted, warned once, and the plain path runs.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
+from mmalign.engine.lora_function import lora_gradients
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.lora_parts import LoraParts, base_has_hooks, lora_parts, runs_direct_forward
 
@@ -71,7 +73,7 @@ class SiluGatedDown(torch.autograd.Function):
         y = F.linear(flat, weight, bias)
         lora_h = None
         if lora_a is not None:
-            lora_h = flat @ lora_a.t()
+            lora_h = F.linear(flat, lora_a)
             y.addmm_(lora_h, lora_b.t(), alpha=scaling)
         ctx.scaling, ctx.has_bias = scaling, bias is not None
         ctx.save_for_backward(gate, up, weight, lora_a, lora_b, lora_h)
@@ -81,18 +83,17 @@ class SiluGatedDown(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         gate, up, weight, lora_a, lora_b, lora_h = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad = grad.reshape(-1, grad.shape[-1])
+        grad = grad.reshape(-1, grad.shape[-1]).contiguous()
         silu = F.silu(gate)
         flat_h = (silu * up).reshape(grad.shape[0], -1) if need[2] or need[4] else None
         grad_h = grad.mm(weight)  # what F.linear's backward computes for its input
         grad_weight = grad.t().mm(flat_h) if need[2] else None
         grad_bias = grad.sum(0) if ctx.has_bias and need[3] else None
         grad_a = grad_b = None
-        if lora_a is not None:
-            grad_lora_h = grad.mm(lora_b) * ctx.scaling  # addmm_'s mat1 gradient: (grad · mat2ᵀ) · alpha
-            grad_b = grad.t().mm(lora_h) * ctx.scaling if need[5] else None
-            grad_a = grad_lora_h.t().mm(flat_h) if need[4] else None
-            grad_h = grad_h + grad_lora_h.mm(lora_a)
+        if lora_a is not None:  # the LoRA products as the direct LoRA forward's autograd function runs them
+            grad_lora_h, grad_a, grad_b = lora_gradients(grad, flat_h, lora_a, lora_b, lora_h, ctx.scaling, need[4],
+                                                         need[5])
+            grad_h.addmm_(grad_lora_h, lora_a)
         grad_h = grad_h.view(gate.shape)
         grad_gate = torch.ops.aten.silu_backward(grad_h * up, gate) if need[0] else None
         grad_up = grad_h * silu if need[1] else None
