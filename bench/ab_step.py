@@ -12,7 +12,9 @@ transformers' eager attention vs sdpa; silu_mul — the SiLU-gated MLP keeping o
 (mmalign.text.modeling.gated_mlp) vs transformers' forward; mmap — glibc mmaps blocks over 128 KiB (returned
 to the system on free) vs its heap; trim — malloc_trim(0) after the step vs not; keep_norms — RMSNorm outputs
 kept for backward vs recomputed (mmalign.text.modeling.norm_recompute, the default); lora_function — LoRA layers
-as one autograd function (mmalign.engine.lora_function, the default) vs autograd over the direct forward's calls.
+as one autograd function (mmalign.engine.lora_function, the default) vs autograd over the direct forward's calls;
+head_rows — the LM head's scored rows taken from all positions' hidden states (the default) vs after trimming
+them through logits_to_keep.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim", "keep_norms", "lora_function")
+CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim", "keep_norms", "lora_function", "head_rows")
 
 
 def main() -> None:

@@ -19,6 +19,14 @@ def _float_mask(segment_ids, implementation, dtype):
 
 @contextlib.contextmanager
 def variant(name: str, new: bool, models=()):
+    if name == "head_rows":  # both sides set: the LM head's rows from all positions (new) or after logits_to_keep
+        saved = logprobs.HOOK_ON_ALL_POSITIONS
+        logprobs.HOOK_ON_ALL_POSITIONS = new
+        try:
+            yield
+        finally:
+            logprobs.HOOK_ON_ALL_POSITIONS = saved
+        return
     if name == "lora_function":  # both sides set: the LoRA autograd function (new) vs autograd over the direct forward
         import mmalign.engine.lora_forward as lora_forward
 

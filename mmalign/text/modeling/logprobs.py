@@ -33,7 +33,7 @@ import torch
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.grouped_query import grouped_query_sdpa
 from mmalign.text.modeling.norm_recompute import recompute_norm_outputs
-from mmalign.text.modeling.scored_head import lm_head_on_rows
+from mmalign.text.modeling.scored_head import has_output_layer, lm_head_on_rows
 
 from mmalign.text.modeling.loading import unwrap
 
@@ -45,6 +45,11 @@ __all__ = [
 
 # attention implementations that take an arbitrary 4D mask as given (transformers hands a 4D mask through as-is)
 SHARED_PROMPT_ATTENTION = ("eager", "sdpa")
+
+# with the LM-head row hook, the head's input rows are taken straight from the [B, T, H] hidden states instead of
+# first trimming them to [B, K, H] through ``logits_to_keep`` (one index forward and backward fewer). False: trim
+# first (A/B benches)
+HOOK_ON_ALL_POSITIONS = True
 
 
 def shared_prompt_slower_on(device: torch.device) -> Optional[str]:
@@ -268,8 +273,9 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-member response log-likelihood sums [N] (float32) and token counts [N] for a shared-prompt batch.
 
-    One forward over B rows (not N member sequences); the LM head runs only at ``logit_positions`` when the
-    model takes ``logits_to_keep`` as an index tensor.
+    One forward over B rows (not N member sequences); the LM head runs only on the M scored rows (a pre-hook on
+    the output layer), or, without an output layer to hook, at ``logit_positions`` when the model takes
+    ``logits_to_keep`` as an index tensor.
     """
     input_ids = batch["input_ids"]
     device = input_ids.device
@@ -280,7 +286,7 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     if mask is None:
         mask = masks[(implementation, dtype)] = shared_prompt_attention_mask(batch["segment_ids"], implementation, dtype)
     kwargs = {}
-    keep = _accepts_logits_to_keep(model)
+    keep = _accepts_logits_to_keep(model) and not (HOOK_ON_ALL_POSITIONS and has_output_layer(unwrap(model)))
     if keep:
         kwargs["logits_to_keep"] = batch["logit_positions"]
     rows, columns = batch["score_rows"], batch["score_logit_index"] if keep else batch["score_positions"]

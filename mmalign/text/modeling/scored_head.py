@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["lm_head_on_rows"]
+__all__ = ["lm_head_on_rows", "has_output_layer"]
 
 
 class _RowsHook:
@@ -29,15 +29,25 @@ class _RowsHook:
         return (self.select(hidden),) + tuple(args[1:])
 
 
+def _output_layer(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
+def has_output_layer(model: torch.nn.Module) -> bool:
+    """Whether :func:`lm_head_on_rows` can hook ``model`` (unwrapped)."""
+    return _output_layer(model) is not None
+
+
 @contextmanager
 def lm_head_on_rows(model: torch.nn.Module, select: Callable[[torch.Tensor], torch.Tensor],
                     expected_shape: tuple[int, ...]) -> Iterator[Optional[_RowsHook]]:
     """``model``: unwrapped of DDP/compile wrappers (PEFT models pass the call on). While active, the model's output layer gets ``select(hidden)`` ([M, H]) in place of its input ``hidden``
     when that has shape ``expected_shape + (H,)``; yields the hook (``.calls``: how often it applied; the logits
     are [M, V] only when it applied exactly once) or None when the model has no output layer to hook."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    if not isinstance(head, torch.nn.Module):
+    head = _output_layer(model)
+    if head is None:
         yield None
         return
     hook = _RowsHook(select, tuple(expected_shape))
