@@ -179,7 +179,25 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path}: unreadable optimizer state ({type(err).__name__}: {err})") from None
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(_undecayed_groups_merged(state, optimizer))
+    except ValueError as err:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this run's optimizer ({err}); resume with "
+                              "the parameters and training settings the checkpoint was written with") from None
+
+
+def _undecayed_groups_merged(state: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A checkpoint written before AdamW got one group when ``weight_decay`` is 0 (until 4 Dec 2026: matrices,
+    then vectors, in two groups of weight decay 0) for today's single group, which keeps the same order (matrices,
+    then vectors): the saved parameter indices are concatenated. Any other state is returned as it is."""
+    saved = state.get("param_groups") if isinstance(state, dict) else None
+    if not saved or len(saved) < 2 or len(optimizer.param_groups) != 1:
+        return state
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in saved]
+    if any(group.get("weight_decay", None) != 0.0 for group in settings) or any(g != settings[0] for g in settings):
+        return state
+    merged = dict(saved[0], params=[index for group in saved for index in group["params"]])
+    return {**state, "param_groups": [merged]}
 
 
 def save_custom_state(obj: Any, path: Path) -> None:

@@ -84,8 +84,9 @@ def direct_lora_linear_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any
     """peft's ``lora.Linear.forward`` in three BLAS calls on 2-D views for the common case:
     ``y = x Wᵀ + b`` (the base layer's own weights), ``h = dropout(x) Aᵀ``, then ``y += scaling · h Bᵀ`` accumulated
     in place by ``addmm_``. On CPU, peft's separate ``B(h)``, ``· scaling`` and ``+`` (two fresh activation-sized
-    tensors) are most of LoRA's extra forward time, and accumulating into a non-view output keeps the backward as
-    cheap as peft's.
+    tensors) are most of LoRA's extra forward time. When the adapter is trained over a frozen base, the three calls
+    run as one autograd function (:mod:`mmalign.engine.lora_function`: its backward in faster layouts); otherwise
+    (no grad, a trained base) as plain calls under autograd.
 
     Taken only when it is exactly peft's function (:func:`lora_parts`: one active plain adapter, not merged, no
     extra arguments, a hook-free ``nn.Linear``/``Conv1D`` base, every dtype equal, no autocast). Everything else —
@@ -99,6 +100,8 @@ def direct_lora_linear_forward(layer, x: torch.Tensor, *args: Any, **kwargs: Any
         return layer.base_layer(x)
     flat = x.reshape(-1, x.shape[-1])
     weight_in_out = type(layer.base_layer) is not torch.nn.Linear  # transformers' Conv1D: weight [in, out]
+    if getattr(parts.dropout, "inplace", False):  # would overwrite the base layer's input (peft never builds one)
+        return _peft_forward(layer, "in-place LoRA dropout", x)
     lora_input = flat if isinstance(parts.dropout, torch.nn.Identity) else parts.dropout(flat)
     if USE_LORA_FUNCTION:
         result = lora_linear(flat, None if lora_input is flat else lora_input, parts.weight, parts.bias,

@@ -10,7 +10,11 @@ row-major in r) and accumulates the LoRA part of the input gradient into the bas
 1.1–1.4× faster (bench/RESULTS.md, session 16). The numbers are the same function and gradients up to float
 rounding (tested against peft's forward).
 
-Only for a frozen base (neither ``W`` nor ``b`` trained: LoRA's usual case); the caller keeps autograd otherwise.
+Only for training the adapter over a frozen base (``A`` or ``B`` trained, neither ``W`` nor ``b``: LoRA's usual
+case); the caller keeps autograd otherwise (a frozen adapter: the function would keep its input for nothing).
+Its backward is ``once_differentiable`` (no double backward / ``create_graph``, no forward-mode AD), which no
+preference objective here needs. Under activation checkpointing the taken-count (:data:`LORA_FUNCTION`) counts
+the recomputed forwards too.
 """
 from __future__ import annotations
 
@@ -83,11 +87,10 @@ def lora_gradients(grad: torch.Tensor, lora_input: torch.Tensor, lora_a: torch.T
 
 def lora_linear(x: torch.Tensor, lora_x: Optional[torch.Tensor], weight: torch.Tensor, bias: Optional[torch.Tensor],
                 lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, weight_in_out: bool) -> Optional[torch.Tensor]:
-    """:class:`LoraLinearFunction` (counted as taken) when there is something to differentiate and the base is
-    frozen, else None: the caller then runs its plain calls (a trained base is warned once: autograd runs it)."""
-    if not torch.is_grad_enabled() or not (x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
-                                           or (lora_x is not None and lora_x.requires_grad)):
-        return None  # a no-grad forward: nothing for the function to save
+    """:class:`LoraLinearFunction` (counted as taken) when the adapter is trained and the base frozen, else None:
+    the caller then runs its plain calls (a trained base is warned once: autograd runs it)."""
+    if not torch.is_grad_enabled() or not (lora_a.requires_grad or lora_b.requires_grad):
+        return None  # no adapter gradient wanted (a no-grad forward, a frozen adapter): the plain calls suffice
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         warn_not_taken(LORA_FUNCTION, "the LoRA layer's base weight or bias is trained; autograd runs the layer")
         return None

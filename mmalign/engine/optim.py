@@ -44,7 +44,8 @@ def build_adamw(params: Sequence[torch.nn.Parameter], cfg) -> torch.optim.AdamW:
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     if cfg.weight_decay == 0.0:  # one group: one fused kernel call per step instead of two, the same update
-        groups = [{"params": list(params), "weight_decay": 0.0}]
+        # (matrices, then vectors: the order of the two groups, so older checkpoints map onto it, checkpoints.py)
+        groups = [{"params": decay + no_decay, "weight_decay": 0.0}]
     else:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
         if no_decay:

@@ -77,8 +77,9 @@ class LoraConfig:
     )
     direct_forward: bool = field(
         default=True,
-        metadata={"help": "run LoRA layers over nn.Linear/Conv1D as base + in-place scaling·(x Aᵀ)Bᵀ (the same "
-                  "function as peft's forward, faster on CPU); off: peft's own forward"},
+        metadata={"help": "run LoRA layers over nn.Linear/Conv1D as base + in-place scaling·(x Aᵀ)Bᵀ, trained "
+                  "as one autograd function over a frozen base (the same function and gradients as peft's "
+                  "forward, faster on CPU); off: peft's own forward"},
     )
 
     def __post_init__(self) -> None:

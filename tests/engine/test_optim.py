@@ -38,3 +38,44 @@ def test_no_weight_decay_is_one_group_with_the_same_updates():
             opt.step()
     for a, b in zip(one, two):
         assert torch.equal(a, b)
+
+
+def _loss(params, step):
+    return params[0].sum() * (step + 1) + params[1].square().sum()
+
+
+def test_a_two_group_checkpoint_of_weight_decay_0_resumes_into_the_one_group(tmp_path):
+    """Checkpoints written before the single group (matrices, then vectors, both without weight decay) load into it
+    and continue with the same updates as the two-group optimizer they were saved from."""
+    from mmalign.engine.checkpoints import load_optimizer_state
+
+    old_params = _params()
+    old = torch.optim.AdamW([{"params": [old_params[0]], "weight_decay": 0.0},
+                             {"params": [old_params[1]], "weight_decay": 0.0}], lr=0.1, fused=True)
+    for step in range(2):
+        old.zero_grad()
+        _loss(old_params, step).backward()
+        old.step()
+    torch.save(old.state_dict(), tmp_path / "optimizer.pt")
+    new_params = [torch.nn.Parameter(p.detach().clone()) for p in old_params]
+    new = build_adamw(new_params, _cfg(0.0))
+    load_optimizer_state(new, tmp_path / "optimizer.pt")
+    assert len(new.param_groups) == 1
+    for step in range(2, 4):
+        for params, opt in ((old_params, old), (new_params, new)):
+            opt.zero_grad()
+            _loss(params, step).backward()
+            opt.step()
+    for a, b in zip(old_params, new_params):
+        assert torch.equal(a, b)
+
+
+def test_an_optimizer_state_that_does_not_fit_is_a_checkpoint_error(tmp_path):
+    import pytest
+
+    from mmalign.engine.checkpoints import CheckpointError, load_optimizer_state
+
+    decayed = build_adamw(_params(), _cfg(0.5))  # two groups with different weight decay: not merged
+    torch.save(decayed.state_dict(), tmp_path / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="does not fit this run's optimizer"):
+        load_optimizer_state(build_adamw(_params(), _cfg(0.0)), tmp_path / "optimizer.pt")

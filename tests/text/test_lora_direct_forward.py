@@ -74,8 +74,11 @@ def test_dropout_draws_the_same_masks(tiny_tokenizer):
     for model in (peft_model, direct_model):
         model.train()
         torch.manual_seed(5)
+        fast_path_log.reset_warnings()
         outputs.append(model(ids).logits)
         outputs[-1].square().mean().backward()
+    # the direct model's layers ran the function with the dropout's output as its separate LoRA input
+    assert fast_path_log.FAST_PATH_CALLS[LORA_FUNCTION] == sum(isinstance(m, LoraLinear) for m in direct_model.modules())
     torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
     want = _lora_grads(peft_model)  # the gradients through the dropout masks (the function's separate LoRA input)
     for name, grad in _lora_grads(direct_model).items():
@@ -138,3 +141,13 @@ def test_training_losses_match_peft_forward(tiny_model_dir, tmp_path):
         losses[direct] = [r["loss"] for r in read_metrics(summary["metrics_path"]) if "loss" in r]
     assert len(losses[True]) == 4 and losses[True][-1] != losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4, abs=1e-5)
+
+
+def test_an_in_place_lora_dropout_goes_through_peft(tiny_tokenizer):
+    _, direct_model = _pair(tiny_tokenizer, "llama", dropout=0.3)
+    layer = next(m for m in direct_model.modules() if isinstance(m, LoraLinear))
+    layer.lora_dropout["default"].inplace = True  # would overwrite the base layer's input in the direct forward
+    fast_path_log.reset_warnings()
+    direct_model.train()
+    direct_model(torch.randint(0, len(tiny_tokenizer), (2, 7)))
+    assert fast_path_log.LORA_FALLBACK_CALLS == {"in-place LoRA dropout": 1}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmalign.testing import build_tiny_causal_lm, tiny_preference_rows
-from mmalign.text.modeling import fallbacks, scored_head
+from mmalign.text.modeling import fallbacks, logprobs, scored_head
 from mmalign.text.data import PreferenceCollator, PreferenceTokenizer, parse_preference_rows
 from mmalign.text.modeling.logprobs import batch_logprobs
 from mmalign.text.modeling.loading import apply_lora
@@ -26,9 +26,11 @@ def _logprobs_and_grads(model, batch):
     return sums.detach(), counts, grads
 
 
+@pytest.mark.parametrize("all_positions", [True, False], ids=["rows-from-all-positions", "after-logits-to-keep"])
 @pytest.mark.parametrize("share_prompt", [True, False], ids=["shared", "padded"])
 @pytest.mark.parametrize("arch,lora", [("llama", False), ("gpt2", True), ("llama", True)])
-def test_scored_rows_head_matches_the_full_logits(tiny_tokenizer, share_prompt, arch, lora, monkeypatch):
+def test_scored_rows_head_matches_the_full_logits(tiny_tokenizer, share_prompt, arch, lora, all_positions, monkeypatch):
+    monkeypatch.setattr(logprobs, "HOOK_ON_ALL_POSITIONS", all_positions)  # the default, and the A/B benches' old side
     model = build_tiny_causal_lm(arch=arch, tokenizer=tiny_tokenizer, seed=1)
     if lora:
         model = apply_lora(model, r=4, alpha=8, dropout=0.0,
@@ -63,3 +65,24 @@ def test_an_unhookable_head_falls_back_to_the_gather_with_a_warning(tiny_tokeniz
     torch.testing.assert_close(got, expected)
     warnings = [r.getMessage() for r in caplog.records if "LM head on the scored rows" in r.getMessage()]
     assert len(warnings) == 1
+
+
+def test_a_head_the_hook_misses_goes_back_to_logits_to_keep(tiny_tokenizer, monkeypatch, caplog):
+    """An output layer that is not what computes the logits: the first forward gathers from the full logits (warned),
+    every later one passes logits_to_keep again instead of computing logits at every position."""
+    model = build_tiny_causal_lm(arch="llama", tokenizer=tiny_tokenizer)
+    batch = _batch(tiny_tokenizer, True)
+    expected, _ = batch_logprobs(model, batch)
+    unused = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(type(model), "get_output_embeddings", lambda self: unused)
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **kw: seen.append("logits_to_keep" in kw) or forward(*a, **kw))
+    fallbacks.reset_warnings()
+    with caplog.at_level(logging.WARNING, logger="mmalign"):
+        first, _ = batch_logprobs(model, batch)
+        second, _ = batch_logprobs(model, batch)
+    assert seen == [False, True]
+    torch.testing.assert_close(first, expected)
+    torch.testing.assert_close(second, expected)
+    assert len([r for r in caplog.records if "LM head on the scored rows" in r.getMessage()]) == 1

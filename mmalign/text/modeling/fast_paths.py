@@ -19,7 +19,9 @@ import torch
 from mmalign.text.modeling.fallbacks import warn_not_taken
 from mmalign.text.modeling.fast_layers import is_direct_lora_forward, is_python_tanh_gelu
 from mmalign.text.modeling.gated_mlp import GATED_MLP_CLASSES, is_lean_gated_mlp
+from mmalign.text.modeling.loading import unwrap
 from mmalign.text.modeling.logprobs import accepts_logits_to_keep
+from mmalign.text.modeling.scored_head import has_output_layer
 
 __all__ = ["FastPathReport", "fast_path_report"]
 
@@ -40,7 +42,7 @@ class FastPathReport:
     plain_gated_mlps: int = 0  # transformers' gated MLPs left with their own forward
     share_prompt: bool = False
     fused_adamw: bool = False
-    logits_to_keep: bool = False  # the LM head runs only where a response token is scored
+    logits_to_keep: bool = False  # the LM head runs only where a response token is scored (row hook or logits_to_keep)
     not_taken: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -69,7 +71,7 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
     layout = (f"{getattr(config, 'model_type', type(model).__name__)}, "
               f"{getattr(config, '_attn_implementation', None) or 'default'} attention")
     report = FastPathReport(layout=layout, share_prompt=share_prompt, fused_adamw=adamw_blocker is None,
-                            logits_to_keep=accepts_logits_to_keep(model))
+                            logits_to_keep=accepts_logits_to_keep(model) or has_output_layer(unwrap(model)))
     slow_bases = Counter()
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
@@ -104,8 +106,9 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
         report.not_taken["training.share_prompt"] = ("the check against the padded layout failed (see the warning "
                                                       "above); every response is encoded with its own prompt copy")
     if not report.logits_to_keep:
-        report.not_taken["logits_to_keep"] = ("the model's forward does not take logits_to_keep: the LM head runs at "
-                                              "every position, prompt tokens included")
+        report.not_taken["logits_to_keep"] = ("the model's forward does not take logits_to_keep and it has no output "
+                                              "layer to hook: the LM head runs at every position, prompt tokens "
+                                              "included")
     if adamw_blocker is not None:
         report.not_taken["fused AdamW"] = adamw_blocker
     for name, why in report.not_taken.items():

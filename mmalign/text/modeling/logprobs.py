@@ -50,6 +50,7 @@ SHARED_PROMPT_ATTENTION = ("eager", "sdpa")
 # first trimming them to [B, K, H] through ``logits_to_keep`` (one index forward and backward fewer). False: trim
 # first (A/B benches)
 HOOK_ON_ALL_POSITIONS = True
+_HOOK_MISSED = "_mmalign_head_hook_missed"  # set on a model whose output layer the row hook did not reach
 
 
 def shared_prompt_slower_on(device: torch.device) -> Optional[str]:
@@ -286,7 +287,10 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     if mask is None:
         mask = masks[(implementation, dtype)] = shared_prompt_attention_mask(batch["segment_ids"], implementation, dtype)
     kwargs = {}
-    keep = _accepts_logits_to_keep(model) and not (HOOK_ON_ALL_POSITIONS and has_output_layer(unwrap(model)))
+    inner = unwrap(model)
+    # rows from all positions only while the row hook applies: once it missed, trim through logits_to_keep again
+    hooked = HOOK_ON_ALL_POSITIONS and has_output_layer(inner) and not getattr(inner, _HOOK_MISSED, False)
+    keep = _accepts_logits_to_keep(model) and not hooked
     if keep:
         kwargs["logits_to_keep"] = batch["logit_positions"]
     rows, columns = batch["score_rows"], batch["score_logit_index"] if keep else batch["score_positions"]
@@ -298,6 +302,8 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
                         use_cache=False, **kwargs)
     logits = outputs.logits
     del outputs
+    if hooked and hook is not None and not hook.calls:
+        setattr(inner, _HOOK_MISSED, True)
     selected_logits = _scored_logits(logits, hook, rows.shape[0], lambda: logits[rows, columns])  # [M, V]
     del logits
     token_lp = token_logprobs(selected_logits, batch["score_labels"], chunk_rows, reuse_logits=True)
