@@ -14,7 +14,8 @@ to the system on free) vs its heap; trim — malloc_trim(0) after the step vs no
 kept for backward vs recomputed (mmalign.text.modeling.norm_recompute, the default); lora_function — LoRA layers
 as one autograd function (mmalign.engine.lora_function, the default) vs autograd over the direct forward's calls;
 head_rows — the LM head's scored rows taken from all positions' hidden states (the default) vs after trimming
-them through logits_to_keep.
+them through logits_to_keep; sigmoid_gelu — the tanh-GELU's forward as x·σ(2z) (mmalign.text.modeling.tanh_gelu, the
+default) vs torch's fused kernel.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim", "keep_norms", "lora_function", "head_rows")
+CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim", "keep_norms", "lora_function", "head_rows",
+           "sigmoid_gelu")
 
 
 def main() -> None:

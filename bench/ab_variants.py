@@ -19,6 +19,16 @@ def _float_mask(segment_ids, implementation, dtype):
 
 @contextlib.contextmanager
 def variant(name: str, new: bool, models=()):
+    if name == "sigmoid_gelu":  # both sides set: the σ-form tanh-GELU forward (new) or torch's fused kernel (old)
+        import mmalign.text.modeling.tanh_gelu as tanh_gelu
+
+        saved = tanh_gelu.SIGMOID_FORM
+        tanh_gelu.SIGMOID_FORM = new
+        try:
+            yield
+        finally:
+            tanh_gelu.SIGMOID_FORM = saved
+        return
     if name == "head_rows":  # both sides set: the LM head's rows from all positions (new) or after logits_to_keep
         saved = logprobs.HOOK_ON_ALL_POSITIONS
         logprobs.HOOK_ON_ALL_POSITIONS = new

@@ -14,20 +14,22 @@ import torch
 
 from mmalign.engine.lora_forward import runs_direct_forward, use_direct_lora_forward
 from mmalign.text.modeling.gated_mlp import use_lean_gated_mlps
+from mmalign.text.modeling.tanh_gelu import SigmoidFormTanhGELU
 
 __all__ = ["fuse_activations", "use_direct_lora_forward", "is_python_tanh_gelu", "is_direct_lora_forward"]
 
 # transformers' Python-level tanh-approximate GELUs (GPT-2, GPT-J, GPT-Neo, CodeGen, Phi-1/2: "gelu_new",
 # "gelu_fast", "gelu_python_tanh") compute 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in ~8 elementwise ops forward
-# and more backward; torch's GELU(approximate="tanh") is the same function in one fused kernel. (Computing it as
-# x·σ(2u) with a hand-written backward is faster in isolation on one CPU thread but was 4-9 % slower per DPO step,
-# measured; not used.)
+# and more backward; torch's GELU(approximate="tanh") is the same function in one fused kernel, here with its
+# forward written as x·σ(2u) on CPU (mmalign.text.modeling.tanh_gelu: faster; the backward stays torch's kernel —
+# a hand-written backward was 4-9 % slower per DPO step, measured).
 _PYTHON_TANH_GELUS = ("NewGELUActivation", "FastGELUActivation")
 
 
 def fuse_activations(model: torch.nn.Module) -> int:
     """Replaces Python-level tanh-GELU modules by ``torch.nn.GELU(approximate="tanh")`` (the same function, float
-    rounding aside; forward + backward on CPU about half the Python version's time); returns how many
+    rounding aside; forward + backward on CPU about half the Python version's time; its σ-form forward subclass,
+    :class:`~mmalign.text.modeling.tanh_gelu.SigmoidFormTanhGELU`); returns how many
     were replaced. SiLU-gated MLPs (Llama family) get the forward that keeps one activation fewer for backward
     (:func:`mmalign.text.modeling.gated_mlp.use_lean_gated_mlps`). Only module objects and their forwards change:
     the config and the saved weights do not."""
@@ -36,7 +38,7 @@ def fuse_activations(model: torch.nn.Module) -> int:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if is_python_tanh_gelu(child):
-                setattr(parent, name, torch.nn.GELU(approximate="tanh"))
+                setattr(parent, name, SigmoidFormTanhGELU())
                 replaced += 1
     return replaced
 
