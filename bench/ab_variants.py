@@ -4,6 +4,7 @@ this module then toggles the library's own switch."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 
 
@@ -17,35 +18,25 @@ def _float_mask(segment_ids, implementation, dtype):
     return _ORIGINAL_MASK(segment_ids, "eager" if implementation == "sdpa" else implementation, dtype)
 
 
+# kept changes with a module-level switch in the library: change -> (module, switch)
+_LIBRARY_SWITCHES = {
+    "lora_function": ("mmalign.engine.lora_forward", "USE_LORA_FUNCTION"),
+    "head_rows": ("mmalign.text.modeling.logprobs", "HOOK_ON_ALL_POSITIONS"),
+    "sigmoid_gelu": ("mmalign.text.modeling.tanh_gelu", "SIGMOID_FORM"),
+}
+
+
 @contextlib.contextmanager
 def variant(name: str, new: bool, models=()):
-    if name == "sigmoid_gelu":  # both sides set: the σ-form tanh-GELU forward (new) or torch's fused kernel (old)
-        import mmalign.text.modeling.tanh_gelu as tanh_gelu
-
-        saved = tanh_gelu.SIGMOID_FORM
-        tanh_gelu.SIGMOID_FORM = new
+    if name in _LIBRARY_SWITCHES:  # both sides set: the library's switch on (new) or off (old)
+        module_name, attribute = _LIBRARY_SWITCHES[name]
+        module = importlib.import_module(module_name)
+        saved = getattr(module, attribute)
+        setattr(module, attribute, new)
         try:
             yield
         finally:
-            tanh_gelu.SIGMOID_FORM = saved
-        return
-    if name == "head_rows":  # both sides set: the LM head's rows from all positions (new) or after logits_to_keep
-        saved = logprobs.HOOK_ON_ALL_POSITIONS
-        logprobs.HOOK_ON_ALL_POSITIONS = new
-        try:
-            yield
-        finally:
-            logprobs.HOOK_ON_ALL_POSITIONS = saved
-        return
-    if name == "lora_function":  # both sides set: the LoRA autograd function (new) vs autograd over the direct forward
-        import mmalign.engine.lora_forward as lora_forward
-
-        saved = lora_forward.USE_LORA_FUNCTION
-        lora_forward.USE_LORA_FUNCTION = new
-        try:
-            yield
-        finally:
-            lora_forward.USE_LORA_FUNCTION = saved
+            setattr(module, attribute, saved)
         return
     if not new or name == "none":
         yield

@@ -15,8 +15,9 @@ that keeps only ``gate``, ``up`` and the [tokens, r] LoRA product, and recompute
 backward runs the matrix products of the plain layers in the same layouts (autograd's for the base, those of
 :class:`~mmalign.engine.lora_function.LoraLinearFunction` for the LoRA adapter), so outputs and gradients are
 bit-identical to the plain layers' (tested) wherever the plain LoRA layer runs that function (a trained adapter over
-a frozen base, the usual case); elsewhere they agree up to float rounding. Taken when the down projection is a hook-free ``nn.Linear``, or a peft LoRA
-layer running the direct forward with no LoRA dropout; otherwise it is counted, warned once, and the plain path runs.
+a frozen base, the usual case); elsewhere they agree up to float rounding. Taken when the down projection is a
+hook-free ``nn.Linear``, or a peft LoRA layer running the direct forward with no LoRA dropout; otherwise it is
+counted, warned once, and the plain path runs.
 """
 from __future__ import annotations
 
