@@ -15,7 +15,8 @@ kept for backward vs recomputed (mmalign.text.modeling.norm_recompute, the defau
 as one autograd function (mmalign.engine.lora_function, the default) vs autograd over the direct forward's calls;
 head_rows — the LM head's scored rows taken from all positions' hidden states (the default) vs after trimming
 them through logits_to_keep; sigmoid_gelu — the tanh-GELU's forward as x·σ(2z) (mmalign.text.modeling.tanh_gelu, the
-default) vs torch's fused kernel.
+default) vs torch's fused kernel; fused_norm_rope — Llama-family RMSNorm and RoPE as one autograd function each
+(mmalign.text.modeling.rms_norm, .rotary: the default) vs transformers' operations.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim", "keep_norms", "lora_function", "head_rows",
-           "sigmoid_gelu")
+           "sigmoid_gelu", "fused_norm_rope")
 
 
 def main() -> None:

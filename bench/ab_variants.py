@@ -18,25 +18,28 @@ def _float_mask(segment_ids, implementation, dtype):
     return _ORIGINAL_MASK(segment_ids, "eager" if implementation == "sdpa" else implementation, dtype)
 
 
-# kept changes with a module-level switch in the library: change -> (module, switch)
+# kept changes with module-level switches in the library: change -> ((module, switch), ...)
 _LIBRARY_SWITCHES = {
-    "lora_function": ("mmalign.engine.lora_forward", "USE_LORA_FUNCTION"),
-    "head_rows": ("mmalign.text.modeling.logprobs", "HOOK_ON_ALL_POSITIONS"),
-    "sigmoid_gelu": ("mmalign.text.modeling.tanh_gelu", "SIGMOID_FORM"),
+    "lora_function": (("mmalign.engine.lora_forward", "USE_LORA_FUNCTION"),),
+    "head_rows": (("mmalign.text.modeling.logprobs", "HOOK_ON_ALL_POSITIONS"),),
+    "sigmoid_gelu": (("mmalign.text.modeling.tanh_gelu", "SIGMOID_FORM"),),
+    "fused_norm_rope": (("mmalign.text.modeling.rms_norm", "USE_FUSED_FORWARD"),
+                        ("mmalign.text.modeling.rotary", "USE_FUSED_ROTARY")),
 }
 
 
 @contextlib.contextmanager
 def variant(name: str, new: bool, models=()):
     if name in _LIBRARY_SWITCHES:  # both sides set: the library's switch on (new) or off (old)
-        module_name, attribute = _LIBRARY_SWITCHES[name]
-        module = importlib.import_module(module_name)
-        saved = getattr(module, attribute)
-        setattr(module, attribute, new)
+        switches = [(importlib.import_module(m), a) for m, a in _LIBRARY_SWITCHES[name]]
+        saved = [getattr(module, attribute) for module, attribute in switches]
+        for module, attribute in switches:
+            setattr(module, attribute, new)
         try:
             yield
         finally:
-            setattr(module, attribute, saved)
+            for (module, attribute), value in zip(switches, saved):
+                setattr(module, attribute, value)
         return
     if not new or name == "none":
         yield

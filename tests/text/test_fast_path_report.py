@@ -17,6 +17,7 @@ from mmalign.text.modeling.gated_mlp import RECOMPUTED_DOWN_INPUT
 from mmalign.text.modeling.grouped_query import GROUPED_QUERY_SDPA
 from mmalign.text.modeling.loading import apply_lora, fuse_activations
 from mmalign.text.modeling.norm_recompute import NORM_RECOMPUTE
+from mmalign.text.modeling.rotary import FUSED_ROTARY
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -71,6 +72,8 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
         assert report["layout"].startswith("llama")
         assert report["fused_gelus"] == 0 and report["python_gelus"] == 0  # SiLU: nothing to fuse
         assert report["lean_gated_mlps"] == 2 and report["plain_gated_mlps"] == 0  # one gated MLP per block
+        # two RMSNorms per block and the final one, as one autograd function each; RoPE too
+        assert report["fused_rms_norms"] == 2 * 2 + 1 and report["plain_rms_norms"] == 0 and report["fused_rotary"]
     expected_lora = (4 if layout == "gpt2" else 7) * 2 if lora else 0  # adapted projections per block × 2 blocks
     assert report["lora_layers"] == report["lora_direct_layers"] == expected_lora
     # during training (policy, adapter-disabled reference, share_prompt check) no call fell back to peft's forward
@@ -87,6 +90,9 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
     assert calls == 0 if layout == "gpt2" else calls >= 2 * 2  # policy and reference forward of each step
     # every policy forward keeps its RMSNorm outputs as recipes (the no-grad reference keeps nothing; GPT-2 has none)
     assert fallbacks.FAST_PATH_CALLS[NORM_RECOMPUTE] == (0 if layout == "gpt2" else 2)
+    # every scoring forward (policy and reference) ran its RoPE as one function (GPT-2 has learned positions)
+    calls = fallbacks.FAST_PATH_CALLS[FUSED_ROTARY]
+    assert calls == 0 if layout == "gpt2" else calls >= 2 * 2
     assert not [r for r in caplog.records if "fast path" in r.getMessage()]
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.fast_layers import is_direct_lora_forward
 from mmalign.text.modeling.gated_mlp import is_lean_gated_mlp
+from mmalign.text.modeling.rms_norm import is_fused_rms_norm
 from mmalign.text.modeling.lora_parts import lora_parts
 
 __all__ = ["LlamaDecoder", "Unsupported", "lean_decoder", "FAST_PATH", "FUSE_BELOW_BYTES"]
@@ -51,7 +52,8 @@ def _check_module(module: torch.nn.Module, name: str) -> None:
     if module._forward_hooks or module._forward_pre_hooks:
         raise Unsupported(f"hooks on {name or 'the model'}")
     own_forward = module.__dict__.get("forward")
-    if own_forward is not None and not (is_lean_gated_mlp(module) or is_direct_lora_forward(module)):
+    if own_forward is not None and not (is_lean_gated_mlp(module) or is_direct_lora_forward(module)
+                                        or is_fused_rms_norm(module)):
         raise Unsupported(f"{name} has a replaced forward")
 
 

@@ -4,7 +4,9 @@ Both swap module *behaviour* only: configs, parameters, saved weights and adapte
 tested to give the same outputs and gradients as the code it replaces (up to float rounding).
 
 - :func:`fuse_activations` — transformers' Python tanh-GELUs (GPT-2 family) become torch's fused tanh-GELU, and
-  SiLU-gated MLPs keep one activation fewer for backward (:mod:`mmalign.text.modeling.gated_mlp`).
+  SiLU-gated MLPs keep one activation fewer for backward (:mod:`mmalign.text.modeling.gated_mlp`); Llama-family
+  RMSNorms and RoPE run as one autograd function each on CPU (:mod:`~mmalign.text.modeling.rms_norm`,
+  :mod:`~mmalign.text.modeling.rotary`).
 - :func:`use_direct_lora_forward` — peft LoRA ``Linear`` layers run as base + one in-place ``addmm_`` (now in
   :mod:`mmalign.engine.lora_forward`, shared with the image backend; re-exported here).
 """
@@ -14,6 +16,8 @@ import torch
 
 from mmalign.engine.lora_forward import runs_direct_forward, use_direct_lora_forward
 from mmalign.text.modeling.gated_mlp import use_lean_gated_mlps
+from mmalign.text.modeling.rms_norm import use_fused_rms_norms
+from mmalign.text.modeling.rotary import enable_fused_rotary
 from mmalign.text.modeling.tanh_gelu import SigmoidFormTanhGELU
 
 __all__ = ["fuse_activations", "use_direct_lora_forward", "is_python_tanh_gelu", "is_direct_lora_forward"]
@@ -31,9 +35,13 @@ def fuse_activations(model: torch.nn.Module) -> int:
     rounding aside; forward + backward on CPU about half the Python version's time; its σ-form forward subclass,
     :class:`~mmalign.text.modeling.tanh_gelu.SigmoidFormTanhGELU`); returns how many
     were replaced. SiLU-gated MLPs (Llama family) get the forward that keeps one activation fewer for backward
-    (:func:`mmalign.text.modeling.gated_mlp.use_lean_gated_mlps`). Only module objects and their forwards change:
-    the config and the saved weights do not."""
+    (:func:`mmalign.text.modeling.gated_mlp.use_lean_gated_mlps`); Llama-family RMSNorms get the fused forward
+    (:func:`~mmalign.text.modeling.rms_norm.use_fused_rms_norms`) and the model is marked for the fused RoPE of
+    its scoring forwards (:func:`~mmalign.text.modeling.rotary.enable_fused_rotary`). Only module objects and
+    their forwards change: the config and the saved weights do not."""
     use_lean_gated_mlps(model)
+    use_fused_rms_norms(model)
+    enable_fused_rotary(model)
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

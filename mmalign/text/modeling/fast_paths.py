@@ -21,6 +21,8 @@ from mmalign.text.modeling.fast_layers import is_direct_lora_forward, is_python_
 from mmalign.text.modeling.gated_mlp import GATED_MLP_CLASSES, is_lean_gated_mlp
 from mmalign.text.modeling.loading import unwrap
 from mmalign.text.modeling.logprobs import accepts_logits_to_keep
+from mmalign.text.modeling.rms_norm import RMS_NORM_CLASSES, is_fused_rms_norm
+from mmalign.text.modeling.rotary import is_fused_rotary, rotary_modules
 from mmalign.text.modeling.scored_head import has_output_layer
 
 __all__ = ["FastPathReport", "fast_path_report"]
@@ -40,6 +42,9 @@ class FastPathReport:
     python_gelus: int = 0  # Python tanh-GELU modules left
     lean_gated_mlps: int = 0  # SiLU-gated MLPs keeping one activation fewer (model.fused_activations)
     plain_gated_mlps: int = 0  # transformers' gated MLPs left with their own forward
+    fused_rms_norms: int = 0  # Llama-family RMSNorms running as one autograd function (model.fused_activations)
+    plain_rms_norms: int = 0  # Llama-family RMSNorms left with transformers' forward
+    fused_rotary: bool = False  # RoPE of the scoring forwards as one autograd function (model.fused_activations)
     share_prompt: bool = False
     fused_adamw: bool = False
     logits_to_keep: bool = False  # the LM head runs only where a response token is scored (row hook or logits_to_keep)
@@ -53,6 +58,9 @@ class FastPathReport:
         gelu = f"{self.fused_gelus} fused GELU" + (f", {self.python_gelus} Python GELU left" if self.python_gelus else "")
         if self.lean_gated_mlps or self.plain_gated_mlps:
             gelu += f"; {self.lean_gated_mlps}/{self.lean_gated_mlps + self.plain_gated_mlps} lean gated MLPs"
+        if self.fused_rms_norms or self.plain_rms_norms:
+            gelu += (f"; {self.fused_rms_norms}/{self.fused_rms_norms + self.plain_rms_norms} fused RMSNorms; "
+                     f"fused RoPE {'on' if self.fused_rotary else 'off'}")
         return (f"{self.layout}; {lora}; {gelu}; share_prompt {'on' if self.share_prompt else 'off'}; "
                 f"fused AdamW {'on' if self.fused_adamw else 'off'}; logits_to_keep {'on' if self.logits_to_keep else 'off'}")
 
@@ -71,7 +79,8 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
     layout = (f"{getattr(config, 'model_type', type(model).__name__)}, "
               f"{getattr(config, '_attn_implementation', None) or 'default'} attention")
     report = FastPathReport(layout=layout, share_prompt=share_prompt, fused_adamw=adamw_blocker is None,
-                            logits_to_keep=accepts_logits_to_keep(model) or has_output_layer(unwrap(model)))
+                            logits_to_keep=accepts_logits_to_keep(model) or has_output_layer(unwrap(model)),
+                            fused_rotary=is_fused_rotary(unwrap(model)))
     slow_bases = Counter()
     for module in model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
@@ -88,6 +97,10 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
             report.lean_gated_mlps += 1
         elif type(module).__name__ in GATED_MLP_CLASSES:
             report.plain_gated_mlps += 1
+        elif is_fused_rms_norm(module):
+            report.fused_rms_norms += 1
+        elif type(module).__name__ in RMS_NORM_CLASSES:
+            report.plain_rms_norms += 1
     if direct_forward and slow_bases:
         report.not_taken["lora.direct_forward"] = (
             f"{sum(slow_bases.values())} of {report.lora_layers} LoRA layers keep peft's forward "
@@ -102,6 +115,14 @@ def fast_path_report(model: torch.nn.Module, *, direct_forward: Optional[bool], 
         report.not_taken["model.fused_activations (gated MLP)"] = (
             f"{report.plain_gated_mlps} SiLU-gated MLP(s) keep transformers' forward (hooks on the activation, or its "
             "class changed?): each keeps one activation more for backward")
+    if fused_activations and report.plain_rms_norms:
+        report.not_taken["model.fused_activations (RMSNorm)"] = (
+            f"{report.plain_rms_norms} RMSNorm(s) keep transformers' forward (a forward or hooks of their own, or "
+            "their attributes changed?): each runs ~10 more elementwise passes per step")
+    if fused_activations and not report.fused_rotary and rotary_modules(unwrap(model)):
+        report.not_taken["model.fused_activations (RoPE)"] = (
+            "the model has Llama-family attention but its RoPE is transformers' (apply_rotary_pos_emb replaced "
+            "or the model not prepared by mmalign's loader)")
     if share_prompt_setting != "off" and not share_prompt:
         report.not_taken["training.share_prompt"] = ("the check against the padded layout failed (see the warning "
                                                       "above); every response is encoded with its own prompt copy")

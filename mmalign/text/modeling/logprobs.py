@@ -33,6 +33,7 @@ import torch
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.grouped_query import grouped_query_sdpa
 from mmalign.text.modeling.norm_recompute import recompute_norm_outputs
+from mmalign.text.modeling.rotary import fused_rotary
 from mmalign.text.modeling.scored_head import has_output_layer, lm_head_on_rows
 
 from mmalign.text.modeling.loading import unwrap
@@ -224,7 +225,7 @@ def sequence_logprobs(
     # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on every kept position, then a gather
     shape = (input_ids.shape[0], kwargs.get("logits_to_keep", seq_len))
     with lm_head_on_rows(unwrap(model), lambda hidden: hidden[:, :-1][mask], shape) as hook, grouped_query_sdpa(unwrap(model)), \
-            recompute_norm_outputs(unwrap(model)):
+            recompute_norm_outputs(unwrap(model)), fused_rotary(unwrap(model)):
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits = outputs.logits
     del outputs
@@ -297,7 +298,7 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on B x K positions then a gather
     shape = (input_ids.shape[0], batch["logit_positions"].shape[0] if keep else input_ids.shape[1])
     with lm_head_on_rows(unwrap(model), lambda hidden: hidden[rows, columns], shape) as hook, grouped_query_sdpa(unwrap(model)), \
-            recompute_norm_outputs(unwrap(model)):
+            recompute_norm_outputs(unwrap(model)), fused_rotary(unwrap(model)):
         outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, **kwargs)
     logits = outputs.logits

@@ -22,21 +22,19 @@ from typing import Iterator, Optional
 import torch
 
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
-from mmalign.text.modeling.lora_parts import base_has_hooks
+from mmalign.text.modeling.rms_norm import RMS_NORM_CLASSES, is_fused_rms_norm
 
 __all__ = ["recompute_norm_outputs", "NORM_RECOMPUTE", "rms_norms"]
 
 NORM_RECOMPUTE = "RMSNorm output recomputed in backward"
 
-# transformers' RMSNorm classes whose forward is a pure function of (input, weight, eps)
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
 
 
 def rms_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The Llama-family RMSNorm modules of ``model`` (cached on the model: the module tree does not change)."""
     cached = model.__dict__.get("_mmalign_rms_norms")
     if cached is None:
-        cached = [m for m in model.modules() if type(m).__name__ in _RMS_NORMS]
+        cached = [m for m in model.modules() if type(m).__name__ in RMS_NORM_CLASSES]
         model.__dict__["_mmalign_rms_norms"] = cached
     return cached
 
@@ -52,7 +50,8 @@ class _Output:
     def recomputed(self) -> torch.Tensor:
         if self.value is None:
             with torch.no_grad():
-                self.value = type(self.norm).forward(self.norm, self.source)
+                # the forward in use: transformers' own, or the fused one (bit-identical outputs, fewer passes)
+                self.value = self.norm.forward(self.source)
         return self.value
 
 
@@ -109,8 +108,9 @@ def _checkpointable(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _not_eligible(model: torch.nn.Module, norms: list[torch.nn.Module]) -> Optional[str]:
-    if any(base_has_hooks(n) for n in norms):
-        return "hooks on an RMSNorm module"
+    if any(n._forward_hooks or n._forward_pre_hooks or ("forward" in n.__dict__ and not is_fused_rms_norm(n))
+           for n in norms):
+        return "hooks or a forward of its own on an RMSNorm module"
     if any(getattr(m, "gradient_checkpointing", False) is True for m in _checkpointable(model)):
         return "activation checkpointing keeps its own saved tensors"
     return None
