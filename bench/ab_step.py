@@ -16,7 +16,8 @@ as one autograd function (mmalign.engine.lora_function, the default) vs autograd
 head_rows — the LM head's scored rows taken from all positions' hidden states (the default) vs after trimming
 them through logits_to_keep; sigmoid_gelu — the tanh-GELU's forward as x·σ(2z) (mmalign.text.modeling.tanh_gelu, the
 default) vs torch's fused kernel; fused_norm_rope — Llama-family RMSNorm and RoPE as one autograd function each
-(mmalign.text.modeling.rms_norm, .rotary: the default) vs transformers' operations.
+(mmalign.text.modeling.rms_norm, .rotary: the default) vs transformers' operations; last_layer — the last decoder
+layer on the scored positions only (mmalign.text.modeling.scored_last_layer, the default) vs on every position.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 CHANGES = ("none", "float_mask", "gqa", "eager", "silu_mul", "mmap", "trim", "keep_norms", "lora_function", "head_rows",
-           "sigmoid_gelu", "fused_norm_rope")
+           "sigmoid_gelu", "fused_norm_rope", "last_layer")
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ _LIBRARY_SWITCHES = {
     "sigmoid_gelu": (("mmalign.text.modeling.tanh_gelu", "SIGMOID_FORM"),),
     "fused_norm_rope": (("mmalign.text.modeling.rms_norm", "USE_FUSED_FORWARD"),
                         ("mmalign.text.modeling.rotary", "USE_FUSED_ROTARY")),
+    "last_layer": (("mmalign.text.modeling.scored_last_layer", "USE_SCORED_LAST_LAYER"),),
 }
 
 

@@ -18,6 +18,7 @@ from mmalign.text.modeling.grouped_query import GROUPED_QUERY_SDPA
 from mmalign.text.modeling.loading import apply_lora, fuse_activations
 from mmalign.text.modeling.norm_recompute import NORM_RECOMPUTE
 from mmalign.text.modeling.rotary import FUSED_ROTARY
+from mmalign.text.modeling.scored_last_layer import SCORED_LAST_LAYER
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -93,6 +94,8 @@ def test_every_fast_path_is_taken_on_the_benchmarked_layouts(layout_dir, lora, t
     # every scoring forward (policy and reference) ran its RoPE as one function (GPT-2 has learned positions)
     calls = fallbacks.FAST_PATH_CALLS[FUSED_ROTARY]
     assert calls == 0 if layout == "gpt2" else calls >= 2 * 2
+    # the last decoder layer ran on the scored positions only in every scoring forward (policy and reference)
+    assert fallbacks.FAST_PATH_CALLS[SCORED_LAST_LAYER] >= 2 * 2
     assert not [r for r in caplog.records if "fast path" in r.getMessage()]
 
 
