@@ -45,7 +45,7 @@ class ModelConfig:
         default=True,
         metadata={"help": "run transformers' Python tanh-GELUs (gelu_new/gelu_fast: GPT-2, GPT-J, Phi-2...) as torch's "
                   "fused GELU(approximate='tanh'): same function, about half its time; SiLU-gated MLPs (Llama family) keep one "
-                  "activation fewer for backward"},
+                  "activation fewer for backward; Llama-family RMSNorm and RoPE run as one autograd function each on CPU"},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub repo"})
 

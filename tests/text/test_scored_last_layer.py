@@ -109,3 +109,16 @@ def test_an_unknown_last_layer_says_why_once(caplog):
                 pass
     warnings = [r.getMessage() for r in caplog.records if SCORED_LAST_LAYER in r.getMessage()]
     assert len(warnings) == 1 and "the last layer is a Linear" in warnings[0]
+
+
+def test_a_compiled_model_keeps_its_last_layer_and_says_why(tokenizer, caplog):
+    model = _model(tokenizer, "gpt2", lora=False)
+    wrapper = torch.nn.Module()
+    wrapper._orig_mod = model  # what torch.compile's wrapper looks like to the scoring code
+    assert scored_last_layer.is_compiled(wrapper) and not scored_last_layer.is_compiled(model)
+    fallbacks.reset_warnings()
+    with caplog.at_level(logging.WARNING, logger="mmalign"):
+        with scored_last_layer.last_layer_on_scored_rows(model, torch.tensor([0]), torch.tensor([1]), 1, 3,
+                                                         compiled=True):
+            assert "forward" not in last_layer(model).__dict__
+    assert any("torch.compile" in r.getMessage() for r in caplog.records if SCORED_LAST_LAYER in r.getMessage())

@@ -34,7 +34,7 @@ from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.grouped_query import grouped_query_sdpa
 from mmalign.text.modeling.norm_recompute import recompute_norm_outputs
 from mmalign.text.modeling.rotary import fused_rotary
-from mmalign.text.modeling.scored_last_layer import last_layer_on_scored_rows
+from mmalign.text.modeling.scored_last_layer import is_compiled, last_layer_on_scored_rows
 from mmalign.text.modeling.scored_head import has_output_layer, lm_head_on_rows
 
 from mmalign.text.modeling.loading import unwrap
@@ -301,7 +301,7 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     with lm_head_on_rows(unwrap(model), lambda hidden: hidden[rows, columns], shape) as hook, grouped_query_sdpa(unwrap(model)), \
             recompute_norm_outputs(unwrap(model)), fused_rotary(unwrap(model)), \
             last_layer_on_scored_rows(unwrap(model), batch["score_rows"], batch["score_positions"], *input_ids.shape,
-                                      cache=masks):
+                                      cache=masks, compiled=is_compiled(model)):
         outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, **kwargs)
     logits = outputs.logits

@@ -26,7 +26,7 @@ import torch
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 from mmalign.text.modeling.rotary import rotary
 
-__all__ = ["last_layer_on_scored_rows", "SCORED_LAST_LAYER", "scored_position_table", "last_layer"]
+__all__ = ["last_layer_on_scored_rows", "SCORED_LAST_LAYER", "scored_position_table", "last_layer", "is_compiled"]
 
 SCORED_LAST_LAYER = "last decoder layer on the scored positions"
 USE_SCORED_LAST_LAYER = True  # module switch for in-process A/B measurements (bench/ab_step.py --change last_layer)
@@ -158,6 +158,18 @@ def _scored_forward(layer, table: torch.Tensor, real: torch.Tensor, calls: list)
     return types.MethodType(forward, layer)
 
 
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether ``model`` or a wrapper or module under it runs through ``torch.compile`` (whose guards would see a
+    new layer forward in every call and recompile)."""
+    while True:
+        if hasattr(model, "_orig_mod") or getattr(model, "_compiled_call_impl", None) is not None:
+            return True
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return False
+        model = inner
+
+
 def _not_eligible(model: torch.nn.Module, layer: Optional[torch.nn.Module]) -> Optional[str]:
     if layer is None:
         return "no decoder layer list (transformer.h or model.layers) found"
@@ -177,15 +189,18 @@ def _not_eligible(model: torch.nn.Module, layer: Optional[torch.nn.Module]) -> O
 
 @contextlib.contextmanager
 def last_layer_on_scored_rows(model: torch.nn.Module, rows: torch.Tensor, columns: torch.Tensor,
-                              batch: int, length: int, cache: Optional[dict] = None) -> Iterator[None]:
+                              batch: int, length: int, cache: Optional[dict] = None,
+                              compiled: bool = False) -> Iterator[None]:
     """While the block runs, the last decoder layer of ``model`` (unwrapped of DDP; peft passes through)
     computes only the positions ``(rows, columns)`` of its [batch, length] input; other layouts run unchanged.
-    ``cache``: a dict kept with the batch, to build the position table once for its forwards."""
+    ``cache``: a dict kept with the batch, to build the position table once for its forwards; ``compiled``:
+    the model as called runs through ``torch.compile`` (:func:`is_compiled`)."""
     if not USE_SCORED_LAST_LAYER:
         yield
         return
     layer = last_layer(model)
-    why = _not_eligible(model, layer)
+    why = "a torch.compile'd model (a new layer forward per call would recompile)" if compiled else None
+    why = why or _not_eligible(model, layer)
     if why is not None:
         warn_not_taken(SCORED_LAST_LAYER, f"{why}: the last layer runs on every position")
         yield
