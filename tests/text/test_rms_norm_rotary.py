@@ -61,12 +61,13 @@ def test_the_fused_norm_passes_gradcheck_and_leaves_other_dtypes_to_transformers
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-6), (x, weight))
-    norm = _norm(6, torch.bfloat16)
-    use_fused_rms_norms(torch.nn.ModuleList([norm]))
-    x16 = torch.randn(4, 6, dtype=torch.bfloat16, requires_grad=True)
-    out = norm(x16)
-    assert out.grad_fn.name() != "RMSNormFunctionBackward"
-    assert torch.equal(out, LlamaRMSNorm.forward(norm, x16))
+    for dtype in (torch.bfloat16, torch.float64):  # transformers computes these in float32: its own forward runs
+        norm = _norm(6, dtype)
+        use_fused_rms_norms(torch.nn.ModuleList([norm]))
+        x_other = torch.randn(4, 6, dtype=dtype, requires_grad=True)
+        out = norm(x_other)
+        assert out.grad_fn.name() != "RMSNormFunctionBackward"
+        assert torch.equal(out, LlamaRMSNorm.forward(norm, x_other))
 
 
 def test_rope_as_one_function_matches_transformers_and_passes_gradcheck():
@@ -135,6 +136,18 @@ def test_rope_is_transformers_outside_the_scoring_block():
         inside = wrapped(q, k, cos, sin)
     assert inside[0].grad_fn.name() == "RotaryFunctionBackward"
     torch.testing.assert_close(inside[0], outside[0], rtol=1e-6, atol=1e-6)
+
+
+def test_rope_that_would_broadcast_q_or_k_to_a_larger_shape_stays_transformers():
+    tokenizer = build_tiny_tokenizer()
+    model = _llama(tokenizer, fused=True)
+    q, k = torch.randn(1, 3, 5, 16), torch.randn(1, 1, 5, 16)
+    cos, sin = torch.randn(2, 5, 16), torch.randn(2, 5, 16)  # a batch of 2 angles for one query row
+    with fused_rotary(model):
+        got = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    expected = _transformers_rope(q, k, cos, sin)
+    assert got[0].shape == expected[0].shape == (2, 3, 5, 16)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_a_replaced_rope_function_is_reported_once(monkeypatch, caplog):

@@ -71,7 +71,7 @@ def test_the_scored_rows_give_the_full_layers_logprobs_and_gradients(tokenizer, 
     for name, grad in full_grads.items():  # the last layer's own parameters too (fewer rows, same sums)
         error = (grads[name] - grad).abs().max().item()  # sums over other row counts: rounding, relative to the scale
         assert error <= 1e-5 * grad.abs().max().item() + 1e-9, (name, error)
-    assert "forward" not in last_layer(model).__dict__  # the layer's own forward is back after the block
+    assert "forward" not in last_layer(model)[0].__dict__  # the layer's own forward is back after the block
 
 
 def test_the_position_table_holds_each_rows_distinct_positions_padded():
@@ -86,16 +86,49 @@ def test_the_position_table_holds_each_rows_distinct_positions_padded():
 def test_a_hooked_last_layer_runs_as_it_is_and_says_why(tokenizer, monkeypatch, caplog):
     model, batch = _model(tokenizer, "llama", lora=True), _batch(tokenizer)
     seen = []
-    last_layer(model).register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    last_layer(model)[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
     fallbacks.reset_warnings()
     with caplog.at_level(logging.WARNING, logger="mmalign"):
         for _ in range(2):
             _, _, taken = _scored(model, batch, True, monkeypatch)
             assert taken == 0
     warnings = [r.getMessage() for r in caplog.records if SCORED_LAST_LAYER in r.getMessage()]
-    assert warnings == [f"fast path {SCORED_LAST_LAYER} not taken: hooks or a forward of its own on the last decoder "
-                        "layer: the last layer runs on every position"]
+    assert warnings == [f"fast path {SCORED_LAST_LAYER} not taken: hooks on the last decoder layer or a module in it: "
+                        "the last layer runs on every position"]
     assert len(seen) == 2  # the hook saw both forwards, on every position
+
+
+def test_a_hook_inside_the_last_layer_keeps_the_layers_own_forward(tokenizer, monkeypatch):
+    model, batch = _model(tokenizer, "llama", lora=False), _batch(tokenizer)
+    expected, _, _ = _scored(model, batch, False, monkeypatch)
+    # a hook that changes the attention output: the scored path must not bypass it
+    last_layer(model)[0].self_attn.register_forward_hook(lambda module, args, out: (out[0] * 0.5,) + tuple(out[1:]))
+    hooked_full, _, _ = _scored(model, batch, False, monkeypatch)
+    hooked, _, taken = _scored(model, batch, True, monkeypatch)
+    assert taken == 0 and not torch.equal(hooked_full, expected)
+    assert torch.equal(hooked, hooked_full)
+
+
+def test_another_threads_forward_during_a_block_runs_the_whole_layer(tokenizer):
+    import threading
+
+    model = _model(tokenizer, "gpt2", lora=False).eval()
+    batch = _batch(tokenizer)
+    input_ids = batch["input_ids"]
+    mask = logprobs.shared_prompt_attention_mask(batch["segment_ids"], "sdpa", torch.float32)
+    call = dict(input_ids=torch.flip(input_ids, [0]), attention_mask=torch.flip(mask, [0]),
+                position_ids=torch.flip(batch["position_ids"], [0]), use_cache=False)
+    with torch.no_grad():
+        expected = model(**call).logits
+        seen = {}
+        with scored_last_layer.last_layer_on_scored_rows(model, batch["score_rows"], batch["score_positions"],
+                                                         *input_ids.shape):
+            thread = threading.Thread(target=lambda: seen.update(logits=model(**call).logits))
+            thread.start()
+            thread.join()
+            inside = model(**call).logits  # this thread's forward takes the block's table (other rows: zeros)
+    assert torch.equal(seen["logits"], expected)
+    assert not torch.equal(inside, expected)
 
 
 def test_an_unknown_last_layer_says_why_once(caplog):
@@ -120,5 +153,5 @@ def test_a_compiled_model_keeps_its_last_layer_and_says_why(tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="mmalign"):
         with scored_last_layer.last_layer_on_scored_rows(model, torch.tensor([0]), torch.tensor([1]), 1, 3,
                                                          compiled=True):
-            assert "forward" not in last_layer(model).__dict__
+            assert "forward" not in last_layer(model)[0].__dict__
     assert any("torch.compile" in r.getMessage() for r in caplog.records if SCORED_LAST_LAYER in r.getMessage())

@@ -298,10 +298,11 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     rows, columns = batch["score_rows"], batch["score_logit_index"] if keep else batch["score_positions"]
     # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on B x K positions then a gather
     shape = (input_ids.shape[0], batch["logit_positions"].shape[0] if keep else input_ids.shape[1])
+    # (the last-layer block checks the layer for hooks before the norm recomputation hooks its norms)
     with lm_head_on_rows(unwrap(model), lambda hidden: hidden[rows, columns], shape) as hook, grouped_query_sdpa(unwrap(model)), \
-            recompute_norm_outputs(unwrap(model)), fused_rotary(unwrap(model)), \
             last_layer_on_scored_rows(unwrap(model), batch["score_rows"], batch["score_positions"], *input_ids.shape,
-                                      cache=masks, compiled=is_compiled(model)):
+                                      cache=masks, compiled=is_compiled(model)), \
+            recompute_norm_outputs(unwrap(model)), fused_rotary(unwrap(model)):
         outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, **kwargs)
     logits = outputs.logits

@@ -10,19 +10,20 @@ the [tokens, 1] reciprocal root for backward, and computes
 
 The forward runs transformers' operations in their order (the product with ``w`` is commutative per element),
 so outputs are bit-identical to the module's own; gradients agree to float rounding (tested against float64).
-Applies to float32/float64 CPU tensors outside autocast; anything else runs the module's own forward.
+Applies to float32 CPU tensors outside autocast (transformers computes other dtypes in float32 and casts back);
+anything else runs the module's own forward.
 """
 from __future__ import annotations
 
 import types
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["RMSNormFunction", "rms_norm", "use_fused_rms_norms", "is_fused_rms_norm", "RMS_NORM_CLASSES"]
 
 # transformers' RMSNorm classes whose forward is w · x · rsqrt(mean(x²) + ε) in float32 (not Gemma's 1 + w)
 RMS_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-_FUSED_DTYPES = (torch.float32, torch.float64)
 USE_FUSED_FORWARD = True  # module switch for in-process A/B measurements (bench/ab_step.py --change fused_norm_rope)
 
 
@@ -42,6 +43,7 @@ class RMSNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight, r = ctx.saved_tensors
         grad_x = grad_w = None
@@ -56,7 +58,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 
 def fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (USE_FUSED_FORWARD and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES and weight.dtype == x.dtype
+    return (USE_FUSED_FORWARD and x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == x.dtype
             and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu"))
 
 

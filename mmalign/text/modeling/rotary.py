@@ -22,6 +22,7 @@ import threading
 from typing import Iterator, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from mmalign.text.modeling.fallbacks import fast_path_taken, warn_not_taken
 
@@ -69,6 +70,7 @@ class RotaryFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
         grad_x = torch.empty_like(grad)
@@ -85,16 +87,24 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    return (q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and k.dtype == q.dtype == cos.dtype == sin.dtype
+    """(cos and sin already unsqueezed to broadcast against q and k.)"""
+    if not (q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and k.dtype == q.dtype == cos.dtype == sin.dtype
             and q.shape[-1] % 2 == 0 and q.shape[-1] == k.shape[-1] == cos.shape[-1] == sin.shape[-1]
-            and not cos.requires_grad and not sin.requires_grad and not torch.is_autocast_enabled("cpu"))
+            and not cos.requires_grad and not sin.requires_grad and not torch.is_autocast_enabled("cpu")):
+        return False
+    try:  # the result must have the shape of q and k (transformers' broadcast could also grow them)
+        return all(torch.broadcast_shapes(x.shape, cos.shape, sin.shape) == x.shape for x in (q, k))
+    except RuntimeError:
+        return False
 
 
 def _wrap(original):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1, **kwargs):
-        if USE_FUSED_ROTARY and getattr(_ACTIVE, "depth", 0) and not kwargs and _fusable(q, k, cos, sin):
-            cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-            return rotary(q, cos, sin), rotary(k, cos, sin)
+        if USE_FUSED_ROTARY and getattr(_ACTIVE, "depth", 0) and not kwargs:
+            cos_u, sin_u = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+            if _fusable(q, k, cos_u, sin_u):
+                _ACTIVE.used = getattr(_ACTIVE, "used", 0) + 1
+                return rotary(q, cos_u, sin_u), rotary(k, cos_u, sin_u)
         return original(q, k, cos, sin, unsqueeze_dim, **kwargs)
 
     setattr(apply_rotary_pos_emb, _WRAPPER_MARK, True)
@@ -103,9 +113,13 @@ def _wrap(original):
 
 
 def rotary_modules(model: torch.nn.Module) -> list:
-    """The transformers modeling modules of ``model``'s Llama-family attention layers (those with RoPE)."""
-    names = {type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")}
-    return [sys.modules[n] for n in sorted(names)
+    """The transformers modeling modules of ``model``'s Llama-family attention layers (those with RoPE); the names
+    are cached on the model (its module tree does not change)."""
+    names = model.__dict__.get("_mmalign_rotary_module_names")
+    if names is None:
+        names = sorted({type(m).__module__ for m in model.modules() if type(m).__name__.endswith("Attention")})
+        model.__dict__["_mmalign_rotary_module_names"] = names
+    return [sys.modules[n] for n in names
             if n in sys.modules and n.rsplit(".", 2)[-2] in _ROTARY_MODEL_TYPES
             and callable(getattr(sys.modules[n], "apply_rotary_pos_emb", None))]
 
@@ -152,9 +166,11 @@ def fused_rotary(model: torch.nn.Module) -> Iterator[None]:
         warn_not_taken(FUSED_ROTARY, "transformers' apply_rotary_pos_emb was replaced after mmalign wrapped it")
         yield
         return
-    fast_path_taken(FUSED_ROTARY)
     _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
+    used_before = getattr(_ACTIVE, "used", 0)
     try:
         yield
     finally:
         _ACTIVE.depth -= 1
+        if getattr(_ACTIVE, "used", 0) > used_before:  # counted only when a call took it
+            fast_path_taken(FUSED_ROTARY)
