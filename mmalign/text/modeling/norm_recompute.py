@@ -29,7 +29,6 @@ __all__ = ["recompute_norm_outputs", "NORM_RECOMPUTE", "rms_norms"]
 NORM_RECOMPUTE = "RMSNorm output recomputed in backward"
 
 
-
 def rms_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The Llama-family RMSNorm modules of ``model`` (cached on the model: the module tree does not change)."""
     cached = model.__dict__.get("_mmalign_rms_norms")
