@@ -25,8 +25,9 @@ ends — the same log-probs as the padded layout with the prompt encoded once in
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional
 
 import torch
 
@@ -225,8 +226,8 @@ def sequence_logprobs(
         labels, mask = input_ids[:, 1:], target_mask
     # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on every kept position, then a gather
     shape = (input_ids.shape[0], kwargs.get("logits_to_keep", seq_len))
-    with lm_head_on_rows(unwrap(model), lambda hidden: hidden[:, :-1][mask], shape) as hook, grouped_query_sdpa(unwrap(model)), \
-            recompute_norm_outputs(unwrap(model)), fused_rotary(unwrap(model)):
+    inner = unwrap(model)
+    with lm_head_on_rows(inner, lambda hidden: hidden[:, :-1][mask], shape) as hook, _scoring_forward(inner):
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     logits = outputs.logits
     del outputs
@@ -239,6 +240,16 @@ def sequence_logprobs(
     sums = sums.index_add(0, rows, token_lp)
     counts = mask.sum(-1)
     return sums, counts
+
+
+@contextlib.contextmanager
+def _scoring_forward(inner: torch.nn.Module, last_layer: Optional[ContextManager] = None) -> Iterator[None]:
+    """The forward-time fast paths of a scoring forward of ``inner`` (the model unwrapped of DDP/compile), with
+    the last-layer block, when given, entered before the norm recomputation hooks the layer's norms (it refuses
+    hooked layers)."""
+    with grouped_query_sdpa(inner), last_layer or contextlib.nullcontext(), recompute_norm_outputs(inner), \
+            fused_rotary(inner):
+        yield
 
 
 def attention_implementation(model: torch.nn.Module) -> str:
@@ -298,11 +309,9 @@ def shared_prompt_logprobs(model: torch.nn.Module, batch: Mapping[str, Any], chu
     rows, columns = batch["score_rows"], batch["score_logit_index"] if keep else batch["score_positions"]
     # the LM head on the M scored rows only (mmalign.text.modeling.scored_head), not on B x K positions then a gather
     shape = (input_ids.shape[0], batch["logit_positions"].shape[0] if keep else input_ids.shape[1])
-    # (the last-layer block checks the layer for hooks before the norm recomputation hooks its norms)
-    with lm_head_on_rows(unwrap(model), lambda hidden: hidden[rows, columns], shape) as hook, grouped_query_sdpa(unwrap(model)), \
-            last_layer_on_scored_rows(unwrap(model), batch["score_rows"], batch["score_positions"], *input_ids.shape,
-                                      cache=masks, compiled=is_compiled(model)), \
-            recompute_norm_outputs(unwrap(model)), fused_rotary(unwrap(model)):
+    last_layer = last_layer_on_scored_rows(inner, batch["score_rows"], batch["score_positions"], *input_ids.shape,
+                                           cache=masks, compiled=is_compiled(model))
+    with lm_head_on_rows(inner, lambda hidden: hidden[rows, columns], shape) as hook, _scoring_forward(inner, last_layer):
         outputs = model(input_ids=input_ids, attention_mask=mask, position_ids=batch["position_ids"],
                         use_cache=False, **kwargs)
     logits = outputs.logits

@@ -138,6 +138,7 @@ class _Block:
     """One open block: the position table of its batch, for the forwards of the thread that opened it."""
 
     table: torch.Tensor
+    destinations: torch.Tensor  # [K] flat [B·T] positions the real table entries are written to
     real: torch.Tensor
     batch: int
     length: int
@@ -180,10 +181,8 @@ def _scored_forward(self, *args, **kwargs):
         return original(*bound.args, **bound.kwargs)
     rows = _ROWS[kind](self, hidden, mask, block.table, passed)
     block.calls += 1
-    flat_positions = (torch.arange(block.batch, device=hidden.device).unsqueeze(1) * block.length
-                      + block.table).reshape(-1)
     out = hidden.new_zeros(block.batch * block.length, hidden.shape[2])
-    out = out.index_copy(0, flat_positions[block.real], rows.reshape(-1, rows.shape[-1])[block.real])
+    out = out.index_copy(0, block.destinations, rows.reshape(-1, rows.shape[-1])[block.real])
     return out.view(hidden.shape)
 
 
@@ -256,7 +255,9 @@ def last_layer_on_scored_rows(model: torch.nn.Module, rows: torch.Tensor, column
     key = "_scored_position_table"
     tables = cache.get(key) if cache is not None else None
     if tables is None:
-        tables = scored_position_table(rows, columns, batch, length)
+        table, real = scored_position_table(rows, columns, batch, length)
+        destinations = (torch.arange(batch, device=table.device).unsqueeze(1) * length + table).reshape(-1)[real]
+        tables = (table, destinations, real)
         if cache is not None:
             cache[key] = tables
     block = _Block(*tables, batch=batch, length=length)
